@@ -1,0 +1,76 @@
+"""The command line: a thin layer over the Python API.
+
+Exit codes: 0 ok, 1 a gate failed (validation, verification, budget), 2 bad input.
+Errors print one line ``error: <what> — <how to fix>``; ``--debug`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from collections.abc import Sequence
+
+from converter import __version__
+from converter.commands import export
+from converter.errors import OnnxshipError
+
+__all__ = ["main", "build_parser"]
+
+# Explicit list, in the order `--help` shows them. Each module has register() and run().
+COMMANDS = [export]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors in our one-line format with exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"error: {message} — see `{self.prog} --help`\n")
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    common.add_argument("-q", "--quiet", action="store_true", help="only print errors")
+    parser = _Parser(
+        prog="onnxship",
+        description="PyTorch → ONNX export, graph passes, validation and edge benchmarks.",
+        parents=[common],
+    )
+    parser.add_argument("--version", action="version", version=f"onnxship {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for command in COMMANDS:
+        command.register(sub, common)
+    return parser
+
+
+def _setup_logging(debug: bool, quiet: bool) -> None:
+    level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    for name in ("converter", "passes"):
+        log = logging.getLogger(name)
+        log.handlers[:] = [handler]
+        log.setLevel(level)
+        log.propagate = False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    _setup_logging(args.debug, args.quiet)
+    try:
+        return int(args.run(args) or 0)
+    except OnnxshipError as e:
+        if args.debug:
+            traceback.print_exc()
+        sys.stderr.write(f"error: {e.message}\n")
+        return e.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("error: interrupted — run the command again\n")
+        return 130

@@ -1,0 +1,58 @@
+"""The one exception family of onnxship.
+
+Every error carries what went wrong and how to fix it; the CLI prints
+``error: <what> — <fix>`` and maps the class to an exit code.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "OnnxshipError",
+    "BadInputError",
+    "ExportError",
+    "DataError",
+    "PassError",
+    "GateFailed",
+    "VerificationFailed",
+]
+
+
+class OnnxshipError(Exception):
+    """Base class. ``exit_code`` is what the CLI returns for it."""
+
+    exit_code = 2
+
+    def __init__(self, what: str, fix: str = "") -> None:
+        self.what = what
+        self.fix = fix
+        super().__init__(self.message)
+
+    @property
+    def message(self) -> str:
+        return f"{self.what} — {self.fix}" if self.fix else self.what
+
+
+class BadInputError(OnnxshipError):
+    """A file, flag or setting the user gave cannot be used."""
+
+
+class ExportError(OnnxshipError):
+    """The model could not be exported by any exporter tried."""
+
+
+class DataError(BadInputError):
+    """Data (.npz file or folder of shards) does not fit the model."""
+
+
+class PassError(OnnxshipError):
+    """A graph pass could not run; names the passes that already ran."""
+
+
+class GateFailed(OnnxshipError):
+    """A numeric gate failed (validation, verification, accuracy budget)."""
+
+    exit_code = 1
+
+
+class VerificationFailed(GateFailed):
+    """The exported ONNX model does not compute what the PyTorch model computes."""

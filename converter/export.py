@@ -1,0 +1,391 @@
+"""``onnxship export``: PyTorch → one ONNX file, verified numerically against torch.
+
+Steps, each its own function: load the module, build the example input, export (dynamo,
+falling back to TorchScript), check (onnx checker + shape inference), verify (onnxruntime vs
+torch on the example and on a second input with other sizes on every dynamic axis), and only
+then move the file into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import onnx
+
+from converter.data import Dataset, InputSpec
+from converter.defaults import DEFAULT_OPSET, EXPORT_ATOL, EXPORT_RTOL, EXPORTERS
+from converter.errors import BadInputError, ExportError, VerificationFailed
+from converter.inputs import generate_inputs, resized_dims, symbols
+from converter.onnxio import check_output_path, save_model
+from converter.verify import Comparison, compare_outputs
+
+__all__ = ["export", "ExportReport", "ExportResult"]
+
+logger = logging.getLogger(__name__)
+
+EXAMPLE_SAMPLES = 16  # cap on samples traced from --example when the first axis is dynamic
+
+
+@dataclass
+class ExportReport:
+    path: Path
+    exporter: str
+    opset: int
+    inputs: list[str]
+    outputs: list[str]
+    file_size: int
+    parameters: int
+    comparisons: list[Comparison] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    verified: bool = True
+
+    def summary(self) -> str:
+        lines = [
+            f"exported {self.path} with the {self.exporter} exporter, opset {self.opset}",
+            f"  inputs:  {', '.join(self.inputs)}",
+            f"  outputs: {', '.join(self.outputs)}",
+            f"  size {self.file_size / 1e6:.2f} MB, {self.parameters:,} parameters",
+        ]
+        lines += [f"  note: {n}" for n in self.notes]
+        if not self.verified:
+            lines.append("  VERIFICATION SKIPPED (--no-verify): outputs were not compared")
+        for comp in self.comparisons:
+            lines.append(f"  verified on {comp.label} (atol {comp.atol:g}, rtol {comp.rtol:g}):")
+            lines += [
+                f"    {o.name} {o.shape}: max abs {o.max_abs:.3g}, max rel {o.max_rel:.3g}"
+                f"{'' if o.ok else '  FAIL'}"
+                for o in comp.outputs
+            ]
+        return "\n".join(lines)
+
+
+class ExportResult(NamedTuple):
+    """``path, report = converter.export(...)``."""
+
+    path: Path
+    report: ExportReport
+
+
+def export(
+    spec: str,
+    output: str | os.PathLike,
+    inputs: Sequence[InputSpec | str],
+    *,
+    weights: str | os.PathLike | None = None,
+    example: str | os.PathLike | None = None,
+    dims: Mapping[str, int] | None = None,
+    output_names: Sequence[str] | None = None,
+    exporter: str = "auto",
+    opset: int = DEFAULT_OPSET,
+    atol: float = EXPORT_ATOL,
+    rtol: float = EXPORT_RTOL,
+    verify: bool = True,
+    seed: int = 0,
+) -> ExportResult:
+    """Export ``file.py:callable`` to ``output`` and verify it against torch."""
+    try:
+        from converter import torchload
+    except ImportError as e:
+        raise BadInputError(
+            f"export needs PyTorch ({e.name} is not installed)", "pip install 'onnxship[torch]'"
+        ) from e
+    from converter.inputs import parse_input_spec
+
+    specs = [parse_input_spec(s) if isinstance(s, str) else s for s in inputs]
+    _check_options(specs, exporter, opset, atol, rtol)
+    out = check_output_path(output, *(p for p in (weights, example, spec.rpartition(":")[0])))
+    model = torchload.load_module(spec)
+    if weights is not None:
+        torchload.load_weights(model, weights)
+    feeds, dims = _example_inputs(specs, dims or {}, example, seed)
+    names = list(output_names or _default_output_names(model, feeds))
+    with tempfile.TemporaryDirectory(prefix=".onnxship-", dir=out.parent) as tmp:
+        onnx_path, used, notes = _export_any(model, feeds, specs, names, opset, exporter, tmp)
+        final = Path(tmp) / "final.onnx"
+        _check_and_save(onnx_path, final, data_name=out.name + ".data")
+        report = ExportReport(
+            path=out,
+            exporter=used,
+            opset=opset,
+            inputs=[_describe_io(v) for v in _graph_inputs(final)],
+            outputs=[
+                _describe_io(v)
+                for v in onnx.load(str(final), load_external_data=False).graph.output
+            ],
+            file_size=final.stat().st_size,
+            parameters=sum(p.numel() for p in model.parameters()),
+            notes=notes,
+            verified=verify,
+        )
+        if verify:
+            report.comparisons = _verify(model, final, specs, feeds, dims, names, atol, rtol, seed)
+            failures = [f for c in report.comparisons for f in c.failures()]
+            if failures:
+                logger.info(report.summary())
+                raise VerificationFailed(
+                    "ONNX outputs differ from PyTorch: " + "; ".join(failures),
+                    "look for ops that behave differently in ONNX (try --exporter torchscript), "
+                    "or loosen --atol/--rtol if the differences are acceptable",
+                )
+        else:
+            logger.warning("warning: --no-verify: the ONNX model was NOT compared with PyTorch")
+        _move_into_place(final, out)
+    return ExportResult(out, report)
+
+
+def _check_options(
+    specs: Sequence[InputSpec], exporter: str, opset: int, atol: float, rtol: float
+) -> None:
+    if not specs:
+        raise BadInputError("no --input given", "describe every forward() argument with --input")
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise BadInputError(f"input names repeat: {names}", "give every --input its own name")
+    if exporter not in EXPORTERS:
+        raise BadInputError(f"unknown exporter {exporter!r}", f"use one of {', '.join(EXPORTERS)}")
+    if not 7 <= opset <= 23:
+        raise BadInputError(f"opset {opset} is out of range", "use an opset from 7 to 23")
+    if atol < 0 or rtol < 0:
+        raise BadInputError("tolerances must be ≥ 0", "pass --atol/--rtol ≥ 0")
+
+
+def _example_inputs(
+    specs: Sequence[InputSpec], dims: Mapping[str, int], example: Any, seed: int
+) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """Feeds for tracing and the size each symbol has in them."""
+    if example is None:
+        sizes = {s: dims.get(s, 2) for s in symbols(specs)}
+        return generate_inputs(specs, sizes, seed), sizes
+    data = Dataset(example)
+    data.check(specs)
+    feeds = next(data.batches(specs, batch_size=EXAMPLE_SAMPLES))
+    sizes: dict[str, int] = {}
+    for spec in specs:
+        for axis, dim in enumerate(spec.shape):
+            if isinstance(dim, str):
+                size = feeds[spec.name].shape[axis]
+                if sizes.setdefault(dim, size) != size:
+                    raise BadInputError(
+                        f"dynamic axis {dim!r} has sizes {sizes[dim]} and {size} in {example}",
+                        "give arrays that agree on every shared axis",
+                    )
+    small = [f"{d}={n}" for d, n in sizes.items() if n < 2]
+    if small:
+        raise BadInputError(
+            f"dynamic axes {small} have size < 2 in {example}; torch.export specialises "
+            "sizes 0 and 1",
+            "give at least 2 samples (and length ≥ 2) on every dynamic axis",
+        )
+    return feeds, sizes
+
+
+def _torch_feeds(feeds: Mapping[str, np.ndarray]) -> tuple:
+    import torch
+
+    return tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in feeds.values())
+
+
+def _flatten(obj: Any) -> list:
+    """Tensors of a (nested) tuple/list/dict output, in the order the exporters emit them."""
+    if isinstance(obj, (tuple, list)):
+        return [t for item in obj for t in _flatten(item)]
+    if isinstance(obj, dict):
+        return [t for value in obj.values() for t in _flatten(value)]
+    if obj is None:
+        return []
+    return [obj]
+
+
+def _run_torch(model: Any, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    import torch
+
+    with torch.no_grad():
+        out = model(*_torch_feeds(feeds))
+    return [t.detach().cpu().numpy() for t in _flatten(out)]
+
+
+def _default_output_names(model: Any, feeds: Mapping[str, np.ndarray]) -> list[str]:
+    n = len(_run_torch(model, feeds))
+    return ["output"] if n == 1 else [f"output_{i}" for i in range(n)]
+
+
+def _export_any(
+    model: Any,
+    feeds: Mapping[str, np.ndarray],
+    specs: Sequence[InputSpec],
+    names: list[str],
+    opset: int,
+    exporter: str,
+    tmp: str,
+) -> tuple[Path, str, list[str]]:
+    """Run the chosen exporter; ``auto`` falls back from dynamo to TorchScript, saying so."""
+    tried = ["dynamo", "torchscript"] if exporter == "auto" else [exporter]
+    errors: dict[str, str] = {}
+    notes = []
+    for name in tried:
+        path = Path(tmp) / f"{name}.onnx"
+        try:
+            _EXPORTERS[name](model, feeds, specs, names, opset, path)
+        except Exception as e:  # exporters raise many types; each is reported below
+            errors[name] = _first_line(e)
+            logger.debug("%s exporter failed", name, exc_info=True)
+            continue
+        if errors:
+            notes.append(f"dynamo exporter failed ({errors['dynamo']}); used torchscript")
+            logger.warning("warning: " + notes[-1])
+        return path, name, notes
+    detail = "; ".join(f"{k}: {v}" for k, v in errors.items())
+    raise ExportError(
+        f"the model could not be exported ({detail})",
+        "replace the named op/construct with one ONNX supports, or try the other --exporter; "
+        "--debug shows the full trace",
+    )
+
+
+def _first_line(e: BaseException) -> str:
+    """The most telling line of an exporter's error, without the report boilerplate."""
+    chain = []
+    while e is not None and len(chain) < 6:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    text = " | ".join(
+        line.strip()
+        for err in reversed(chain)
+        for line in str(err).splitlines()[:2]
+        if line.strip() and not line.strip().startswith(("#", "[", "While executing"))
+    )
+    name = type(chain[-1]).__name__
+    return f"{name}: {text[:400]}" if text else name
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """Keep the exporters' progress prints and warnings off the user's terminal."""
+    torch_log = logging.getLogger("torch")
+    level = torch_log.level
+    torch_log.setLevel(logging.ERROR)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        try:
+            yield
+        finally:
+            torch_log.setLevel(level)
+
+
+def _export_dynamo(model, feeds, specs, names, opset, path: Path) -> None:
+    import torch
+
+    dim_objs = {s: torch.export.Dim(s) for s in symbols(specs)}
+    dynamic = tuple(
+        {axis: dim_objs[d] for axis, d in enumerate(spec.shape) if isinstance(d, str)} or None
+        for spec in specs
+    )
+    with _quiet_exporter():
+        torch.onnx.export(
+            model,
+            _torch_feeds(feeds),
+            str(path),
+            input_names=[s.name for s in specs],
+            output_names=names,
+            opset_version=opset,
+            dynamo=True,
+            dynamic_shapes=dynamic,
+            external_data=True,
+            verbose=False,
+        )
+
+
+def _export_torchscript(model, feeds, specs, names, opset, path: Path) -> None:
+    import torch
+
+    axes = {
+        spec.name: {axis: d for axis, d in enumerate(spec.shape) if isinstance(d, str)}
+        for spec in specs
+    }
+    with _quiet_exporter():
+        torch.onnx.export(
+            model,
+            _torch_feeds(feeds),
+            str(path),
+            input_names=[s.name for s in specs],
+            output_names=names,
+            opset_version=opset,
+            dynamo=False,
+            dynamic_axes={k: v for k, v in axes.items() if v},
+            do_constant_folding=True,
+        )
+
+
+_EXPORTERS = {"dynamo": _export_dynamo, "torchscript": _export_torchscript}
+
+
+def _check_and_save(src: Path, final: Path, data_name: str) -> None:
+    """onnx checker and shape inference on the export, then one self-contained file."""
+    try:
+        onnx.checker.check_model(str(src), full_check=True)
+        model = onnx.load(str(src))
+        model = onnx.shape_inference.infer_shapes(model, check_type=True, data_prop=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise ExportError(
+            f"the exported model fails the onnx checker: {str(e).splitlines()[0]}",
+            "try the other --exporter or another --opset; --debug shows the details",
+        ) from e
+    save_model(model, final, data_name)
+
+
+def _graph_inputs(path: Path) -> list:
+    model = onnx.load(str(path), load_external_data=False)
+    inits = {t.name for t in model.graph.initializer}
+    return [v for v in model.graph.input if v.name not in inits]
+
+
+def _describe_io(value: onnx.ValueInfoProto) -> str:
+    t = value.type.tensor_type
+    dims = ",".join(d.dim_param or str(d.dim_value) for d in t.shape.dim)
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name
+    return f"{value.name}[{dims}] {dtype}"
+
+
+def _verify(model, path, specs, feeds, dims, names, atol, rtol, seed) -> list[Comparison]:
+    """Compare onnxruntime with torch on the example and on resized generated inputs."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    onnx_names = [o.name for o in session.get_outputs()]
+    cases = [("the example input", dict(feeds))]
+    if dims:
+        other = resized_dims(dims)
+        ranges = {
+            n: (int(a.min()), int(a.max()) + 1) for n, a in feeds.items() if a.dtype.kind in "iu"
+        }
+        sizes = ", ".join(f"{k}={v}" for k, v in other.items())
+        cases.append((f"a second input ({sizes})", generate_inputs(specs, other, seed + 1, ranges)))
+    comparisons = []
+    for label, case in cases:
+        want = _run_torch(model, case)
+        try:
+            got = session.run(None, case)
+        except Exception as e:  # onnxruntime raises its own Fail/InvalidArgument types
+            comp = Comparison(label, atol, rtol)
+            comp.problems.append(f"onnxruntime failed: {_first_line(e)}")
+            comparisons.append(comp)
+            continue
+        comparisons.append(compare_outputs(label, onnx_names, got, names, want, atol, rtol))
+    return comparisons
+
+
+def _move_into_place(final: Path, out: Path) -> None:
+    data_name = out.name + ".data"
+    if (final.parent / data_name).exists():  # a model over 2 GB: its external data first
+        os.replace(final.parent / data_name, out.parent / data_name)
+    os.replace(final, out)

@@ -1,0 +1,106 @@
+"""The pass interface: small classes with typed settings, and a runner.
+
+A pass takes typed settings in ``__init__`` (validated there), checks its preconditions in
+``requires``, does its work in ``call`` and returns a :class:`PassResult`; ``ensures`` runs
+the onnx checker on the result. Every pass here is functional: it never edits the model it
+is given, it returns a new one (``__call__`` checks that on a cheap fingerprint).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import onnx
+
+from converter.errors import BadInputError, OnnxshipError, PassError
+
+__all__ = ["Pass", "PassResult", "PassRunner", "make_pass", "fingerprint"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PassResult:
+    model: onnx.ModelProto
+    modified: bool
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def fingerprint(model: onnx.ModelProto) -> str:
+    """sha256 of the deterministic serialization: equal bytes ⇔ equal fingerprint."""
+    return hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
+
+
+class Pass:
+    """Base class. Subclasses set ``name`` and implement ``call``; they may extend
+    ``requires`` (preconditions on the input) and ``ensures`` (postconditions)."""
+
+    name = "pass"
+
+    def requires(self, model: onnx.ModelProto) -> None:
+        """Raise an OnnxshipError when ``model`` cannot go through this pass."""
+
+    def call(self, model: onnx.ModelProto) -> PassResult:
+        raise NotImplementedError
+
+    def ensures(self, result: PassResult) -> None:
+        try:
+            onnx.checker.check_model(result.model, full_check=False)
+        except onnx.checker.ValidationError as e:
+            raise PassError(
+                f"pass {self.name} produced an invalid model: {str(e).splitlines()[0]}",
+                "report this as a bug; --debug shows the details",
+            ) from e
+
+    def __call__(self, model: onnx.ModelProto) -> PassResult:
+        self.requires(model)
+        before = fingerprint(model)
+        result = self.call(model)
+        if fingerprint(model) != before:
+            raise PassError(f"pass {self.name} modified its input model", "report this as a bug")
+        self.ensures(result)
+        return result
+
+    def settings(self) -> dict[str, Any]:
+        """The settings this pass was made with (for manifests and cache keys)."""
+        params = inspect.signature(type(self).__init__).parameters
+        return {k: getattr(self, k) for k in params if k != "self" and hasattr(self, k)}
+
+
+def make_pass(kind: type[Pass], settings: Mapping[str, Any]) -> Pass:
+    """Build ``kind(**settings)``; an unknown setting is an error naming the allowed ones."""
+    params = inspect.signature(kind.__init__).parameters
+    allowed = sorted(k for k in params if k != "self")
+    unknown = sorted(set(settings) - set(allowed))
+    if unknown:
+        raise BadInputError(
+            f"unknown setting(s) {unknown} for pass {kind.name}",
+            f"use only {allowed}",
+        )
+    return kind(**settings)
+
+
+class PassRunner:
+    """Apply passes in order; a failure names the passes that had already run."""
+
+    def __init__(self, passes: Sequence[Pass]) -> None:
+        self.passes = list(passes)
+
+    def run(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[PassResult]]:
+        results: list[PassResult] = []
+        for p in self.passes:
+            try:
+                result = p(model)
+            except OnnxshipError as e:
+                done = ", ".join(q.name for q in self.passes[: len(results)]) or "none"
+                e.what = f"pass {p.name} failed (already ran: {done}): {e.what}"
+                raise
+            logger.debug("pass %s: modified=%s", p.name, result.modified)
+            results.append(result)
+            model = result.model
+        return model, results
