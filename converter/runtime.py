@@ -1,0 +1,52 @@
+"""onnxruntime sessions made one way everywhere: CPU, fixed threads, sequential."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+
+from converter.errors import BadInputError
+
+__all__ = ["make_session", "run_batches"]
+
+
+def make_session(
+    model: str | os.PathLike | bytes,
+    threads: int = 1,
+    inter_op_threads: int = 1,
+    optimize: bool = True,
+):
+    """A CPU InferenceSession (``model`` is a path or serialized bytes)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = inter_op_threads
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if optimize
+        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    opts.log_severity_level = 3
+    source = model if isinstance(model, bytes) else str(model)
+    try:
+        return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises Fail/InvalidGraph/NotImplemented...
+        what = "the model" if isinstance(model, bytes) else str(model)
+        raise BadInputError(
+            f"onnxruntime cannot load {what}: {str(e).splitlines()[0][:300]}",
+            "check that it is a valid ONNX model for the CPU execution provider",
+        ) from e
+
+
+def run_batches(session, feeds: Iterable[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Run every feed and concatenate each output along the first (sample) axis."""
+    names = [o.name for o in session.get_outputs()]
+    parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for feed in feeds:
+        for name, value in zip(names, session.run(names, dict(feed))):
+            parts[name].append(value)
+    return {n: np.concatenate(v) if v else np.empty(0) for n, v in parts.items()}
