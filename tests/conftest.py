@@ -1,0 +1,64 @@
+"""Shared fixtures: the reference models of models/, trained and exported once per
+source version (cached under build/test-models/), with their data files."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / "build" / "test-models"
+
+INPUTS = {
+    "digits_cnn": ["x:batch,1,8,8:float32"],
+    "digits_mlp": ["x:batch,64:float32"],
+    "tiny_encoder": ["input_ids:batch,seq:int64", "attention_mask:batch,seq:int64"],
+}
+
+
+@dataclass(frozen=True)
+class RefModel:
+    """A trained reference model exported to ONNX, with its calibration and test data."""
+
+    name: str
+    onnx: Path
+    calib: Path  # training samples, no labels
+    test: Path  # held-out samples with `labels`
+
+
+def _key(name: str) -> str:
+    digest = hashlib.sha256()
+    for f in sorted((ROOT / "models").glob("*.py")) + sorted((ROOT / "models" / name).glob("*")):
+        if f.is_file():
+            digest.update(f.read_bytes())
+    digest.update((ROOT / "converter" / "export.py").read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def _ref_model(name: str) -> RefModel:
+    from converter.export import export
+
+    out = CACHE / f"{name}-{_key(name)}.onnx"
+    data = ROOT / "build" / "models" / name
+    if not out.exists() or not (data / "test.npz").exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        export(f"{ROOT}/models/{name}/model.py:trained", out, INPUTS[name], dims={"seq": 16})
+    return RefModel(name, out, data / "calib.npz", data / "test.npz")
+
+
+@pytest.fixture(scope="session")
+def digits_cnn() -> RefModel:
+    return _ref_model("digits_cnn")
+
+
+@pytest.fixture(scope="session")
+def digits_mlp() -> RefModel:
+    return _ref_model("digits_mlp")
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder() -> RefModel:
+    return _ref_model("tiny_encoder")
