@@ -55,4 +55,7 @@ class GateFailed(OnnxshipError):
 
 
 class VerificationFailed(GateFailed):
-    """The exported ONNX model does not compute what the PyTorch model computes."""
+    """The exported ONNX model does not compute what the PyTorch model computes; ``report``
+    holds every output's diffs."""
+
+    report: object | None = None

@@ -12,6 +12,8 @@ import contextlib
 import io
 import logging
 import os
+import re
+import sys
 import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
@@ -131,12 +133,13 @@ def export(
             report.comparisons = _verify(model, final, specs, feeds, dims, names, atol, rtol, seed)
             failures = [f for c in report.comparisons for f in c.failures()]
             if failures:
-                logger.info(report.summary())
-                raise VerificationFailed(
+                error = VerificationFailed(
                     "ONNX outputs differ from PyTorch: " + "; ".join(failures),
                     "look for ops that behave differently in ONNX (try --exporter torchscript), "
                     "or loosen --atol/--rtol if the differences are acceptable",
                 )
+                error.report = report
+                raise error
         else:
             logger.warning("warning: --no-verify: the ONNX model was NOT compared with PyTorch")
         _move_into_place(final, out)
@@ -252,34 +255,57 @@ def _export_any(
     )
 
 
+_OP_PATTERNS = (
+    re.compile(r"OpOverload\(op='([^']+)'"),  # dynamo: no ONNX function for an aten op
+    re.compile(r"operator '([^']+)'"),  # torchscript: UnsupportedOperatorError
+    re.compile(r"function '\w*\(<function (\w+)"),  # dynamo: a torchlib function raised
+)
+
+
 def _first_line(e: BaseException) -> str:
-    """The most telling line of an exporter's error, without the report boilerplate."""
+    """The telling part of an exporter's error: the failing op when one is named, else the
+    innermost exception's first line."""
     chain = []
-    while e is not None and len(chain) < 6:
+    while e is not None and len(chain) < 8:
         chain.append(e)
         e = e.__cause__ or e.__context__
-    text = " | ".join(
-        line.strip()
-        for err in reversed(chain)
-        for line in str(err).splitlines()[:2]
-        if line.strip() and not line.strip().startswith(("#", "[", "While executing"))
-    )
-    name = type(chain[-1]).__name__
-    return f"{name}: {text[:400]}" if text else name
+    text = "\n".join(str(err) for err in chain)
+    for pattern in _OP_PATTERNS:
+        match = pattern.search(text)
+        if match:
+            innermost = str(chain[-1]).strip().splitlines() or [type(chain[-1]).__name__]
+            return f"op {match.group(1)} failed: {innermost[0][:200]}"
+    lines = [ln.strip() for err in reversed(chain) for ln in str(err).splitlines() if ln.strip()]
+    return f"{type(chain[-1]).__name__}: {lines[0][:300]}" if lines else type(chain[-1]).__name__
 
 
 @contextlib.contextmanager
 def _quiet_exporter():
-    """Keep the exporters' progress prints and warnings off the user's terminal."""
+    """Keep the exporters' prints (Python and C++, stdout and stderr) and warnings off the
+    user's terminal; what they printed goes to the debug log."""
     torch_log = logging.getLogger("torch")
     level = torch_log.level
     torch_log.setLevel(logging.ERROR)
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    with tempfile.TemporaryFile(mode="w+b") as sink, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            yield
+            for fd in saved:
+                os.dup2(sink.fileno(), fd)
+            with (
+                contextlib.redirect_stdout(io.StringIO()),
+                contextlib.redirect_stderr(io.StringIO()),
+            ):
+                yield
         finally:
+            for fd, copy in saved.items():
+                os.dup2(copy, fd)
+                os.close(copy)
             torch_log.setLevel(level)
+            sink.seek(0)
+            logger.debug("exporter output:\n%s", sink.read().decode(errors="replace"))
 
 
 def _export_dynamo(model, feeds, specs, names, opset, path: Path) -> None:

@@ -68,7 +68,7 @@ def accuracy(
     model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], labels: torch.Tensor
 ) -> float:
     with torch.no_grad():
-        return float((model(*inputs).argmax(-1) == labels).float().mean())
+        return float((model(*inputs).argmax(-1) == labels).double().mean())
 
 
 def source_key(*files: str | Path) -> str:

@@ -93,24 +93,30 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 
 def run(args: argparse.Namespace) -> int:
+    from converter.errors import VerificationFailed
     from converter.export import export
     from converter.inputs import parse_dims
 
-    result = export(
-        args.spec,
-        args.output,
-        args.input,
-        weights=args.weights,
-        example=args.example,
-        dims=parse_dims(args.dim),
-        output_names=args.output_names,
-        exporter=args.exporter,
-        opset=args.opset,
-        atol=args.atol,
-        rtol=args.rtol,
-        verify=args.verify,
-        seed=args.seed,
-    )
+    try:
+        result = export(
+            args.spec,
+            args.output,
+            args.input,
+            weights=args.weights,
+            example=args.example,
+            dims=parse_dims(args.dim),
+            output_names=args.output_names,
+            exporter=args.exporter,
+            opset=args.opset,
+            atol=args.atol,
+            rtol=args.rtol,
+            verify=args.verify,
+            seed=args.seed,
+        )
+    except VerificationFailed as e:
+        if not args.quiet and e.report is not None:
+            print(e.report.summary())
+        raise
     if not args.quiet:
         print(result.report.summary())
     return 0
