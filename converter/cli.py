@@ -13,13 +13,13 @@ import traceback
 from collections.abc import Sequence
 
 from converter import __version__
-from converter.commands import export
+from converter.commands import bench, export, fp16, prune, quantize, run, validate
 from converter.errors import OnnxshipError
 
 __all__ = ["main", "build_parser"]
 
 # Explicit list, in the order `--help` shows them. Each module has register() and run().
-COMMANDS = [export]
+COMMANDS = [export, prune, quantize, fp16, validate, bench, run]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -30,15 +30,24 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def _global_flags(parser: argparse.ArgumentParser, default: object) -> None:
+    parser.add_argument(
+        "--debug", action="store_true", default=default, help="show tracebacks and debug logs"
+    )
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", default=default, help="only print errors"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    common.add_argument("-q", "--quiet", action="store_true", help="only print errors")
     parser = _Parser(
         prog="onnxship",
         description="PyTorch → ONNX export, graph passes, validation and edge benchmarks.",
-        parents=[common],
     )
+    _global_flags(parser, False)
+    # Accepted after the command too; SUPPRESS keeps a flag given before it from being reset.
+    common = argparse.ArgumentParser(add_help=False)
+    _global_flags(common, argparse.SUPPRESS)
     parser.add_argument("--version", action="version", version=f"onnxship {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for command in COMMANDS:

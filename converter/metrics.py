@@ -8,6 +8,8 @@ __all__ = [
     "per_sample_cosine",
     "accuracy",
     "agreement",
+    "correct",
+    "agrees",
     "max_abs_error",
     "mean_abs_error",
     "sparsity",
@@ -33,14 +35,25 @@ def per_sample_cosine(candidate: np.ndarray, reference: np.ndarray) -> np.ndarra
     return np.where(both_zero, 1.0, np.clip(cos, -1.0, 1.0))
 
 
+def correct(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per position: does the argmax over the last axis equal the label? (accuracy is the
+    mean; the count lets callers that stream batches add up exact hits.)"""
+    return np.asarray(logits).argmax(axis=-1) == np.asarray(labels)
+
+
+def agrees(candidate: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Per position: do candidate and reference agree on the argmax? (agreement is the mean.)"""
+    return np.asarray(candidate).argmax(-1) == np.asarray(reference).argmax(-1)
+
+
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     """Fraction of samples whose argmax over the last axis equals the label."""
-    return float(np.mean(np.asarray(logits).argmax(axis=-1) == np.asarray(labels)))
+    return float(np.mean(correct(logits, labels)))
 
 
 def agreement(candidate: np.ndarray, reference: np.ndarray) -> float:
     """Fraction of samples where candidate and reference agree on the argmax."""
-    return float(np.mean(np.asarray(candidate).argmax(-1) == np.asarray(reference).argmax(-1)))
+    return float(np.mean(agrees(candidate, reference)))
 
 
 def max_abs_error(candidate: np.ndarray, reference: np.ndarray) -> float:

@@ -9,7 +9,7 @@ import numpy as np
 
 from converter.errors import BadInputError
 
-__all__ = ["make_session", "run_batches"]
+__all__ = ["make_session", "run_batches", "run_session"]
 
 
 def make_session(
@@ -50,3 +50,18 @@ def run_batches(session, feeds: Iterable[Mapping[str, np.ndarray]]) -> dict[str,
         for name, value in zip(names, session.run(names, dict(feed))):
             parts[name].append(value)
     return {n: np.concatenate(v) if v else np.empty(0) for n, v in parts.items()}
+
+
+def run_session(
+    session, feed: Mapping[str, np.ndarray], what: str = "the model"
+) -> list[np.ndarray]:
+    """Run one feed, all outputs; an onnxruntime failure (a shape the model rejects, a token
+    id out of range...) becomes a BadInputError naming ``what``."""
+    try:
+        return session.run(None, dict(feed))
+    except Exception as e:  # onnxruntime raises Fail/InvalidArgument/RuntimeException...
+        shapes = ", ".join(f"{n}{tuple(np.shape(a))}" for n, a in feed.items())
+        raise BadInputError(
+            f"onnxruntime failed to run {what} on {shapes}: {str(e).splitlines()[0][:300]}",
+            "check that the inputs fit the model (shapes, dtypes, value ranges such as token ids)",
+        ) from e

@@ -1,0 +1,645 @@
+"""``onnxship bench``: edge-style latency of one or more ONNX models on this CPU.
+
+Edge defaults: batch 1, one intra-op thread, one inter-op thread, sequential execution, all
+graph optimizations. Several models are measured interleaved in one process: each model is
+opened and warmed up, then every round runs each model once (A B A B ...), so a drift in the
+machine's speed (other load, frequency scaling, heat) hits all models alike and the speedup
+against the first model stays meaningful.
+
+A run is timed with ``time.perf_counter_ns`` around ``session.run`` with feeds prepared
+beforehand, the garbage collector paused. Speedup = p50 of the first model / p50 of this
+model, at the same thread count (:func:`converter.metrics.speedup`). MLPerf's SingleStream
+scenario reports the 90th percentile.
+
+Memory: all models share the process, so each model's number is the peak resident memory
+(RSS) while its session was created and warmed up, minus the RSS just before: what that
+model added at its peak. On Linux the peak is the kernel's high-water mark (VmHWM, reset
+through /proc/self/clear_refs before each model); elsewhere it is the RSS after warmup.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import gc
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import psutil
+from tqdm import tqdm
+
+from converter import __version__
+from converter.data import InputSpec, model_input_specs, open_data
+from converter.errors import BadInputError, DataError
+from converter.inputs import generate_inputs
+from converter.metrics import speedup
+from converter.onnxio import atomic_path, load_model
+from converter.runtime import make_session, run_session
+
+__all__ = [
+    "bench",
+    "BenchReport",
+    "ModelInfo",
+    "Measurement",
+    "LatencyStats",
+    "plot_latencies",
+    "check_plot_path",
+    "table_rows",
+    "DEFAULT_WARMUP",
+    "DEFAULT_RUNS",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_WARMUP = 10
+DEFAULT_RUNS = 100
+MB = 2**20
+TOOL = "onnxship bench"
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Latency of the timed runs of one model at one thread count, in milliseconds;
+    throughput in samples per second (batch / mean latency)."""
+
+    runs: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    std_ms: float
+    min_ms: float
+    max_ms: float
+    throughput_per_s: float
+
+    @classmethod
+    def from_ns(cls, times_ns: np.ndarray, batch: int) -> LatencyStats:
+        ms = np.asarray(times_ns, dtype=np.float64) / 1e6
+        p50, p90, p99 = (float(p) for p in np.percentile(ms, [50, 90, 99]))
+        mean = float(ms.mean())
+        std = float(ms.std(ddof=1)) if len(ms) > 1 else 0.0
+        throughput = batch * 1e3 / mean if mean > 0 else float("inf")
+        return cls(len(ms), p50, p90, p99, mean, std, float(ms.min()), float(ms.max()), throughput)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    path: str
+    file_size: int  # bytes, with external data files
+    batch: int
+    inputs: list[str]  # name:shape:dtype of the feeds used
+
+
+@dataclass
+class Measurement:
+    """One model at one thread count. ``latencies_ms`` holds every timed run (not in JSON)."""
+
+    model: int  # index into BenchReport.models
+    threads: int
+    latency: LatencyStats
+    speedup: float  # p50 of the first model / p50 of this one, same thread count
+    session_ms: float  # time to create the session (load + optimize): the cold start
+    peak_rss_mb: float  # peak RSS above the process's RSS before this session (see module doc)
+    latencies_ms: np.ndarray = field(repr=False)
+
+
+@dataclass
+class BenchReport:
+    models: list[ModelInfo]
+    threads: list[int]
+    settings: dict
+    machine: dict
+    results: list[Measurement]
+
+    def get(self, model: int, threads: int) -> Measurement:
+        return next(r for r in self.results if r.model == model and r.threads == threads)
+
+    def to_dict(self) -> dict:
+        return {
+            "tool": TOOL,
+            "version": __version__,
+            "machine": self.machine,
+            "settings": self.settings,
+            "models": [dataclasses.asdict(m) for m in self.models],
+            "results": [_result_dict(r, self.models[r.model].path) for r in self.results],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    def summary(self) -> str:
+        return _summary(self)
+
+
+def bench(
+    models: Sequence[str | os.PathLike],
+    threads: Sequence[int] = (1,),
+    warmup: int = DEFAULT_WARMUP,
+    runs: int | None = None,
+    seconds: float | None = None,
+    data: str | os.PathLike | None = None,
+    dims: Mapping[str, int] | None = None,
+    seed: int = 0,
+    batch: int | None = None,
+    inter_op_threads: int = 1,
+    optimize: bool = True,
+    progress: bool = False,
+) -> BenchReport:
+    """Measure ``models`` interleaved at each thread count in ``threads``.
+
+    Inputs: the first ``batch`` samples of ``data``, or generated from each model's input
+    spec (seeded; symbolic dims other than the leading batch dim need a size in ``dims``).
+    ``batch`` defaults to 1, or the model's fixed leading dim. ``runs`` timed runs per
+    model (default DEFAULT_RUNS), or rounds until ``seconds`` have passed (per thread count,
+    all models together), after ``warmup`` untimed runs per model.
+    """
+    threads = _check_settings(models, threads, warmup, runs, seconds, batch, inter_op_threads)
+    if runs is None and seconds is None:
+        runs = DEFAULT_RUNS
+    if data is not None and dims:
+        raise BadInputError("--dim is for generated inputs", "drop --dim when giving --data")
+    prepared = [_prepare(m, data, dims or {}, seed, batch) for m in models]
+    _check_dims_used(dims or {}, prepared)
+    init_ms = _prime_onnxruntime()
+    results = []
+    for count in threads:
+        results += _measure(
+            prepared, count, inter_op_threads, optimize, warmup, runs, seconds, progress
+        )
+    settings = {
+        "threads": threads,
+        "inter_op_threads": inter_op_threads,
+        "execution": "sequential",
+        "graph_optimizations": "all" if optimize else "off",
+        "warmup": warmup,
+        "runs": runs,
+        "seconds": seconds,
+        "order": "interleaved: each round runs every model once, in the order given",
+        "inputs": f"data {data} (first samples)" if data is not None else f"generated, seed {seed}",
+        "speedup": "p50 of the first model / p50 of this model, same thread count",
+        "memory": _memory_method(),
+        "onnxruntime_init_ms": init_ms,
+    }
+    return BenchReport([p.info for p in prepared], threads, settings, _machine(), results)
+
+
+# ---------------------------------------------------------------- settings and inputs
+
+
+def _check_settings(models, threads, warmup, runs, seconds, batch, inter_op) -> list[int]:
+    if not models:
+        raise BadInputError("no model given", "name one or more .onnx files")
+    threads = list(threads)
+    if not threads or not all(_is_count(t) for t in threads):
+        raise BadInputError(
+            f"--threads {threads} must be whole numbers ≥ 1", "e.g. --threads 1,2,4"
+        )
+    if len(set(threads)) != len(threads):
+        raise BadInputError(f"--threads {threads} repeats a value", "list each count once")
+    checks = {"--runs": runs, "--batch": batch, "--inter-op": inter_op}
+    for flag, value in checks.items():
+        if value is not None and not _is_count(value):
+            raise BadInputError(f"{flag} {value} is not a whole number ≥ 1", f"e.g. {flag} 1")
+    if not _is_count(warmup + 1):
+        raise BadInputError(f"--warmup {warmup} is not a whole number ≥ 0", "e.g. --warmup 10")
+    if runs is not None and seconds is not None:
+        raise BadInputError("--runs and --seconds both given", "give one of them")
+    if seconds is not None and not (isinstance(seconds, (int, float)) and 0 < seconds < 1e6):
+        raise BadInputError(f"--seconds {seconds} is not a positive number", "e.g. --seconds 10")
+    cores = os.cpu_count() or 1
+    if max(threads) > cores:
+        logger.warning("warning: --threads %d is more than the %d cores here", max(threads), cores)
+    return threads
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+@dataclass
+class _Prepared:
+    path: str
+    feeds: dict[str, np.ndarray]
+    info: ModelInfo
+    symbols: set[str]
+
+
+def _prepare(path, data, dims: Mapping[str, int], seed: int, batch: int | None) -> _Prepared:
+    """Check the model file, build its feeds, measure its size; keep nothing else."""
+    model = load_model(path)
+    specs = model_input_specs(model)
+    del model
+    if data is not None:
+        feeds = _data_feeds(path, specs, data, batch)
+    else:
+        feeds = _generated_feeds(path, specs, dims, seed, batch)
+    shown = [f"{n}:{','.join(map(str, a.shape))}:{a.dtype.name}" for n, a in feeds.items()]
+    first = next(iter(feeds.values()), np.empty(1))
+    info = ModelInfo(
+        str(path), _file_size(Path(path)), int(first.shape[0] if first.ndim else 1), shown
+    )
+    symbols = {d for s in specs for d in s.shape if isinstance(d, str)}
+    return _Prepared(str(path), feeds, info, symbols)
+
+
+def _data_feeds(path, specs: list[InputSpec], data, batch: int | None) -> dict[str, np.ndarray]:
+    dataset = open_data(data, specs)
+    size = dataset.batch_size_for(specs, batch or 1)
+    if batch is not None and size != batch:
+        raise BadInputError(f"{path} has a fixed batch of {size}", f"pass --batch {size}")
+    if dataset.num_samples < size:
+        raise DataError(
+            f"data {data} holds {dataset.num_samples} samples, a batch needs {size}",
+            "give more samples, or a smaller --batch",
+        )
+    feed = next(dataset.batches(specs, size, limit=size, check_finite=True))
+    return {name: np.ascontiguousarray(a) for name, a in feed.items()}
+
+
+def _generated_feeds(path, specs, dims, seed: int, batch: int | None) -> dict[str, np.ndarray]:
+    """Seeded inputs; the leading dim is the batch, other symbolic dims come from ``dims``."""
+    concrete = []
+    for spec in specs:
+        shape = [_batch_dim(path, spec, dims, batch)] if spec.shape else []
+        for d in spec.shape[1:]:
+            if isinstance(d, int):
+                shape.append(d)
+            elif d in dims:
+                shape.append(dims[d])
+            else:
+                example = d or "NAME"
+                raise BadInputError(
+                    f"input {spec.describe()} of {path} has a dim {d or '(unnamed)'} with no size",
+                    f"give it with --dim {example}=SIZE, or pass real inputs with --data",
+                )
+        concrete.append(InputSpec(spec.name, spec.dtype, tuple(shape)))
+    return generate_inputs(concrete, {}, seed)
+
+
+def _batch_dim(path, spec: InputSpec, dims, batch: int | None) -> int:
+    lead = spec.shape[0]
+    if isinstance(lead, int):
+        if batch is not None and lead != batch:
+            raise BadInputError(f"{path} has a fixed batch of {lead}", f"pass --batch {lead}")
+        return lead
+    size = dims.get(lead, batch or 1) if lead else batch or 1
+    if batch is not None and size != batch:
+        raise BadInputError(f"--batch {batch} and --dim {lead}={size} disagree", "give one")
+    return size
+
+
+def _check_dims_used(dims: Mapping[str, int], prepared: list[_Prepared]) -> None:
+    known = set().union(*(p.symbols for p in prepared))
+    unused = sorted(set(dims) - known)
+    if unused:
+        raise BadInputError(
+            f"--dim {unused[0]}: no model input has a dim of that name",
+            f"the symbolic dims are {', '.join(sorted(known)) or '(none)'}",
+        )
+
+
+def _file_size(path: Path) -> int:
+    """The .onnx file plus the external data files its initializers point to."""
+    model = onnx.load(str(path), load_external_data=False)
+    locations = {
+        entry.value
+        for tensor in model.graph.initializer
+        if tensor.data_location == onnx.TensorProto.EXTERNAL
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
+    extra = [path.parent / loc for loc in locations]
+    return path.stat().st_size + sum(f.stat().st_size for f in extra if f.is_file())
+
+
+# ---------------------------------------------------------------- measuring
+
+
+def _prime_onnxruntime() -> float:
+    """Create and run a one-node session first, so onnxruntime's one-time setup of the
+    process (about 30 MB and tens of ms) is not charged to the first model; returns its ms."""
+    from onnx import TensorProto, helper
+
+    value = helper.make_tensor_value_info
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "prime",
+        [value("x", TensorProto.FLOAT, [1])],
+        [value("y", TensorProto.FLOAT, [1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    start = time.perf_counter_ns()
+    session = make_session(model.SerializeToString())
+    session.run(None, {"x": np.zeros(1, np.float32)})
+    return (time.perf_counter_ns() - start) / 1e6
+
+
+@dataclass
+class _Opened:
+    call: Callable[[], object]
+    session_ms: float
+    peak_rss_mb: float
+
+
+def _measure(prepared, threads, inter_op, optimize, warmup, runs, seconds, progress):
+    opened = [_open(p, threads, inter_op, optimize, warmup) for p in prepared]
+    desc = f"bench threads={threads}"
+    times = _interleave([o.call for o in opened], runs, seconds, progress, desc)
+    stats = [LatencyStats.from_ns(t, p.info.batch) for t, p in zip(times, prepared)]
+    return [
+        Measurement(
+            model=i,
+            threads=threads,
+            latency=s,
+            speedup=speedup(stats[0].p50_ms, s.p50_ms),
+            session_ms=o.session_ms,
+            peak_rss_mb=o.peak_rss_mb,
+            latencies_ms=t / 1e6,
+        )
+        for i, (s, o, t) in enumerate(zip(stats, opened, times))
+    ]
+
+
+def _open(p: _Prepared, threads: int, inter_op: int, optimize: bool, warmup: int) -> _Opened:
+    """Create the session (timed) and warm it up, measuring the memory it adds."""
+    gc.collect()
+    before = _rss()
+    exact = _reset_peak()
+    start = time.perf_counter_ns()
+    session = make_session(p.path, threads=threads, inter_op_threads=inter_op, optimize=optimize)
+    session_ms = (time.perf_counter_ns() - start) / 1e6
+    names = [o.name for o in session.get_outputs()]
+    for i in range(warmup):
+        if i == 0:
+            run_session(session, p.feeds, what=p.path)  # a clear error before timing
+        else:
+            session.run(names, p.feeds)
+    peak = (_peak_rss() if exact else None) or _rss()
+    call = functools.partial(session.run, names, p.feeds)
+    return _Opened(call, session_ms, max(0, peak - before) / MB)
+
+
+def _interleave(calls, runs, seconds, progress: bool, desc: str) -> list[np.ndarray]:
+    """Rounds of one timed run per model, until ``runs`` rounds or ``seconds`` passed."""
+    clock = time.perf_counter_ns
+    times: list[list[int]] = [[] for _ in calls]
+    deadline = None if seconds is None else clock() + int(seconds * 1e9)
+    rounds = 0
+    bar = tqdm(
+        total=runs, desc=desc, unit="round", disable=not progress, file=sys.stderr, leave=False
+    )
+    try:
+        with bar, _gc_paused():
+            while (runs is None or rounds < runs) and (
+                deadline is None or clock() < deadline or not rounds
+            ):
+                for call, record in zip(calls, times):
+                    start = clock()
+                    call()
+                    record.append(clock() - start)
+                rounds += 1
+                bar.update()
+    except Exception as e:  # onnxruntime's exceptions have no common base but Exception
+        raise BadInputError(
+            f"onnxruntime failed during the timed runs: {str(e).splitlines()[0][:300]}",
+            "run with --warmup 1 or more to see which model fails",
+        ) from e
+    return [np.asarray(t, dtype=np.int64) for t in times]
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+# ---------------------------------------------------------------- memory and machine
+
+
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def _rss() -> int:
+    return psutil.Process().memory_info().rss
+
+
+def _reset_peak() -> bool:
+    """Reset the kernel's peak-RSS mark of this process (Linux ≥ 4.0); False if impossible."""
+    try:
+        _CLEAR_REFS.write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def _peak_rss() -> int | None:
+    """VmHWM, the peak RSS since the last reset, in bytes (None where /proc is missing)."""
+    try:
+        status = _STATUS.read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def _memory_method() -> str:
+    if _reset_peak() and _peak_rss() is not None:
+        return (
+            "peak RSS (VmHWM) during session creation and warmup, minus the RSS before: "
+            "the memory this model added at its peak"
+        )
+    return "RSS after session creation and warmup, minus the RSS before"
+
+
+def _machine() -> dict:
+    import onnxruntime
+
+    return {
+        "cpu": _cpu_name(),
+        "logical_cores": os.cpu_count(),
+        "physical_cores": psutil.cpu_count(logical=False),
+        "system": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "onnxruntime": onnxruntime.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        cpuinfo = ""
+    for line in cpuinfo.splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def _result_dict(r: Measurement, path: str) -> dict:
+    return {
+        "model": path,
+        "model_index": r.model,
+        "threads": r.threads,
+        **dataclasses.asdict(r.latency),
+        "speedup_p50_vs_first": r.speedup,
+        "session_create_ms": r.session_ms,
+        "peak_rss_mb": r.peak_rss_mb,
+    }
+
+
+_COLUMNS = (
+    "threads",
+    "model",
+    "p50 ms",
+    "p90 ms",
+    "p99 ms",
+    "mean ms",
+    "std ms",
+    "min ms",
+    "samples/s",
+    "speedup",
+    "session ms",
+    "peak RSS MB",
+    "size MB",
+)
+
+
+def table_rows(report: BenchReport) -> list[tuple[str, ...]]:
+    """The summary table as rows of strings, header first (for text or markdown)."""
+    rows = [_COLUMNS]
+    for r in report.results:
+        lat, info = r.latency, report.models[r.model]
+        rows.append(
+            (
+                str(r.threads),
+                info.path,
+                *(f"{v:.3f}" for v in (lat.p50_ms, lat.p90_ms, lat.p99_ms, lat.mean_ms)),
+                *(f"{v:.3f}" for v in (lat.std_ms, lat.min_ms)),
+                f"{lat.throughput_per_s:.1f}",
+                f"{r.speedup:.2f}x",
+                f"{r.session_ms:.1f}",
+                f"{r.peak_rss_mb:.1f}",
+                f"{info.file_size / 1e6:.2f}",
+            )
+        )
+    return rows
+
+
+def _summary(report: BenchReport) -> str:
+    m, s = report.machine, report.settings
+    runs = f"{s['runs']} runs" if s["runs"] is not None else f"{s['seconds']:g} s of runs"
+    batches = sorted({info.batch for info in report.models})
+    lines = [
+        f"bench on {m['cpu']} ({m['logical_cores']} logical cores), onnxruntime {m['onnxruntime']}",
+        f"batch {','.join(map(str, batches))}, inter-op {s['inter_op_threads']}, sequential, "
+        f"graph optimizations {s['graph_optimizations']}; {s['warmup']} warmup + {runs} per "
+        f"model, interleaved; inputs: {s['inputs']}",
+    ]
+    rows = table_rows(report)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
+    for row in rows:
+        cells = [c.ljust(w) if i == 1 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        lines.append("  ".join(cells).rstrip())
+    lines.append(
+        "speedup = p50 of the first model / p50 of this one (same threads); MLPerf SingleStream "
+        "reports p90; peak RSS = memory the model's session added at its peak"
+    )
+    return "\n".join(lines)
+
+
+PLOT_FORMATS = ("png", "svg", "pdf")
+
+
+def check_plot_path(out: str | os.PathLike) -> str:
+    """The plot's format from its suffix; raises BadInputError before any measuring when the
+    suffix or matplotlib is missing."""
+    fmt = Path(out).suffix.lower().lstrip(".")
+    if fmt not in PLOT_FORMATS:
+        raise BadInputError(
+            f"--plot {out}: cannot tell the format from the suffix",
+            f"end the name in {', '.join('.' + f for f in PLOT_FORMATS)}",
+        )
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as e:
+        raise BadInputError("--plot needs matplotlib", "pip install 'onnxship[plot]'") from e
+    return fmt
+
+
+def plot_latencies(report: BenchReport, out: str | os.PathLike) -> Path:
+    """The latency distributions (png, svg or pdf, from the suffix): one panel per thread
+    count, one violin per model drawn up to its p99 (the slowest 1 % would flatten the
+    rest; the max is written above), median, p90 and p99 marked. Needs matplotlib."""
+    fmt = check_plot_path(out)
+    from matplotlib.figure import Figure
+
+    panels, count = len(report.threads), len(report.models)
+    fig = Figure(figsize=(1.5 + 1.8 * count * panels, 4.5), layout="constrained")
+    axes = fig.subplots(1, panels, squeeze=False)[0]  # own scale: 2 threads can be noisier
+    for ax, threads in zip(axes, report.threads):
+        _draw_panel(ax, [report.get(i, threads) for i in range(count)], report.models)
+        ax.set_title(f"{threads} thread{'s' if threads > 1 else ''}")
+    axes[0].set_ylabel("latency per run (ms)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=3, fontsize="small")
+    fig.suptitle("onnxship bench: latency per run, interleaved")
+    out = Path(out)
+    with atomic_path(out, suffix=f".{fmt}") as tmp:
+        fig.savefig(tmp, format=fmt, dpi=100)
+    return out
+
+
+def _draw_panel(ax, rows: list[Measurement], models: list[ModelInfo]) -> None:
+    shown = [r.latencies_ms[r.latencies_ms <= r.latency.p99_ms] for r in rows]
+    ax.violinplot(shown, showextrema=False, widths=0.8)
+    marks = (
+        ("p50_ms", "k", "-", "median"),
+        ("p90_ms", "C1", "--", "p90"),
+        ("p99_ms", "C3", ":", "p99"),
+    )
+    for pos, r in enumerate(rows, start=1):
+        for key, color, style, label in marks:
+            y = getattr(r.latency, key)
+            ax.hlines(
+                y,
+                pos - 0.35,
+                pos + 0.35,
+                colors=color,
+                linestyles=style,
+                label=label if pos == 1 else None,
+            )
+        ax.annotate(
+            f"max {r.latency.max_ms:.3g}",
+            (pos, r.latency.p99_ms),
+            textcoords="offset points",
+            xytext=(0, 6),
+            ha="center",
+            fontsize="small",
+        )
+    names = [Path(models[r.model].path).name for r in rows]
+    ax.set_xticks(range(1, len(rows) + 1), labels=names, rotation=20, ha="right")
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_ylim(0, 1.15 * max(r.latency.p99_ms for r in rows))  # room for the max labels

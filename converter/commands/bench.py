@@ -1,0 +1,132 @@
+"""``onnxship bench MODEL.onnx [MODEL2.onnx ...] [--threads 1,2,4] [--data DATA] ...``"""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "measure edge-style latency (batch 1, one thread) of one or more models, interleaved"
+EPILOG = """\
+examples:
+  onnxship bench cnn.onnx cnn-int8.onnx --data test.npz
+  onnxship bench enc.onnx enc-int8.onnx --dim seq=128 --threads 1,2,4 --seconds 20 \\
+      --json bench.json --plot bench.png
+
+Edge defaults: batch 1, --threads 1 (intra-op; a list measures each count), inter-op 1,
+sequential execution, all graph optimizations, CPU. Inputs are the first sample(s) of --data,
+or generated from each model's input spec (seeded by --seed); symbolic dims other than the
+leading batch dim need --dim NAME=SIZE.
+
+How it measures: each model's session is created (timed: the cold start) and warmed up, then
+the models run interleaved in one process — every round runs each model once (A B A B ...)
+— so a change in the machine's speed hits all of them alike and the speedup against the
+first model holds on a noisy machine. Each run is timed with perf_counter_ns around
+session.run, inputs prepared beforehand, garbage collection paused.
+
+Reported per model and thread count: p50, p90, p99, mean, std and min latency; throughput
+(samples/s = batch / mean); speedup = p50 of the first model / p50 of this one; session
+creation time; peak RSS; file size. MLPerf's SingleStream scenario (one query at a time, as
+on an edge device) reports the 90th percentile latency: compare p90 with it.
+
+Peak RSS: all models share one process, so each model's number is the peak resident memory
+while its session was created and warmed up, minus the process's RSS just before — the memory
+that model added at its peak (Linux: the kernel's high-water mark, reset per model; elsewhere
+the RSS after warmup). Sessions of the models measured before it stay loaded.
+"""
+
+
+def _thread_list(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list like 1,2,4") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: thread counts are whole numbers ≥ 1")
+    return values
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < 1e6:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "bench",
+        help=HELP,
+        description=HELP,
+        epilog=EPILOG,
+        parents=[common],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("models", nargs="+", metavar="MODEL.onnx", help="the first is the baseline")
+    p.add_argument(
+        "--threads",
+        type=_thread_list,
+        default=[1],
+        metavar="N[,N...]",
+        help="intra-op thread counts to measure, e.g. 1,2,4 (default 1)",
+    )
+    p.add_argument("--inter-op", type=int, default=1, metavar="N", help="inter-op threads (1)")
+    p.add_argument(
+        "--no-optimize",
+        dest="optimize",
+        action="store_false",
+        help="turn onnxruntime's graph optimizations off (default: all on)",
+    )
+    p.add_argument("--warmup", type=int, default=10, metavar="N", help="untimed runs (10)")
+    how_long = p.add_mutually_exclusive_group()
+    how_long.add_argument("--runs", type=int, metavar="N", help="timed runs per model (100)")
+    how_long.add_argument(
+        "--seconds", type=_seconds, metavar="T", help="time all models together for T seconds"
+    )
+    p.add_argument("--data", metavar="DATA", help="take the inputs from the first sample(s)")
+    p.add_argument(
+        "--dim",
+        action="append",
+        default=[],
+        metavar="NAME=SIZE",
+        help="size of a symbolic dim for generated inputs, e.g. seq=128",
+    )
+    p.add_argument("--batch", type=int, metavar="N", help="batch size (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated inputs (0)")
+    p.add_argument("--json", metavar="PATH", help="write every number as JSON")
+    p.add_argument("--plot", metavar="PATH.png", help="plot the latency distributions")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from converter.bench import bench, check_plot_path, plot_latencies
+    from converter.inputs import parse_dims
+    from converter.onnxio import atomic_write_text, check_output_path
+
+    for out in (args.json, args.plot):
+        if out:
+            check_output_path(out, *args.models, args.data)
+    if args.plot:
+        check_plot_path(args.plot)
+    report = bench(
+        args.models,
+        threads=args.threads,
+        warmup=args.warmup,
+        runs=args.runs,
+        seconds=args.seconds,
+        data=args.data,
+        dims=parse_dims(args.dim),
+        seed=args.seed,
+        batch=args.batch,
+        inter_op_threads=args.inter_op,
+        optimize=args.optimize,
+        progress=not args.quiet,
+    )
+    if not args.quiet:
+        print(report.summary())
+    if args.json:
+        atomic_write_text(args.json, report.to_json())
+    if args.plot:
+        plot_latencies(report, args.plot)
+    return 0

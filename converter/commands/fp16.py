@@ -1,0 +1,103 @@
+"""``onnxship fp16 IN.onnx -o OUT.onnx``"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+HELP = "convert a model to mixed-precision float16 (for GPU/NPU targets)"
+EPILOG = """\
+examples:
+  onnxship fp16 model.onnx -o model-fp16.onnx
+  onnxship fp16 model.onnx -o model-fp16.onnx --fp16-io --block-op Softmax
+
+Weights and compute become float16 with onnxconverter-common; ops on the block list stay fp32
+behind Cast nodes: onnxconverter-common's default list (Resize, Range, TopK, NonMaxSuppression,
+...) plus Pow, ReduceSumSquare and ReduceL2, whose squared activations overflow fp16. Inputs
+and outputs stay float32 by default (--keep-io-types), so the same data feeds both models.
+
+On a CPU fp16 saves size (weights halve), not time: onnxruntime's CPU provider runs most fp16
+ops by casting to fp32 and back. Use it for GPUs and NPUs; for CPU speed use quantize.
+"""
+
+
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "fp16",
+        help=HELP,
+        description=HELP,
+        epilog=EPILOG,
+        parents=[common],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", metavar="IN.onnx", help="the fp32 model to convert")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="file to write")
+    io = p.add_mutually_exclusive_group()
+    io.add_argument(
+        "--keep-io-types",
+        dest="keep_io_types",
+        action="store_true",
+        default=True,
+        help="keep float32 inputs and outputs (default)",
+    )
+    io.add_argument(
+        "--fp16-io",
+        dest="keep_io_types",
+        action="store_false",
+        help="make the float inputs and outputs float16 too",
+    )
+    p.add_argument(
+        "--block-op",
+        action="append",
+        default=[],
+        metavar="TYPE",
+        help="also keep this op type in fp32 (repeatable)",
+    )
+    p.add_argument(
+        "--block-node",
+        action="append",
+        default=[],
+        metavar="REGEX",
+        help="keep nodes whose name matches in fp32 (repeatable)",
+    )
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from converter.onnxio import check_output_path, load_model, save_model
+    from passes.base import PassRunner
+    from passes.fp16 import Float16
+
+    convert = Float16(
+        keep_io_types=args.keep_io_types,
+        extra_block_ops=args.block_op,
+        block_nodes=args.block_node,
+    )
+    out = check_output_path(args.output, args.model)
+    model = load_model(args.model)
+    model, results = PassRunner([convert]).run(model)
+    save_model(model, out)
+    if not args.quiet:
+        print(summary(results[0].stats, args.model, out))
+    return 0
+
+
+def summary(stats: dict[str, Any], source: Any, out: Any) -> str:
+    """A short human-readable report of the fp16 stats."""
+    io = "float32" if stats["keep_io_types"] else "float16"
+    before, after = stats["size_before"], stats["size_after"]
+    lines = [
+        f"converted {source} → {out} to fp16 ({io} inputs/outputs)",
+        f"  {stats['nodes_converted']} nodes converted, {len(stats['kept_fp32'])} kept fp32, "
+        f"{stats['casts_added']} Cast nodes added",
+    ]
+    lines += [f"    {name}: {reason}" for name, reason in list(stats["kept_fp32"].items())[:8]]
+    if len(stats["kept_fp32"]) > 8:
+        lines.append(f"    ... and {len(stats['kept_fp32']) - 8} more")
+    if stats["clamped_values"]:
+        lines.append(f"  values clamped to the fp16 range: {', '.join(stats['clamped_values'])}")
+    lines.append(
+        f"  size {before / 1e6:.2f} MB → {after / 1e6:.2f} MB ({100 * after / before:.0f}%)"
+    )
+    lines.append("  note: on CPU fp16 saves size, not time; it is meant for GPU/NPU targets")
+    return "\n".join(lines)

@@ -1,0 +1,208 @@
+"""``onnxship quantize IN.onnx -o OUT.onnx --mode dynamic|static``"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+HELP = "int8 quantization with onnxruntime: dynamic, or static with calibration data"
+EPILOG = """\
+examples:
+  onnxship quantize enc.onnx -o enc-int8.onnx --mode dynamic
+  onnxship quantize cnn.onnx -o cnn-int8.onnx --mode static --calib calib.npz
+  onnxship quantize cnn.onnx -o cnn-int8.onnx --mode static --calib shards/ \\
+      --calib-method percentile --calib-samples 1000 --exclude-op Gemm
+
+dynamic: int8 weights, activations quantized at run time. For MatMul-heavy models
+(transformers, MLPs); no data needed. Quantizes MatMul/Gemm with constant weights, Gather
+(embeddings), Attention, LSTM and Conv (warned: dynamic int8 Conv is several times slower
+than fp32 on CPU). Per-channel weights by default (per-tensor damages transformer outputs).
+
+static: int8 weights and activations, activation ranges measured on --calib DATA (.npz with
+arrays named after the model inputs, or a folder of .npz shards, read one batch at a time,
+checked for NaN/Inf). For CNNs. QDQ format, uint8 activations and int8 per-channel weights by
+default: on this AVX2 (no VNNI) machine int8 activations made a ResNet-18 no faster than fp32,
+uint8 ~1.7x faster (tests/benchmarks/bench_quantize.py measures it).
+
+Before quantizing, onnxruntime's quant_pre_process runs (symbolic shape inference +
+optimization; falls back to ONNX shape inference, then to none, saying so). --exclude and
+--exclude-op keep nodes in fp32; node names are those of the pre-processed model, which
+keeps the names of the nodes it does not fuse. The report lists every quantizable node kept
+in fp32 and why.
+"""
+
+
+# Mirrors of passes.quantize's constants (importing it here would load onnx and numpy for
+# every command; tests/test_quantize.py checks they agree).
+CALIB_METHODS = ("minmax", "entropy", "percentile", "distribution")
+FORMATS = ("qdq", "qoperator")
+QUANT_TYPES = ("uint8", "int8")
+DEFAULT_CALIB_BATCH = 16
+
+
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "quantize",
+        help=HELP,
+        description=HELP,
+        epilog=EPILOG,
+        parents=[common],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", metavar="IN.onnx", help="the fp32 model to quantize")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="file to write")
+    p.add_argument("--mode", required=True, choices=("dynamic", "static"))
+    static = p.add_argument_group("static mode")
+    static.add_argument("--calib", metavar="DATA", help="calibration data: .npz or folder")
+    static.add_argument(
+        "--calib-method", choices=CALIB_METHODS, help="how ranges are chosen (default minmax)"
+    )
+    static.add_argument(
+        "--calib-samples", type=int, metavar="N", help="use the first N samples (default all)"
+    )
+    static.add_argument(
+        "--calib-batch-size",
+        type=int,
+        metavar="N",
+        help=f"samples per calibration batch (default {DEFAULT_CALIB_BATCH})",
+    )
+    static.add_argument("--format", choices=FORMATS, help="graph format (default qdq)")
+    static.add_argument(
+        "--activation-type", choices=QUANT_TYPES, help="activation type (default uint8)"
+    )
+    both = p.add_argument_group("both modes")
+    both.add_argument(
+        "--weight-type", choices=QUANT_TYPES, default="int8", help="weight type (default int8)"
+    )
+    both.add_argument(
+        "--per-tensor",
+        dest="per_channel",
+        action="store_false",
+        help="one scale per weight tensor instead of per output channel",
+    )
+    both.add_argument(
+        "--reduce-range", action="store_true", help="7-bit weights (may help without VNNI)"
+    )
+    both.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="REGEX",
+        help="keep nodes whose name matches in fp32 (repeatable)",
+    )
+    both.add_argument(
+        "--exclude-op",
+        action="append",
+        default=[],
+        metavar="TYPE",
+        help="keep every node of this op type in fp32 (repeatable)",
+    )
+    both.add_argument(
+        "--no-preprocess",
+        dest="preprocess",
+        action="store_false",
+        help="skip quant_pre_process (shape inference + optimization)",
+    )
+    p.set_defaults(run=run)
+
+
+_STATIC_ONLY = {
+    "calib": "--calib",
+    "calib_method": "--calib-method",
+    "calib_samples": "--calib-samples",
+    "calib_batch_size": "--calib-batch-size",
+    "format": "--format",
+    "activation_type": "--activation-type",
+}
+
+
+def build_pass(args: argparse.Namespace):
+    """The quantization pass the arguments describe (settings validated here)."""
+    from converter.errors import BadInputError
+    from passes.quantize import DynamicQuantize, StaticQuantize
+
+    common = dict(
+        per_channel=args.per_channel,
+        reduce_range=args.reduce_range,
+        weight_type=args.weight_type,
+        exclude=args.exclude,
+        exclude_ops=args.exclude_op,
+        preprocess=args.preprocess,
+    )
+    given = {dest: flag for dest, flag in _STATIC_ONLY.items() if getattr(args, dest) is not None}
+    if args.mode == "dynamic":
+        if given:
+            raise BadInputError(
+                f"{', '.join(given.values())} only apply to --mode static",
+                "drop them, or use --mode static",
+            )
+        return DynamicQuantize(**common)
+    if args.calib is None:
+        raise BadInputError(
+            "--mode static needs calibration data",
+            "pass --calib DATA.npz (samples the model sees in use), or use --mode dynamic",
+        )
+    options = {d: getattr(args, d) for d in given if d != "calib"}
+    return StaticQuantize(calibration=args.calib, progress=not args.quiet, **options, **common)
+
+
+def run(args: argparse.Namespace) -> int:
+    from converter.onnxio import check_output_path, load_model, save_model
+    from passes.base import PassRunner
+
+    quantize = build_pass(args)
+    out = check_output_path(args.output, args.model, args.calib)
+    model = load_model(args.model)
+    model, results = PassRunner([quantize]).run(model)
+    save_model(model, out)
+    if not args.quiet:
+        print(summary(results[0].stats, quantize.settings(), args.model, out))
+    return 0
+
+
+def _what(stats: dict[str, Any], settings: dict[str, Any]) -> str:
+    weights = (
+        f"{settings['weight_type']} {'per-channel' if settings['per_channel'] else 'per-tensor'}"
+    )
+    if stats["mode"] == "dynamic":
+        return f"dynamic int8: {weights} weights, uint8 activations at run time"
+    return (
+        f"static int8, {stats['format'].upper()}: {settings['activation_type']} activations, "
+        f"{weights} weights"
+    )
+
+
+def summary(stats: dict[str, Any], settings: dict[str, Any], source: Any, out: Any) -> str:
+    """A short human-readable report of the quantization stats."""
+    nodes = stats["nodes"]
+    ops = ", ".join(f"{op} {c['quantized']}" for op, c in stats["by_op"].items() if c["quantized"])
+    lines = [
+        f"quantized {source} → {out} ({_what(stats, settings)})",
+        f"  pre-processing: {stats['preprocess']}",
+    ]
+    if "calibration" in stats:
+        c = stats["calibration"]
+        lines.append(
+            f"  calibration: {c['method']} on {c['samples']} samples, {c['tensors']} tensors"
+        )
+    lines.append(f"  int8: {len(nodes['quantized'])} nodes ({ops or 'none'})")
+    lines.append(f"  fp32: {len(nodes['fp32'])} quantizable nodes")
+    lines += _grouped(nodes["fp32"])
+    before, after = stats["size_before"], stats["size_after"]
+    lines.append(
+        f"  size {before / 1e6:.2f} MB → {after / 1e6:.2f} MB ({100 * after / before:.0f}%)"
+    )
+    lines += [f"  warning: {w}" for w in stats.get("warnings", [])]
+    return "\n".join(lines)
+
+
+def _grouped(fp32: dict[str, str], shown: int = 4) -> list[str]:
+    """One line per reason, naming the first few nodes."""
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in fp32.items():
+        by_reason.setdefault(reason, []).append(name)
+    lines = []
+    for reason, names in by_reason.items():
+        more = f" and {len(names) - shown} more" if len(names) > shown else ""
+        lines.append(f"    {reason}: {', '.join(names[:shown])}{more}")
+    return lines

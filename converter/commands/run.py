@@ -1,0 +1,43 @@
+"""``onnxship run RECIPE.toml [-o OUTDIR]``"""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "run a recipe: export → passes → validate → bench, with manifest and report"
+EPILOG = """\
+example:
+  onnxship run models/digits_cnn/recipe.toml -o build/digits_cnn
+
+OUTDIR (default build/<recipe name>) receives fp32.onnx, one .onnx per variant,
+manifest.json (sha256 and size of every artifact, the resolved recipe, versions, machine,
+every metric and timing), report.md and report.html (with plots). Model files are
+deterministic: the same recipe and inputs give the same bytes. Exit 1 when a gate of the
+recipe fails (the report is still written), 2 on a bad recipe.
+"""
+
+
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "run",
+        help=HELP,
+        description=HELP,
+        epilog=EPILOG,
+        parents=[common],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("recipe", metavar="RECIPE.toml")
+    p.add_argument("-o", "--output", metavar="OUTDIR", help="folder for every artifact")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from converter.pipeline import check_gates, run_recipe
+
+    result = run_recipe(args.recipe, args.output)
+    if not args.quiet:
+        print(result.report_md.read_text(encoding="utf-8"))
+        print(f"report: {result.report_md} and {result.report_html}")
+        print(f"manifest: {result.manifest}")
+    check_gates(result)
+    return 0

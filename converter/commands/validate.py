@@ -1,0 +1,134 @@
+"""``onnxship validate CANDIDATE.onnx --data DATA [--reference REF.onnx] [gates] [reports]``"""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "score a model on data (labels and/or a reference model) and gate it for CI"
+EPILOG = """\
+examples:
+  onnxship validate cnn-int8.onnx --data test.npz --reference cnn.onnx \\
+      --min-score 0.95 --max-drop 0.01 --junit validate.xml --json validate.json
+  onnxship validate enc-int8.onnx --data val/ --reference enc.onnx --metric cosine \\
+      --min-worst 0.98
+  onnxship validate cnn-int8.onnx --data test.npz --reference cnn.onnx \\
+      --baseline main-validate.json --json validate.json
+
+metrics (--metric, repeatable; default accuracy when the data has `labels`, else cosine):
+  accuracy   argmax of the output vs `labels` in the data
+  agreement  argmax agreement with the reference model
+  cosine     per-sample cosine of the output to the reference's (mean; worst and its sample)
+  max-abs    largest absolute difference to the reference (an error: lower is better)
+  mean-abs   mean absolute difference to the reference (an error: lower is better)
+  All but accuracy need --reference. Every metric is computed for every output.
+
+gates (exit 0 when all hold, 1 when any fails, 2 on bad input):
+  --min-score F   the first --metric's value ≥ F (a score: accuracy, agreement or cosine)
+  --max-drop F    reference accuracy − candidate accuracy ≤ F (absolute); without labels, or
+                  when agreement comes before accuracy in --metric: 1 − agreement ≤ F
+  --min-worst F   the lowest per-sample cosine to the reference ≥ F
+  --baseline J    every score also in J (a --json report of an earlier run on the same data)
+                  may be at most --baseline-tolerance lower: "this commit made it worse"
+  Gates read the first output of the model, or the one --output names.
+
+DATA is an .npz file or a folder of .npz shards: arrays named after the model inputs,
+samples on the first axis, and optionally `labels` (one integer class per sample). Names,
+shapes and dtypes are checked before anything runs. --json and --junit are written (also when
+a gate fails) atomically; JUnit has one testcase per gate, so CI systems show them natively.
+"""
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "validate",
+        help=HELP,
+        description=HELP,
+        epilog=EPILOG,
+        parents=[common],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("candidate", metavar="CANDIDATE.onnx", help="the model to validate")
+    p.add_argument("--data", required=True, metavar="DATA", help=".npz file or folder of shards")
+    p.add_argument("--reference", metavar="REF.onnx", help="the model to compare with")
+    p.add_argument(
+        "--metric",
+        action="append",
+        dest="metrics",
+        choices=("accuracy", "agreement", "cosine", "max-abs", "mean-abs"),
+        help="repeatable; the first is the one --min-score reads",
+    )
+    p.add_argument("--min-score", type=_fraction, metavar="F", help="first metric ≥ F")
+    p.add_argument("--max-drop", type=_fraction, metavar="F", help="accuracy drop ≤ F")
+    p.add_argument("--min-worst", type=_fraction, metavar="F", help="worst-sample cosine ≥ F")
+    p.add_argument("--baseline", metavar="J.json", help="a --json report to compare with")
+    p.add_argument(
+        "--baseline-tolerance",
+        type=_fraction,
+        metavar="F",
+        help="how much lower than the baseline a score may be (absolute, default 0.005)",
+    )
+    p.add_argument("--output", metavar="NAME", help="the model output the gates read")
+    p.add_argument("--batch-size", type=int, metavar="N", help="samples per run (default 64)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="onnxruntime threads (default 1: numbers do not depend on the machine)",
+    )
+    p.add_argument("--json", metavar="PATH", help="write every number as JSON")
+    p.add_argument("--junit", metavar="PATH", help="write JUnit XML, one testcase per gate")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from converter.errors import BadInputError, GateFailed
+    from converter.onnxio import atomic_write_text, check_output_path
+    from converter.validate import validate
+
+    inputs = (args.candidate, args.data, args.reference, args.baseline)
+    reports = [(path, kind) for path, kind in ((args.json, "json"), (args.junit, "junit")) if path]
+    for path, _ in reports:
+        check_output_path(path, *inputs)
+    if args.json and args.junit and Path(args.json).resolve() == Path(args.junit).resolve():
+        raise BadInputError("--json and --junit name the same file", "give them different paths")
+    options = {
+        "baseline_tolerance": args.baseline_tolerance,
+        "batch_size": args.batch_size,
+        "threads": args.threads,
+    }
+    report = validate(
+        args.candidate,
+        args.data,
+        reference=args.reference,
+        metrics=args.metrics,
+        min_score=args.min_score,
+        max_drop=args.max_drop,
+        min_worst=args.min_worst,
+        baseline=args.baseline,
+        output=args.output,
+        progress=not args.quiet,
+        **{k: v for k, v in options.items() if v is not None},
+    )
+    if not args.quiet:
+        print(report.summary())
+    for path, kind in reports:
+        atomic_write_text(path, report.to_json() if kind == "json" else report.to_junit())
+    if not report.passed:
+        raise GateFailed(
+            "validation failed: " + "; ".join(f"{g.name} {g.describe()}" for g in report.failed),
+            "the model got worse than the gates allow: see the table above"
+            + (f" and {args.json}" if args.json else ""),
+        )
+    return 0

@@ -1,0 +1,260 @@
+"""``onnxship run RECIPE.toml``: export → passes → validate → bench → manifest and report.
+
+Each step logs progress; a failing step names the steps already done, and the artifacts of
+those steps stay in OUTDIR. Model artifacts are deterministic (same recipe and inputs →
+same bytes and hashes); reports hold timings, which are not.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from converter.errors import BadInputError, GateFailed, OnnxshipError
+from converter.onnxio import atomic_path, atomic_write_text, load_model, save_model
+from converter.recipe import Recipe, Variant, load_recipe
+
+__all__ = ["run_recipe", "RunResult", "ArtifactResult", "build_passes"]
+
+logger = logging.getLogger(__name__)
+
+REFERENCE = "fp32"
+
+
+@dataclass
+class ArtifactResult:
+    """One model of the run: the fp32 reference or a variant."""
+
+    name: str
+    path: Path
+    passes: list[dict[str, Any]] = field(default_factory=list)
+    validation: Any = None  # converter.validate.ValidationReport
+    bench: Any = None  # the per-model part of converter.bench.BenchReport
+
+
+@dataclass
+class RunResult:
+    recipe: Recipe
+    outdir: Path
+    artifacts: list[ArtifactResult]
+    bench: Any = None
+    manifest: Path | None = None
+    report_md: Path | None = None
+    report_html: Path | None = None
+    export_report: Any = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return all(a.validation is None or a.validation.passed for a in self.artifacts)
+
+    def failed_gates(self) -> list[str]:
+        return [
+            f"{a.name}: {g.describe()}"
+            for a in self.artifacts
+            if a.validation is not None
+            for g in a.validation.failed
+        ]
+
+
+def build_passes(variant: Variant, recipe: Recipe) -> list:
+    """The pass objects of one variant; settings are checked by each pass's constructor."""
+    from passes.registry import make_recipe_pass
+
+    built = []
+    for i, entry in enumerate(variant.passes):
+        settings = {k: v for k, v in entry.items() if k != "pass"}
+        try:
+            built.append(make_recipe_pass(entry["pass"], settings, recipe.data.calibration))
+        except BadInputError as e:
+            e.what = f"recipe variant {variant.name!r} pass {i + 1} ({entry['pass']}): {e.what}"
+            raise
+    return built
+
+
+class _Steps:
+    """Runs named steps, timing each; on failure names the steps already done."""
+
+    def __init__(self, timings: dict[str, float]) -> None:
+        self.done: list[str] = []
+        self.timings = timings
+
+    def run(self, name: str, fn: Callable[[], Any]) -> Any:
+        logger.info("[%d] %s", len(self.done) + 1, name)
+        start = time.perf_counter()
+        try:
+            value = fn()
+        except OnnxshipError as e:
+            done = ", ".join(self.done) or "none"
+            e.what = f"step '{name}' failed (done: {done}; their artifacts are kept): {e.what}"
+            raise
+        self.timings[name] = round(time.perf_counter() - start, 3)
+        self.done.append(name)
+        return value
+
+
+def run_recipe(
+    recipe_path: str | os.PathLike, outdir: str | os.PathLike | None = None
+) -> RunResult:
+    recipe = load_recipe(recipe_path)
+    out = Path(outdir) if outdir is not None else Path("build") / recipe.name
+    _prepare_outdir(out, recipe)
+    result = RunResult(recipe, out, [])
+    steps = _Steps(result.timings)
+    reference = steps.run("export fp32 reference", lambda: _reference(recipe, out, result))
+    result.artifacts.append(reference)
+    for variant in recipe.variants:
+        result.artifacts.append(
+            steps.run(f"variant {variant.name}", lambda v=variant: _variant(v, recipe, out))
+        )
+    if recipe.data.validation is not None:
+        steps.run("validate", lambda: _validate_all(result))
+    steps.run("bench", lambda: _bench_all(result))
+    steps.run("manifest and report", lambda: _write_outputs(result))
+    return result
+
+
+def _prepare_outdir(out: Path, recipe: Recipe) -> None:
+    if out.exists() and not out.is_dir():
+        raise BadInputError(f"output {out} is a file", "give a folder with -o")
+    sources = [recipe.path, recipe.model.onnx, recipe.data.calibration, recipe.data.validation]
+    for src in sources:
+        if src is not None and Path(src).resolve().parent == out.resolve():
+            raise BadInputError(
+                f"output folder {out} holds the input {src}",
+                "write the run to another folder with -o",
+            )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BadInputError(
+            f"cannot create output folder {out} ({e.strerror})",
+            "choose a folder you can write to with -o",
+        ) from e
+
+
+def _reference(recipe: Recipe, out: Path, result: RunResult) -> ArtifactResult:
+    path = out / f"{REFERENCE}.onnx"
+    m = recipe.model
+    if m.onnx is not None:
+        load_model(m.onnx)  # a clear error when it is not ONNX
+        with atomic_path(path) as tmp:
+            shutil.copyfile(m.onnx, tmp)
+        return ArtifactResult(REFERENCE, path)
+    from converter.defaults import DEFAULT_OPSET, EXPORT_ATOL, EXPORT_RTOL
+    from converter.export import export
+
+    exported = export(
+        m.spec,
+        path,
+        m.inputs,
+        weights=m.weights,
+        example=m.example,
+        dims=m.dims,
+        output_names=m.output_names,
+        exporter=m.exporter,
+        opset=m.opset or DEFAULT_OPSET,
+        atol=EXPORT_ATOL if m.atol is None else m.atol,
+        rtol=EXPORT_RTOL if m.rtol is None else m.rtol,
+    )
+    result.export_report = exported.report
+    return ArtifactResult(REFERENCE, path)
+
+
+def _variant(variant: Variant, recipe: Recipe, out: Path) -> ArtifactResult:
+    from passes import PassRunner
+
+    passes = build_passes(variant, recipe)
+    model = load_model(out / f"{REFERENCE}.onnx")
+    model, results = PassRunner(passes).run(model)
+    path = save_model(model, out / f"{variant.name}.onnx")
+    records = [
+        {"pass": p.name, "settings": _plain(p.settings()), "stats": r.stats}
+        for p, r in zip(passes, results)
+    ]
+    return ArtifactResult(variant.name, path, passes=records)
+
+
+def _plain(value: Any) -> Any:
+    """Settings as JSON-ready values (paths and objects such as calibration ranges → str)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return str(value)
+
+
+def _validate_all(result: RunResult) -> None:
+    from converter.validate import validate
+
+    gates = result.recipe.gates
+    data = result.recipe.data.validation
+    reference = result.artifacts[0]
+    reference.validation = validate(reference.path, data, progress=False)
+    for artifact in result.artifacts[1:]:
+        artifact.validation = validate(
+            artifact.path,
+            data,
+            reference=reference.path,
+            metrics=_metrics(gates, result),
+            min_score=gates.min_score,
+            max_drop=gates.max_drop,
+            min_worst=gates.min_worst,
+            progress=False,
+        )
+
+
+def _metrics(gates: Any, result: RunResult) -> list[str]:
+    """The recipe's metrics, else accuracy (when the data has labels), agreement, cosine."""
+    if gates.metrics:
+        return list(gates.metrics)
+    from converter.data import Dataset
+
+    has_labels = Dataset(result.recipe.data.validation).has_labels
+    return (["accuracy"] if has_labels else []) + ["agreement", "cosine"]
+
+
+def _bench_all(result: RunResult) -> None:
+    from converter.bench import bench
+
+    b = result.recipe.bench
+    data = result.recipe.data.validation
+    result.bench = bench(
+        [a.path for a in result.artifacts],
+        threads=b.threads,
+        warmup=b.warmup,
+        runs=b.runs,
+        seconds=b.seconds,
+        data=data,
+        dims=b.dims,
+        progress=False,
+    )
+
+
+def _write_outputs(result: RunResult) -> None:
+    from converter.report import build_manifest, write_reports
+
+    manifest = build_manifest(result)
+    result.manifest = atomic_write_text(
+        result.outdir / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+    )
+    result.report_md, result.report_html = write_reports(result, manifest)
+
+
+def check_gates(result: RunResult) -> None:
+    """Raise GateFailed naming every failed gate (after the report is written)."""
+    failed = result.failed_gates()
+    if failed:
+        raise GateFailed(
+            "gates failed: " + "; ".join(failed),
+            f"see {result.report_md} for the numbers; relax [gates] or change the variants",
+        )

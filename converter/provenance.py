@@ -1,0 +1,59 @@
+"""What a manifest records besides the artifacts: versions and the machine."""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import sys
+from importlib import metadata
+from pathlib import Path
+
+__all__ = ["sha256_file", "versions", "machine", "INT8_FLAGS"]
+
+# CPU flags that decide int8 speed on x86: VNNI (AVX512 or AVX) runs U8×S8 dot products
+# natively; without it onnxruntime falls back to AVX2 code paths.
+INT8_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "fma")
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def versions(with_torch: bool) -> dict[str, str]:
+    """Versions of onnxship and the libraries that shape its outputs."""
+    names = ["onnxship", "onnx", "onnxruntime", "numpy"] + (
+        ["torch", "onnxscript"] if with_torch else []
+    )
+    found = {"python": sys.version.split()[0]}
+    for name in names:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def machine() -> dict[str, object]:
+    """CPU model, core count and the int8-relevant flags (from /proc/cpuinfo on Linux)."""
+    import os
+
+    model, flags = platform.processor() or platform.machine(), set()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and value.strip():
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "int8_flags": {f: f in flags for f in INT8_FLAGS},
+        "vnni": "avx512_vnni" in flags or "avx_vnni" in flags,
+    }

@@ -1,0 +1,217 @@
+"""Recipes: a TOML file naming the model, the data, the variants (each a chain of passes),
+the gates and the bench settings. Unknown keys are errors naming the allowed ones; relative
+paths are relative to the recipe file.
+
+    name = "digits_cnn"
+    [model]                       # from PyTorch (as `export` takes it) ...
+    spec = "model.py:trained"
+    inputs = ["x:batch,1,8,8:float32"]
+    # onnx = "model.onnx"         # ... or an existing ONNX file instead of spec/inputs
+    [data]
+    calibration = "calib.npz"     # for static quantization
+    validation = "test.npz"       # scored against the fp32 reference (labels optional)
+    [[variants]]
+    name = "int8_static"
+    passes = [{ pass = "quantize", mode = "static" }]
+    [gates]
+    max_drop = 0.01               # accuracy drop vs fp32, absolute
+    [bench]
+    threads = [1]
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from converter.errors import BadInputError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = [
+    "Recipe",
+    "ModelSection",
+    "DataSection",
+    "Variant",
+    "Gates",
+    "BenchSection",
+    "load_recipe",
+]
+
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+@dataclass
+class ModelSection:
+    spec: str | None = None
+    inputs: list[str] = field(default_factory=list)
+    onnx: Path | None = None
+    weights: Path | None = None
+    example: Path | None = None
+    dims: dict[str, int] = field(default_factory=dict)
+    output_names: list[str] | None = None
+    exporter: str = "auto"
+    opset: int | None = None
+    atol: float | None = None
+    rtol: float | None = None
+
+
+@dataclass
+class DataSection:
+    calibration: Path | None = None
+    validation: Path | None = None
+
+
+@dataclass
+class Variant:
+    name: str
+    passes: list[dict[str, Any]]
+
+
+@dataclass
+class Gates:
+    metrics: list[str] | None = None
+    min_score: float | None = None
+    max_drop: float | None = None
+    min_worst: float | None = None
+
+
+@dataclass
+class BenchSection:
+    threads: list[int] = field(default_factory=lambda: [1])
+    warmup: int = 10
+    runs: int = 100
+    seconds: float | None = None
+    dims: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class Recipe:
+    path: Path
+    name: str
+    model: ModelSection
+    data: DataSection
+    variants: list[Variant]
+    gates: Gates
+    bench: BenchSection
+
+    def resolved(self) -> dict[str, Any]:
+        """The recipe with defaults filled and paths absolute: what the manifest records."""
+
+        def plain(obj: Any) -> Any:
+            if isinstance(obj, Path):
+                return str(obj)
+            if hasattr(obj, "__dataclass_fields__"):
+                return {f.name: plain(getattr(obj, f.name)) for f in fields(obj)}
+            if isinstance(obj, dict):
+                return {k: plain(v) for k, v in obj.items()}
+            if isinstance(obj, list):
+                return [plain(v) for v in obj]
+            return obj
+
+        return plain(self)
+
+
+_PATH_FIELDS = {"onnx", "weights", "example", "calibration", "validation"}
+_TOP = {"name", "model", "data", "variants", "gates", "bench"}
+
+
+def _section(cls: type, raw: Any, where: str, base: Path) -> Any:
+    if not isinstance(raw, dict):
+        raise BadInputError(f"recipe [{where}] must be a table", f"write it as [{where}]")
+    allowed = [f.name for f in fields(cls)]
+    unknown = sorted(set(raw) - set(allowed))
+    if unknown:
+        raise BadInputError(
+            f"unknown key(s) {unknown} in recipe [{where}]", f"allowed keys: {allowed}"
+        )
+    values = {k: (_path(v, k, base) if k in _PATH_FIELDS else v) for k, v in raw.items()}
+    try:
+        return cls(**values)
+    except TypeError as e:
+        raise BadInputError(f"recipe [{where}] is incomplete: {e}", f"give {allowed}") from e
+
+
+def _path(value: Any, key: str, base: Path) -> Path:
+    if not isinstance(value, str):
+        raise BadInputError(f"recipe key {key!r} must be a path string", f'{key} = "file"')
+    path = Path(value)
+    return path if path.is_absolute() else (base / path).resolve()
+
+
+def _variants(raw: Any, base: Path) -> list[Variant]:
+    if not isinstance(raw, list):
+        raise BadInputError("recipe `variants` must be an array of tables", "use [[variants]]")
+    variants = [_section(Variant, item, f"variants.{i}", base) for i, item in enumerate(raw)]
+    names = [v.name for v in variants]
+    for v in variants:
+        if not isinstance(v.name, str) or not _NAME.match(v.name) or v.name == "fp32":
+            raise BadInputError(
+                f"bad variant name {v.name!r}",
+                "use letters, digits, _ . - (and not 'fp32', the reference)",
+            )
+        if not isinstance(v.passes, list) or not all(
+            isinstance(p, dict) and "pass" in p for p in v.passes
+        ):
+            raise BadInputError(
+                f"variant {v.name!r}: passes must be tables with a `pass` key",
+                'passes = [{ pass = "prune", sparsity = 0.5 }]',
+            )
+    if len(set(names)) != len(names):
+        raise BadInputError(f"variant names repeat: {names}", "give each variant its own name")
+    return variants
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(f"recipe {path} does not exist", "check the path")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise BadInputError(f"recipe {path} is not valid TOML: {e}", "fix the syntax") from e
+    unknown = sorted(set(raw) - _TOP)
+    if unknown:
+        raise BadInputError(
+            f"unknown key(s) {unknown} in recipe {path.name}",
+            f"allowed top-level keys: {sorted(_TOP)}",
+        )
+    base = path.resolve().parent
+    if "model" not in raw:
+        raise BadInputError(f"recipe {path.name} has no [model]", "add [model] with spec or onnx")
+    recipe = Recipe(
+        path=path.resolve(),
+        name=str(raw.get("name", path.stem)),
+        model=_section(ModelSection, raw["model"], "model", base),
+        data=_section(DataSection, raw.get("data", {}), "data", base),
+        variants=_variants(raw.get("variants", []), base),
+        gates=_section(Gates, raw.get("gates", {}), "gates", base),
+        bench=_section(BenchSection, raw.get("bench", {}), "bench", base),
+    )
+    _check_model(recipe.model, base)
+    return recipe
+
+
+def _check_model(model: ModelSection, base: Path) -> None:
+    if (model.spec is None) == (model.onnx is None):
+        raise BadInputError(
+            "recipe [model] needs exactly one of `spec` and `onnx`",
+            'spec = "model.py:build" with inputs = [...], or onnx = "m.onnx"',
+        )
+    if model.spec is not None:
+        if not model.inputs:
+            raise BadInputError(
+                "recipe [model] has `spec` but no `inputs`",
+                'inputs = ["x:batch,3,224,224:float32"]',
+            )
+        file, sep, name = model.spec.rpartition(":")
+        if sep and file:
+            model.spec = f"{_path(file, 'spec', base)}:{name}"
+    if model.onnx is not None and not model.onnx.is_file():
+        raise BadInputError(f"recipe [model] onnx {model.onnx} does not exist", "check the path")

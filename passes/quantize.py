@@ -1,0 +1,884 @@
+"""Int8 quantization on top of ``onnxruntime.quantization``: dynamic and static (calibrated).
+
+Both passes work the same way, in a private temporary folder (nothing is written next to the
+user's files): save the model, pre-process it with ``quant_pre_process`` (symbolic shape
+inference + ORT basic optimization; when that fails, ONNX shape inference + optimization;
+when that fails too, the model as it is, with a warning), quantize with ``quantize_dynamic``
+or ``quantize_static``, load the result. The stats say which quantizable nodes were
+quantized and which stayed fp32, and why.
+
+Static quantization calibrates with its own loop over ORT's calibrators: one
+``collect_data`` call per batch, so ORT never holds more than one batch of activations
+(ORT's histogram calibrators otherwise keep every intermediate output of the whole data set
+until the reader is exhausted, and MinMax keeps per-batch min/max arrays), and the data comes
+from :func:`converter.data.open_data` one shard at a time with a NaN/Inf check per batch.
+The ranges go to ``quantize_static`` through its calibration cache file.
+
+Reusing calibration (sensitivity search, "auto"): measure the ranges once, quantize many
+times with different exclusions; the ranges remember the model they were measured on (and
+keep its pre-processed form in memory, so pre-processing runs once too)::
+
+    ranges = StaticQuantize(calibration="calib.npz").calibrate(model)
+    ranges.save("ranges.json")                    # optional: CalibrationRanges.load(path)
+    for skip in (["node_conv2d"], ["node_linear"]):
+        result = StaticQuantize(ranges=ranges, nodes_to_exclude=skip)(model)
+
+Every output is deterministic: ORT's quantizers produce the same bytes for the same input
+and settings (checked in tests, across processes), and we pass every list sorted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from converter.errors import BadInputError, DataError, PassError
+from passes.base import Pass, PassResult, fingerprint
+
+__all__ = [
+    "DynamicQuantize",
+    "StaticQuantize",
+    "CalibrationRanges",
+    "calibrate",
+    "is_quantized",
+    "quantized_nodes",
+    "CALIB_METHODS",
+    "FORMATS",
+    "QUANT_TYPES",
+    "DEFAULT_CALIB_BATCH",
+]
+
+logger = logging.getLogger(__name__)
+
+CALIB_METHODS = ("minmax", "entropy", "percentile", "distribution")
+FORMATS = ("qdq", "qoperator")
+QUANT_TYPES = ("uint8", "int8")
+DEFAULT_CALIB_BATCH = 16
+# Share of Conv multiply-accumulates above which dynamic int8 is slower than fp32 (ConvInteger
+# has no fast kernel on CPU: measured ~4x slower on a ResNet-18).
+CONV_DOMINATED = 0.5
+
+# Ops that only exist in quantized graphs (standard, com.microsoft, and any QLinear*).
+_QUANT_OPS = frozenset(
+    {
+        "QuantizeLinear",
+        "DequantizeLinear",
+        "DynamicQuantizeLinear",
+        "MatMulInteger",
+        "ConvInteger",
+        "MatMulIntegerToFloat",
+        "DynamicQuantizeMatMul",
+        "DynamicQuantizeLSTM",
+        "QGemm",
+        "QAttention",
+        "QEmbedLayerNormalization",
+        "QOrderedMatMul",
+        "MatMulNBits",
+        "MatMulBnb4",
+        "GatherBlockQuantized",
+    }
+)
+# Ops ORT quantizes only when a neighbour is quantized (they just move int8 data around).
+_DATA_MOVEMENT = frozenset(
+    {
+        "Reshape",
+        "Transpose",
+        "Squeeze",
+        "Unsqueeze",
+        "Flatten",
+        "Slice",
+        "Split",
+        "Pad",
+        "Concat",
+        "Gather",
+        "GatherElements",
+        "MaxPool",
+        "AveragePool",
+        "Resize",
+        "TopK",
+        "Where",
+        "CumSum",
+        "ArgMax",
+    }
+)
+_STATS_OPS_DYNAMIC_EXTRA = ("Gemm",)
+_FLOATS = {
+    onnx.TensorProto.FLOAT,
+    onnx.TensorProto.FLOAT16,
+    onnx.TensorProto.BFLOAT16,
+}  # ORT rewrites Gemm to MatMul in dynamic mode
+
+
+def quantized_nodes(model: onnx.ModelProto) -> list[str]:
+    """Names (or op types, for unnamed nodes) of the nodes that only quantized graphs have."""
+    return [node.name or node.op_type for node in model.graph.node if _is_quant_op(node.op_type)]
+
+
+def is_quantized(model: onnx.ModelProto) -> bool:
+    """True when the model already holds quantization ops (QDQ, QOperator or dynamic)."""
+    return bool(quantized_nodes(model))
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@contextlib.contextmanager
+def _ort_quiet() -> Iterator[list[str]]:
+    """Route onnxruntime.quantization's root-logger warnings and print() chatter to our
+    debug log instead of the user's terminal; yields the captured warning messages."""
+    captured: list[str] = []
+
+    class _Capture(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            if "onnxruntime" not in record.pathname:
+                return True
+            message = record.getMessage()
+            if record.levelno >= logging.WARNING and message not in captured:
+                captured.append(message)
+            logger.debug("onnxruntime: %s", message)
+            return False
+
+    class _Handler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            _Capture().filter(record)
+
+    class _Stdout(io.TextIOBase):
+        def write(self, text: str) -> int:
+            if text.strip():
+                logger.debug("onnxruntime: %s", text.strip())
+            return len(text)
+
+    root, ort_log = logging.getLogger(), logging.getLogger("onnxruntime")
+    capture, handler, propagate = _Capture(), _Handler(), ort_log.propagate
+    root.addFilter(capture)
+    ort_log.addHandler(handler)
+    ort_log.propagate = False
+    try:
+        with contextlib.redirect_stdout(_Stdout()):
+            yield captured
+    finally:
+        root.removeFilter(capture)
+        ort_log.removeHandler(handler)
+        ort_log.propagate = propagate
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:300]}" if text else type(e).__name__
+
+
+def _compile_all(patterns: Sequence[str], flag: str) -> list[re.Pattern]:
+    compiled = []
+    for pattern in patterns:
+        try:
+            compiled.append(re.compile(pattern))
+        except re.error as e:
+            raise BadInputError(
+                f"{flag} {pattern!r} is not a valid regular expression ({e})",
+                "escape special characters, e.g. 'node_conv2d\\.1'",
+            ) from e
+    return compiled
+
+
+def _check_choice(value: str, choices: Sequence[str], what: str) -> str:
+    if value not in choices:
+        raise BadInputError(f"unknown {what} {value!r}", f"use one of {', '.join(choices)}")
+    return value
+
+
+def _quant_type(name: str):
+    from onnxruntime.quantization import QuantType
+
+    return QuantType.QUInt8 if name == "uint8" else QuantType.QInt8
+
+
+@dataclass
+class Prepared:
+    """The model ORT quantizes: a file in the temp folder, its proto, and how it was made."""
+
+    path: Path
+    model: onnx.ModelProto
+    note: str
+
+
+def _save(model: onnx.ModelProto, path: Path) -> Path:
+    if model.ByteSize() < 2**31 - 1:
+        path.write_bytes(model.SerializeToString(deterministic=True))
+    else:
+        onnx.save_model(model, str(path), save_as_external_data=True, location=path.name + ".data")
+    return path
+
+
+@contextlib.contextmanager
+def _working_dir(folder: Path) -> Iterator[None]:
+    """chdir for the duration: ORT's symbolic shape inference, when it fails, writes
+    sym_shape_infer_temp.onnx (+ a .data file) into the current folder — the user's."""
+    previous = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+def preprocess(model: onnx.ModelProto, folder: Path, enabled: bool = True) -> Prepared:
+    """Run ``quant_pre_process`` on ``model`` in ``folder``, falling back step by step."""
+    source = _save(model, folder / "input.onnx")
+    if not enabled:
+        return Prepared(source, model, "off (--no-preprocess)")
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    attempts = [
+        ("symbolic shape inference + optimization", {}),
+        ("ONNX shape inference + optimization", {"skip_symbolic_shape": True}),
+    ]
+    failures = []
+    for label, options in attempts:
+        target = folder / "preprocessed.onnx"
+        try:
+            with _ort_quiet(), _working_dir(folder):
+                quant_pre_process(str(source), str(target), **options)
+            note = label + (f" (after: {'; '.join(failures)})" if failures else "")
+            if failures:
+                logger.warning("pre-processing: %s", note)
+            return Prepared(target, onnx.load(str(target)), note)
+        except Exception as e:  # ORT raises Exception, ValueError, RuntimeError, Fail...
+            failures.append(f"{label} failed: {_first_line(e)}")
+    note = "failed, quantizing the model as it is (" + "; ".join(failures) + ")"
+    logger.warning(
+        "pre-processing %s — quantization may skip tensors of unknown shape; "
+        "--no-preprocess silences this",
+        note,
+    )
+    return Prepared(source, model, note)
+
+
+def _matched(
+    node: onnx.NodeProto,
+    patterns: Sequence[re.Pattern],
+    ops: Sequence[str],
+    names: Sequence[str],
+) -> str:
+    if node.name in names:
+        return "excluded by the caller (nodes_to_exclude)"
+    if node.op_type in ops:
+        return f"op type {node.op_type} excluded (--exclude-op)"
+    hit = next((p.pattern for p in patterns if p.search(node.name)), None)
+    return f"excluded by --exclude {hit!r}" if hit is not None else ""
+
+
+def _macs(model: onnx.ModelProto) -> dict[str, int]:
+    """Rough multiply-accumulates of Conv vs. Gemm/MatMul with a constant weight, from the
+    weight size times the known output dims (unknown dims count as 1)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # too large or invalid for shape inference: use what the model has
+        inferred = model
+    shapes = {
+        vi.name: [d.dim_value or 1 for d in vi.type.tensor_type.shape.dim]
+        for vi in (*inferred.graph.value_info, *inferred.graph.output)
+    }
+    weights = {t.name: int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer}
+    macs = {"conv": 0, "matmul": 0}
+    for node in model.graph.node:
+        size = max((weights.get(i, 0) for i in node.input[:2]), default=0)
+        out = shapes.get(node.output[0] if node.output else "", [])
+        if node.op_type == "Conv" and size:
+            macs["conv"] += size * int(np.prod(out[2:], dtype=np.int64))
+        elif node.op_type in ("MatMul", "Gemm") and size:
+            macs["matmul"] += size * int(np.prod(out[:-1], dtype=np.int64))
+    return macs
+
+
+# --------------------------------------------------------------------------- stats
+
+
+def _candidate_ops(mode: str) -> frozenset[str]:
+    from onnxruntime.quantization.registry import (
+        IntegerOpsRegistry,
+        QDQRegistry,
+        QLinearOpsRegistry,
+    )
+
+    registry = {"dynamic": IntegerOpsRegistry, "qdq": QDQRegistry, "qoperator": QLinearOpsRegistry}
+    ops = set(registry[mode])
+    return frozenset(ops | set(_STATS_OPS_DYNAMIC_EXTRA) if mode == "dynamic" else ops)
+
+
+def _is_quant_op(op_type: str | None) -> bool:
+    return bool(op_type) and (op_type in _QUANT_OPS or op_type.startswith("QLinear"))
+
+
+def _is_node_quantized(
+    node: onnx.NodeProto, after: Mapping[str, onnx.NodeProto], producers, int8: set[str], qdq: bool
+) -> bool:
+    """A node is quantized when it was replaced by (or folded into) a quantized op, or still
+    exists but reads quantized data: in QDQ from a DequantizeLinear; otherwise an int8
+    initializer or the output of a quantized op (a DequantizeLinear there feeds fp32 ops)."""
+    kept = after.get(node.name)
+    if node.op_type == "Gemm" and kept is None:
+        kept = after.get(f"{node.name}_MatMul")  # dynamic mode's Gemm → MatMul rewrite
+        if kept is not None and kept.op_type != "MatMul":
+            kept = None
+    if kept is None or kept.op_type not in (node.op_type, "MatMul"):
+        return True
+    if qdq:
+        return any(producers.get(i) == "DequantizeLinear" for i in kept.input)
+    return any(
+        i in int8 or (_is_quant_op(producers.get(i)) and producers.get(i) != "DequantizeLinear")
+        for i in kept.input
+    )
+
+
+def _float_tensors(model: onnx.ModelProto) -> tuple[set[str], set[str]]:
+    """(names known to be float, names known to be something else), from the type info."""
+    floats, others = set(), set()
+    typed = [(v.name, v.type.tensor_type.elem_type) for v in model.graph.value_info]
+    typed += [
+        (v.name, v.type.tensor_type.elem_type) for v in (*model.graph.input, *model.graph.output)
+    ]
+    typed += [(t.name, t.data_type) for t in model.graph.initializer]
+    for name, elem in typed:
+        if elem:
+            (floats if elem in _FLOATS else others).add(name)
+    return floats, others
+
+
+def _fp32_reason(
+    node: onnx.NodeProto, mode: str, known: tuple[set[str], set[str]], inits: set[str]
+) -> str:
+    floats, others = known
+    data = node.input[0] if node.input else ""
+    if data in others and not any(i in floats for i in node.input):
+        return "no float input (shape or index computation)"
+    if mode == "dynamic" and node.op_type in ("MatMul", "Gemm"):
+        if not any(i in inits for i in node.input[:2]):
+            return "no constant weight (dynamic mode quantizes weights only)"
+    if node.op_type in _DATA_MOVEMENT and data not in inits:
+        return "input not quantized (ORT quantizes data-movement ops only next to int8 ops)"
+    return "left in fp32 by onnxruntime (unsupported type, shape or attributes)"
+
+
+def node_report(
+    before: onnx.ModelProto, after: onnx.ModelProto, mode: str, excluded: Mapping[str, str]
+) -> dict[str, Any]:
+    """Which quantizable nodes of ``before`` are quantized in ``after`` and why the others
+    stayed fp32. ``mode`` is dynamic, qdq or qoperator."""
+    ops = _candidate_ops(mode)
+    by_name = {n.name: n for n in after.graph.node if n.name}
+    producers = {o: n.op_type for n in after.graph.node for o in n.output}
+    int8 = {
+        t.name
+        for t in after.graph.initializer
+        if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+    }
+    inits = {t.name for t in before.graph.initializer}
+    known = _float_tensors(before)
+    quantized: list[str] = []
+    fp32: dict[str, str] = {}
+    by_op: dict[str, dict[str, int]] = {}
+    for node in before.graph.node:
+        if node.op_type not in ops or not node.name:
+            continue
+        counts = by_op.setdefault(node.op_type, {"quantized": 0, "fp32": 0})
+        quantized_now = _is_node_quantized(node, by_name, producers, int8, mode == "qdq")
+        if not excluded.get(node.name) and quantized_now:
+            quantized.append(node.name)
+            counts["quantized"] += 1
+        else:
+            reason = excluded.get(node.name) or _fp32_reason(node, mode, known, inits)
+            fp32[node.name] = reason
+            counts["fp32"] += 1
+    return {"quantized": quantized, "fp32": fp32, "by_op": dict(sorted(by_op.items()))}
+
+
+# --------------------------------------------------------------------------- base pass
+
+
+class _Int8Pass(Pass):
+    """Shared settings, checks and the temp-folder flow of both quantization passes."""
+
+    mode = "dynamic"
+
+    def _init_common(
+        self,
+        per_channel: bool,
+        reduce_range: bool,
+        weight_type: str,
+        exclude: Sequence[str],
+        exclude_ops: Sequence[str],
+        nodes_to_exclude: Sequence[str],
+        preprocess: bool,
+    ) -> None:
+        self.per_channel = bool(per_channel)
+        self.reduce_range = bool(reduce_range)
+        self.weight_type = _check_choice(weight_type, QUANT_TYPES, "weight type")
+        self.exclude = tuple(exclude)
+        self.exclude_ops = tuple(exclude_ops)
+        self.nodes_to_exclude = tuple(nodes_to_exclude)
+        self.preprocess = bool(preprocess)
+        self._patterns = _compile_all(self.exclude, "--exclude")
+
+    def requires(self, model: onnx.ModelProto) -> None:
+        if is_quantized(model):
+            found = quantized_nodes(model)
+            raise BadInputError(
+                f"the model is already quantized ({len(found)} quantization nodes, e.g. "
+                f"{found[0]})",
+                "quantize the original float model",
+            )
+        if not any(t.data_type == onnx.TensorProto.FLOAT for t in model.graph.initializer):
+            raise BadInputError(
+                "the model has no float32 weights to quantize",
+                "quantize the fp32 model (before any fp16 conversion)",
+            )
+
+    def exclusions(self, model: onnx.ModelProto) -> dict[str, str]:
+        """Node name → why it is kept in fp32, for every node the settings exclude."""
+        out = {}
+        for node in model.graph.node:
+            reason = _matched(node, self._patterns, self.exclude_ops, self.nodes_to_exclude)
+            if reason and node.name:
+                out[node.name] = reason
+        self._warn_unmatched(model, out)
+        return out
+
+    def _warn_unmatched(self, model: onnx.ModelProto, excluded: Mapping[str, str]) -> None:
+        types = {n.op_type for n in model.graph.node}
+        for op in self.exclude_ops:
+            if op not in types:
+                logger.warning("warning: --exclude-op %s: the model has no %s node", op, op)
+        for p in self._patterns:
+            if not any(p.search(name) for name in excluded):
+                logger.warning("warning: --exclude %r matched no node name", p.pattern)
+
+    def prepare(self, model: onnx.ModelProto, folder: Path) -> Prepared:
+        return preprocess(model, folder, self.preprocess)
+
+    def call(self, model: onnx.ModelProto) -> PassResult:
+        with tempfile.TemporaryDirectory(prefix="onnxship-quantize-") as tmp:
+            folder = Path(tmp)
+            prepared = self.prepare(model, folder)
+            excluded = self.exclusions(prepared.model)
+            out = folder / "quantized.onnx"
+            with _ort_quiet() as ort_warnings:
+                extra = self.quantize(prepared, excluded, out, folder)
+            result = onnx.load(str(out))
+        report = node_report(prepared.model, result, self.report_mode, excluded)
+        stats = {
+            "mode": self.mode,
+            "format": self.report_mode if self.mode == "static" else "qoperator",
+            "preprocess": prepared.note,
+            **extra,
+            "nodes": {"quantized": report["quantized"], "fp32": report["fp32"]},
+            "by_op": report["by_op"],
+            "size_before": model.ByteSize(),
+            "size_after": result.ByteSize(),
+            "onnxruntime_warnings": ort_warnings,
+        }
+        stats["size_ratio"] = stats["size_after"] / max(stats["size_before"], 1)
+        logger.info(
+            "quantize (%s): %d nodes int8, %d kept fp32, size %.2f MB → %.2f MB",
+            self.mode,
+            len(report["quantized"]),
+            len(report["fp32"]),
+            stats["size_before"] / 1e6,
+            stats["size_after"] / 1e6,
+        )
+        return PassResult(result, True, stats)
+
+    @property
+    def report_mode(self) -> str:
+        return "dynamic"
+
+    def quantize(
+        self, prepared: Prepared, excluded: Mapping[str, str], out: Path, folder: Path
+    ) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+def _run_ort(what: str, function, *args, **kwargs) -> None:
+    """Call an onnxruntime.quantization entry point; any failure becomes a PassError."""
+    try:
+        function(*args, **kwargs)
+    except (OSError, MemoryError):
+        raise
+    except Exception as e:  # ORT raises ValueError, KeyError, AssertionError, Fail...
+        raise PassError(
+            f"onnxruntime could not {what}: {_first_line(e)}",
+            "keep the failing node in fp32 with --exclude NAME or --exclude-op TYPE, or retry "
+            "with/without --no-preprocess; --debug shows the details",
+        ) from e
+
+
+# --------------------------------------------------------------------------- dynamic
+
+
+class DynamicQuantize(_Int8Pass):
+    """Int8 weights, activations quantized on the fly (uint8): for MatMul-heavy models.
+
+    Quantizes what ORT's dynamic mode supports on CPU: MatMul and Gemm (rewritten to MatMul
+    by ORT) with constant weights, Conv (ConvInteger: slow, see the conv-dominated warning),
+    Gather (embedding tables), Attention, LSTM, EmbedLayerNormalization.
+    """
+
+    name = "quantize-dynamic"
+    mode = "dynamic"
+
+    def __init__(
+        self,
+        per_channel: bool = True,
+        reduce_range: bool = False,
+        weight_type: str = "int8",
+        exclude: Sequence[str] = (),
+        exclude_ops: Sequence[str] = (),
+        nodes_to_exclude: Sequence[str] = (),
+        preprocess: bool = True,
+    ) -> None:
+        self._init_common(
+            per_channel,
+            reduce_range,
+            weight_type,
+            exclude,
+            exclude_ops,
+            nodes_to_exclude,
+            preprocess,
+        )
+
+    def quantize(
+        self, prepared: Prepared, excluded: Mapping[str, str], out: Path, folder: Path
+    ) -> dict[str, Any]:
+        from onnxruntime.quantization import quantize_dynamic
+
+        warnings = self._conv_warning(prepared.model, excluded)
+        gemms = {n.name for n in prepared.model.graph.node if n.op_type == "Gemm"}
+        nodes = sorted({*excluded, *(f"{n}_MatMul" for n in excluded if n in gemms)})
+        _run_ort(
+            "quantize the model (dynamic)",
+            quantize_dynamic,
+            str(prepared.path),
+            str(out),
+            per_channel=self.per_channel,
+            reduce_range=self.reduce_range,
+            weight_type=_quant_type(self.weight_type),
+            nodes_to_exclude=nodes,
+        )
+        return {"warnings": warnings}
+
+    def _conv_warning(self, model: onnx.ModelProto, excluded: Mapping[str, str]) -> list[str]:
+        if "Conv" in self.exclude_ops:
+            return []
+        macs = _macs(model)
+        total = macs["conv"] + macs["matmul"]
+        if not total or macs["conv"] / total <= CONV_DOMINATED:
+            return []
+        message = (
+            f"the model is conv-dominated ({100 * macs['conv'] / total:.0f}% of the "
+            "multiply-adds are in Conv): dynamic int8 convolutions (ConvInteger) run slower "
+            "than fp32 on CPU — use --mode static with calibration data (--calib DATA)"
+        )
+        logger.warning("warning: %s", message)
+        return [message]
+
+
+# --------------------------------------------------------------------------- static
+
+
+@dataclass
+class CalibrationRanges:
+    """Activation ranges measured by one calibration run, reusable across quantizations.
+
+    ``tensors`` is ORT's ``TensorsData``; ``model`` the fingerprint of the (un-processed)
+    model they were measured on; ``prepared`` its pre-processed form (in memory only), which
+    spares re-running pre-processing for each quantization."""
+
+    tensors: Any
+    method: str
+    model: str
+    preprocess: bool
+    samples: int
+    prepared: bytes | None = field(default=None, repr=False, compare=False)
+    prepared_note: str = ""
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the ranges as JSON (ORT's calibration cache format plus our metadata)."""
+        from onnxruntime.quantization.calibrate import CalibrationCacheEncoder
+
+        from converter.onnxio import atomic_write_text
+
+        payload = self.tensors.to_dict()
+        payload["smooth_quant"] = False
+        payload["onnxship"] = {
+            "method": self.method,
+            "model": self.model,
+            "preprocess": self.preprocess,
+            "samples": self.samples,
+        }
+        return atomic_write_text(path, json.dumps(payload, cls=CalibrationCacheEncoder))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> CalibrationRanges:
+        from onnxruntime.quantization.calibrate import TensorsData
+
+        try:
+            payload = json.loads(Path(path).read_text(encoding="utf-8"))
+            meta = payload["onnxship"]
+            tensors = TensorsData.from_dict(payload)
+            return cls(tensors, meta["method"], meta["model"], meta["preprocess"], meta["samples"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise BadInputError(
+                f"cannot read calibration ranges {path} ({_first_line(e)})",
+                "pass a file written by CalibrationRanges.save",
+            ) from e
+
+    def to_ort_cache(self, path: Path) -> Path:
+        from onnxruntime.quantization.calibrate import save_tensors_data
+
+        save_tensors_data(self.tensors, path)
+        return path
+
+
+class _OneBatch:
+    """An ORT CalibrationDataReader holding one feed: ORT then keeps one batch at a time."""
+
+    def __init__(self, feed: Mapping[str, np.ndarray]) -> None:
+        self.feed: Mapping[str, np.ndarray] | None = feed
+
+    def get_next(self) -> Mapping[str, np.ndarray] | None:
+        feed, self.feed = self.feed, None
+        return feed
+
+
+def _method_enum(method: str):
+    from onnxruntime.quantization import CalibrationMethod
+
+    return {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+        "distribution": CalibrationMethod.Distribution,
+    }[method]
+
+
+class StaticQuantize(_Int8Pass):
+    """Int8 weights and activations, activation ranges calibrated on real data.
+
+    Defaults (measured, see tests/benchmarks/bench_quantize.py): QDQ format, uint8
+    activations, int8 per-channel weights — on this AVX2 machine int8 activations made a
+    ResNet-18 no faster than fp32, uint8 ~1.7x faster.
+    """
+
+    name = "quantize-static"
+    mode = "static"
+
+    def __init__(
+        self,
+        calibration: str | os.PathLike | None = None,
+        ranges: CalibrationRanges | str | os.PathLike | None = None,
+        calib_method: str = "minmax",
+        calib_samples: int | None = None,
+        calib_batch_size: int = DEFAULT_CALIB_BATCH,
+        format: str = "qdq",
+        per_channel: bool = True,
+        activation_type: str = "uint8",
+        weight_type: str = "int8",
+        reduce_range: bool = False,
+        exclude: Sequence[str] = (),
+        exclude_ops: Sequence[str] = (),
+        nodes_to_exclude: Sequence[str] = (),
+        preprocess: bool = True,
+        progress: bool = True,
+    ) -> None:
+        self._init_common(
+            per_channel,
+            reduce_range,
+            weight_type,
+            exclude,
+            exclude_ops,
+            nodes_to_exclude,
+            preprocess,
+        )
+        self.calibration = calibration
+        self.ranges = ranges
+        self.calib_method = _check_choice(calib_method, CALIB_METHODS, "calibration method")
+        self.calib_samples = calib_samples
+        self.calib_batch_size = calib_batch_size
+        self.format = _check_choice(format, FORMATS, "format")
+        self.activation_type = _check_choice(activation_type, QUANT_TYPES, "activation type")
+        self.progress = bool(progress)
+        self._check_settings()
+        self._ranges = (
+            CalibrationRanges.load(ranges) if isinstance(ranges, (str, os.PathLike)) else ranges
+        )
+
+    def _check_settings(self) -> None:
+        if self.calibration is not None and self.ranges is not None:
+            raise BadInputError(
+                "both calibration data and precomputed ranges were given",
+                "pass one: calibration=DATA or ranges=CalibrationRanges",
+            )
+        for value, what in (
+            (self.calib_samples, "calib_samples"),
+            (self.calib_batch_size, "calib_batch_size"),
+        ):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise BadInputError(f"{what} {value!r} must be a whole number ≥ 1", f"fix {what}")
+        if self.activation_type == "int8" and self.weight_type == "uint8":
+            raise BadInputError(
+                "int8 activations with uint8 weights are not supported by onnxruntime",
+                "use --activation-type uint8, or int8 weights",
+            )
+
+    @property
+    def report_mode(self) -> str:
+        return self.format
+
+    def requires(self, model: onnx.ModelProto) -> None:
+        super().requires(model)
+        if self._ranges is not None:
+            if (
+                self._ranges.model != fingerprint(model)
+                or self._ranges.preprocess != self.preprocess
+            ):
+                raise BadInputError(
+                    "the calibration ranges were measured on another model (or with other "
+                    "pre-processing settings)",
+                    "calibrate this model: StaticQuantize(calibration=DATA).calibrate(model)",
+                )
+            return
+        if self.calibration is None:
+            raise BadInputError(
+                "static quantization needs calibration data",
+                "pass --calib DATA.npz (samples the model sees in use), or use --mode dynamic",
+            )
+        self._open_data(model)
+
+    def _open_data(self, model: onnx.ModelProto):
+        from converter.data import model_input_specs, open_data
+
+        specs = model_input_specs(model)
+        return open_data(self.calibration, specs), specs
+
+    def calibrate(self, model: onnx.ModelProto) -> CalibrationRanges:
+        """Measure activation ranges of ``model`` once, to pass as ``ranges=`` later."""
+        self.requires(model)
+        if self._ranges is not None:
+            return self._ranges
+        with tempfile.TemporaryDirectory(prefix="onnxship-calibrate-") as tmp:
+            prepared = preprocess(model, Path(tmp), self.preprocess)
+            tensors, samples = self._collect(prepared, Path(tmp))
+            return CalibrationRanges(
+                tensors,
+                self.calib_method,
+                fingerprint(model),
+                self.preprocess,
+                samples,
+                prepared=prepared.model.SerializeToString(deterministic=True),
+                prepared_note=prepared.note,
+            )
+
+    def prepare(self, model: onnx.ModelProto, folder: Path) -> Prepared:
+        if self._ranges is not None and self._ranges.prepared is not None:
+            path = folder / "preprocessed.onnx"
+            path.write_bytes(self._ranges.prepared)
+            return Prepared(path, onnx.load(str(path)), self._ranges.prepared_note)
+        return super().prepare(model, folder)
+
+    def _collect(self, prepared: Prepared, folder: Path):
+        """Feed the calibration data through ORT's calibrator one batch per call."""
+        from onnxruntime.quantization import create_calibrator
+        from tqdm import tqdm
+
+        data, specs = self._open_data(prepared.model)
+        batch = data.batch_size_for(specs, self.calib_batch_size)
+        total = min(self.calib_samples or data.num_samples, data.num_samples)
+        with _ort_quiet():
+            calibrator = create_calibrator(
+                prepared.path,
+                sorted(_candidate_ops("qdq") | _candidate_ops("qoperator")),
+                augmented_model_path=str(folder / "augmented.onnx"),
+                calibrate_method=_method_enum(self.calib_method),
+            )
+        done = 0
+        bar = tqdm(
+            total=total,
+            desc="calibrating",
+            unit="sample",
+            disable=None if self.progress else True,
+            leave=False,
+        )
+        with bar, _ort_quiet():
+            for feed in data.batches(specs, batch, limit=total, check_finite=True):
+                self._collect_batch(calibrator, feed, done)
+                size = len(next(iter(feed.values())))
+                done += size
+                bar.update(size)
+            tensors = calibrator.compute_data()
+        logger.info(
+            "calibrated %d tensors on %d samples (%s)", len(tensors.data), done, self.calib_method
+        )
+        return tensors, done
+
+    def _collect_batch(self, calibrator, feed: Mapping[str, np.ndarray], offset: int) -> None:
+        try:
+            calibrator.collect_data(_OneBatch(feed))
+        except Exception as e:  # onnxruntime raises InvalidArgument, Fail, RuntimeException...
+            last = offset + len(next(iter(feed.values()))) - 1
+            raise DataError(
+                f"running calibration samples {offset}..{last} through the model failed: "
+                f"{_first_line(e)}",
+                "check that the data is what the model takes (value ranges, sequence lengths)",
+            ) from e
+
+    def quantize(
+        self, prepared: Prepared, excluded: Mapping[str, str], out: Path, folder: Path
+    ) -> dict[str, Any]:
+        from onnxruntime.quantization import QuantFormat, quantize_static
+
+        ranges = self._ranges
+        if ranges is None:
+            tensors, samples = self._collect(prepared, folder)
+            ranges = CalibrationRanges(tensors, self.calib_method, "", self.preprocess, samples)
+        _run_ort(
+            "quantize the model (static)",
+            quantize_static,
+            str(prepared.path),
+            str(out),
+            calibration_data_reader=None,
+            calibration_cache_path=str(ranges.to_ort_cache(folder / "ranges.json")),
+            calibrate_method=_method_enum(ranges.method),
+            quant_format=QuantFormat.QDQ if self.format == "qdq" else QuantFormat.QOperator,
+            op_types_to_quantize=sorted(_candidate_ops(self.format)),
+            per_channel=self.per_channel,
+            reduce_range=self.reduce_range,
+            activation_type=_quant_type(self.activation_type),
+            weight_type=_quant_type(self.weight_type),
+            nodes_to_exclude=sorted(excluded),
+        )
+        return {
+            "calibration": {
+                "method": ranges.method,
+                "samples": ranges.samples,
+                "tensors": len(ranges.tensors.data),
+                "reused": self._ranges is not None,
+            }
+        }
+
+
+def calibrate(
+    model: onnx.ModelProto, data: str | os.PathLike, **settings: Any
+) -> CalibrationRanges:
+    """``StaticQuantize(calibration=data, **settings).calibrate(model)``."""
+    return StaticQuantize(calibration=data, **settings).calibrate(model)

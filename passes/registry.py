@@ -1,0 +1,51 @@
+"""Pass names as recipes and ``auto`` write them, mapped to the pass classes (an explicit
+table: nothing registers itself on import)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from converter.errors import BadInputError
+from passes.base import Pass, make_pass
+from passes.fp16 import Float16
+from passes.prune import MagnitudePrune
+from passes.quantize import DynamicQuantize, StaticQuantize
+
+__all__ = ["PASS_TYPES", "make_recipe_pass"]
+
+PASS_TYPES: dict[str, type[Pass]] = {
+    "prune": MagnitudePrune,
+    "quantize-dynamic": DynamicQuantize,
+    "quantize-static": StaticQuantize,
+    "fp16": Float16,
+}
+_MODES = {"dynamic": "quantize-dynamic", "static": "quantize-static"}
+
+
+def make_recipe_pass(
+    name: str, settings: dict[str, Any], calibration: str | os.PathLike | None = None
+) -> Pass:
+    """Build the pass a recipe names. ``quantize`` takes ``mode = "dynamic" | "static"``;
+    static quantization calibrates on the recipe's calibration data unless told otherwise."""
+    settings = dict(settings)
+    if name == "quantize":
+        mode = settings.pop("mode", None)
+        if mode not in _MODES:
+            raise BadInputError(
+                f'quantize needs mode = "dynamic" or "static", got {mode!r}',
+                'write { pass = "quantize", mode = "static" }',
+            )
+        name = _MODES[mode]
+    if name not in PASS_TYPES:
+        raise BadInputError(
+            f"unknown pass {name!r}", f"use one of {sorted([*PASS_TYPES, 'quantize'])}"
+        )
+    kind = PASS_TYPES[name]
+    if kind is StaticQuantize and not {"calibration", "ranges"} & set(settings):
+        if calibration is None:
+            raise BadInputError(
+                "static quantization needs calibration data", "set [data] calibration in the recipe"
+            )
+        settings["calibration"] = str(calibration)
+    return make_pass(kind, settings)
