@@ -13,13 +13,13 @@ import traceback
 from collections.abc import Sequence
 
 from converter import __version__
-from converter.commands import bench, export, fp16, prune, quantize, run, validate
+from converter.commands import auto, bench, export, fp16, prune, quantize, run, validate
 from converter.errors import OnnxshipError
 
 __all__ = ["main", "build_parser"]
 
 # Explicit list, in the order `--help` shows them. Each module has register() and run().
-COMMANDS = [export, prune, quantize, fp16, validate, bench, run]
+COMMANDS = [export, prune, quantize, fp16, validate, bench, run, auto]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,0 +1,480 @@
+"""``onnxship auto``: the fastest model within an accuracy budget.
+
+The search, in order (each candidate validated on the scoring data against the fp32
+reference, cached by content hash so a re-run is fast):
+
+1. full int8 configurations: dynamic (per-channel, per-tensor; only for models with
+   MatMul/Gemm), static QDQ with U8 and S8 activations, per-channel and per-tensor weights,
+   minmax / percentile / entropy calibration (ranges measured once per method and reused);
+2. when no configuration of a mode meets the budget: its best one again, keeping the most
+   sensitive nodes (``sensitivity``) in fp32 one at a time, until it does;
+3. with ``sparsity_grid``: each pruning level alone and followed by the best quantization.
+
+Then every candidate is benched interleaved with fp32 in one process, and the fastest one
+meeting the budget (ties → the higher score) is written as ``OUTDIR/model.onnx`` with a report
+and a manifest. The calibration data is ``calib`` or, without it, every fourth sample of
+``data`` (at most 256) — kept apart from the samples that are scored; the report says which.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from converter.data import LABELS, Dataset, model_input_specs, open_data
+from converter.errors import BadInputError, GateFailed, OnnxshipError
+from converter.onnxio import atomic_path, atomic_write_text, load_model, save_model
+from converter.provenance import sha256_file
+
+__all__ = ["auto", "AutoResult", "Budget", "Candidate", "METRICS"]
+
+logger = logging.getLogger(__name__)
+
+METRICS = ("accuracy", "agreement", "cosine")
+CALIB_SAMPLES = 256
+CALIB_EVERY = 4
+MAX_EXCLUDED = 8
+SPEED_TIE = 0.05  # speedups within 5 % of the fastest are timing noise on a shared machine
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What a candidate must reach on the scoring data: ``metric`` ≥ ``min_score`` and at
+    most ``max_drop`` below the fp32 reference's own score, worst-sample cosine ≥
+    ``min_worst``."""
+
+    metric: str
+    min_score: float | None = None
+    max_drop: float | None = None
+    min_worst: float | None = None
+
+    def threshold(self, reference_score: float) -> float:
+        limits = [self.min_score] if self.min_score is not None else []
+        if self.max_drop is not None:
+            limits.append(reference_score - self.max_drop)
+        return max(limits)
+
+    def describe(self, reference_score: float) -> str:
+        text = f"{self.metric} ≥ {self.threshold(reference_score):.4f}"
+        return text + (f", worst cosine ≥ {self.min_worst:g}" if self.min_worst is not None else "")
+
+
+@dataclass
+class Candidate:
+    name: str
+    passes: list[dict[str, Any]]
+    key: str = ""
+    path: Path | None = None
+    score: float | None = None
+    cosine: float | None = None
+    worst: float | None = None
+    meets: bool = False
+    error: str = ""
+    p50_ms: float | None = None
+    p90_ms: float | None = None
+    speedup: float | None = None
+    size: int | None = None
+    cached: bool = False
+
+    def row(self) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
+
+
+@dataclass
+class AutoResult:
+    outdir: Path
+    budget: Budget
+    reference_score: float
+    threshold: float
+    candidates: list[Candidate]
+    best: Candidate | None
+    split: str
+    bench: Any = None
+    manifest: Path | None = None
+    report_md: Path | None = None
+    report_html: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def closest(self) -> Candidate | None:
+        scored = [c for c in self.candidates if c.score is not None]
+        return max(scored, key=lambda c: c.score) if scored else None
+
+
+# ---------------------------------------------------------------- data
+
+
+def _write_npz(path: Path, parts: dict[str, list[np.ndarray]]) -> Path:
+    with atomic_path(path, suffix=".npz") as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **{k: np.concatenate(v) for k, v in parts.items()})
+    return path
+
+
+def _split(data: Dataset, specs: list, folder: Path, max_score: int) -> tuple[Path, Path, str]:
+    """Every fourth sample (up to CALIB_SAMPLES) to calibration, the rest to scoring."""
+    calib: dict[str, list[np.ndarray]] = {}
+    score: dict[str, list[np.ndarray]] = {}
+    offset, n_calib, n_score = 0, 0, 0
+    for feed in data.batches(specs, 256, with_labels=True):
+        n = len(next(iter(feed.values())))
+        index = np.arange(offset, offset + n)
+        to_calib = (index % CALIB_EVERY == 0) & (index // CALIB_EVERY < CALIB_SAMPLES)
+        keep = np.flatnonzero(~to_calib)[: max(0, max_score - n_score)]
+        for name, array in feed.items():
+            if name != LABELS:
+                calib.setdefault(name, []).append(array[to_calib])
+            score.setdefault(name, []).append(array[keep])
+        n_calib, n_score, offset = n_calib + int(to_calib.sum()), n_score + len(keep), offset + n
+    if n_calib < 1 or n_score < 2:
+        raise BadInputError(
+            f"data {data.path} has too few samples ({data.num_samples}) to "
+            "split into calibration and scoring",
+            "give at least 8 samples",
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    split = (
+        f"calibration: every {CALIB_EVERY}th sample of {data.path} ({n_calib} samples); "
+        f"scoring: the other {n_score} samples"
+    )
+    return _write_npz(folder / "calib.npz", calib), _write_npz(folder / "score.npz", score), split
+
+
+# ---------------------------------------------------------------- candidates
+
+
+def _configs(model: onnx.ModelProto) -> list[tuple[str, dict[str, Any]]]:
+    """The full-int8 configurations to try, as (name, pass settings)."""
+    ops = {n.op_type for n in model.graph.node}
+    configs = []
+    if ops & {"MatMul", "Gemm"}:
+        configs += [
+            ("dynamic_pc", {"pass": "quantize-dynamic", "per_channel": True}),
+            ("dynamic_pt", {"pass": "quantize-dynamic", "per_channel": False}),
+        ]
+    for method in ("minmax", "percentile", "entropy"):
+        configs.append(
+            (f"static_u8_pc_{method}", {"pass": "quantize-static", "calib_method": method})
+        )
+    configs += [
+        ("static_s8_pc_minmax", {"pass": "quantize-static", "activation_type": "int8"}),
+        ("static_u8_pt_minmax", {"pass": "quantize-static", "per_channel": False}),
+    ]
+    return configs
+
+
+class _Builder:
+    """Builds candidates through the pass runner, reusing calibration ranges per model and
+    method, and caching each result by content hash in ``cache``."""
+
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        calib: Path,
+        score: Path,
+        reference: Path,
+        budget: Budget,
+        cache: Path,
+    ) -> None:
+        from passes import fingerprint
+
+        self.model = model
+        self.fingerprint = fingerprint(model)
+        self.calib, self.score, self.reference = calib, score, reference
+        self.calib_hash = sha256_file(calib)
+        self.budget = budget
+        self.cache = cache
+        self.ranges: dict[tuple[str, str], Any] = {}
+        self.reference_score = 0.0
+        self.threshold = 0.0
+
+    def key(self, passes: list[dict[str, Any]]) -> str:
+        text = json.dumps([self.fingerprint, self.calib_hash, passes], sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+    def evaluate(self, candidate: Candidate) -> Candidate:
+        candidate.key = self.key(candidate.passes)
+        path, record = self.cache / f"{candidate.key}.onnx", self.cache / f"{candidate.key}.json"
+        if path.exists() and record.exists():
+            candidate.__dict__.update(json.loads(record.read_text()), path=path, cached=True)
+            return self._judge(candidate)
+        try:
+            save_model(self._build(candidate.passes), path)
+        except OnnxshipError as e:
+            candidate.error = e.message
+            logger.info("  %s: could not be built (%s)", candidate.name, e.message)
+            return candidate
+        candidate.path = path
+        self._score(candidate)
+        numbers = {k: getattr(candidate, k) for k in ("score", "cosine", "worst")}
+        atomic_write_text(record, json.dumps(numbers))
+        return self._judge(candidate)
+
+    def _judge(self, c: Candidate) -> Candidate:
+        """Whether ``c`` meets this run's budget (cached numbers may come from another)."""
+        c.meets = c.score >= self.threshold and (
+            self.budget.min_worst is None or c.worst >= self.budget.min_worst
+        )
+        return c
+
+    def _build(self, passes: list[dict[str, Any]]) -> onnx.ModelProto:
+        from passes import PassRunner
+        from passes.registry import make_recipe_pass
+
+        model = self.model
+        built = []
+        for entry in passes:
+            settings = {k: v for k, v in entry.items() if k != "pass"}
+            if entry["pass"] == "quantize-static":
+                settings = {
+                    **settings,
+                    "progress": False,
+                    "ranges": self._ranges(model, settings.get("calib_method", "minmax")),
+                }
+            if entry["pass"] == "prune":  # later passes see the pruned model
+                model, _ = PassRunner([make_recipe_pass("prune", settings)]).run(model)
+                continue
+            built.append(make_recipe_pass(entry["pass"], settings))
+        return PassRunner(built).run(model)[0]
+
+    def _ranges(self, model: onnx.ModelProto, method: str) -> Any:
+        from passes import fingerprint
+        from passes.quantize import StaticQuantize
+
+        key = (fingerprint(model), method)
+        if key not in self.ranges:
+            self.ranges[key] = StaticQuantize(
+                calibration=self.calib, calib_method=method, progress=False
+            ).calibrate(model)
+        return self.ranges[key]
+
+    def _score(self, c: Candidate) -> None:
+        from converter.validate import validate
+
+        metrics = list(dict.fromkeys([self.budget.metric, "cosine"]))
+        report = validate(
+            c.path, self.score, reference=self.reference, metrics=metrics, progress=False
+        )
+        values = report.outputs[report.output]
+        c.score = values[self.budget.metric].value
+        c.cosine, c.worst = values["cosine"].value, values["cosine"].worst
+
+
+def _passes_of(config: dict[str, Any], excluded: list[str]) -> list[dict[str, Any]]:
+    entry = dict(config)
+    if excluded:
+        entry["nodes_to_exclude"] = sorted(excluded)
+    return [entry]
+
+
+def _search(
+    builder: _Builder, sparsity_grid: list[float], max_excluded: int
+) -> Iterator[Candidate]:
+    base = []
+    for name, config in _configs(builder.model):
+        c = _log(builder.evaluate(Candidate(name, _passes_of(config, []))))
+        base.append((c, config))
+        yield c
+    for mode in ("quantize-dynamic", "quantize-static"):
+        tried = [(c, cfg) for c, cfg in base if cfg["pass"] == mode and c.score is not None]
+        if tried and not any(c.meets for c, _ in tried):
+            best, config = max(tried, key=lambda t: t[0].score)
+            yield from _exclusions(builder, best, config, max_excluded)
+    if not sparsity_grid:
+        return
+    scored = [(c, cfg) for c, cfg in base if c.score is not None]
+    pool = [(c, cfg) for c, cfg in scored if c.meets] or scored
+    best, config = max(pool, key=lambda t: t[0].score)
+    for sparsity in sparsity_grid:
+        prune = {"pass": "prune", "sparsity": sparsity}
+        yield _log(builder.evaluate(Candidate(f"prune{sparsity:g}", [prune])))
+        yield _log(
+            builder.evaluate(
+                Candidate(f"prune{sparsity:g}+{best.name}", [prune, *_passes_of(config, [])])
+            )
+        )
+
+
+def _exclusions(
+    builder: _Builder, best: Candidate, config: dict[str, Any], max_excluded: int
+) -> Iterator[Candidate]:
+    """Keep the most sensitive nodes of ``best``'s mode in fp32, one more at a time."""
+    from converter.sensitivity import sensitivity
+
+    mode = "static" if config["pass"] == "quantize-static" else "dynamic"
+    ranked = sensitivity(
+        builder.model, builder.score, mode=mode, calib=builder.calib, progress=False
+    ).ranked_nodes()
+    for k in range(1, min(max_excluded, len(ranked)) + 1):
+        c = builder.evaluate(Candidate(f"{best.name}_fp32x{k}", _passes_of(config, ranked[:k])))
+        _log(c)
+        yield c
+        if c.meets:
+            return
+
+
+def _log(c: Candidate) -> Candidate:
+    if c.score is not None:
+        logger.info(
+            "  %-34s score %.4f  worst cosine %.4f  %s%s",
+            c.name,
+            c.score,
+            c.worst,
+            "meets" if c.meets else "misses",
+            " (cached)" if c.cached else "",
+        )
+    return c
+
+
+# ---------------------------------------------------------------- driver
+
+
+def auto(
+    model: str | os.PathLike,
+    data: str | os.PathLike,
+    outdir: str | os.PathLike,
+    metric: str = "accuracy",
+    min_score: float | None = None,
+    max_drop: float | None = None,
+    min_worst: float | None = None,
+    calib: str | os.PathLike | None = None,
+    sparsity_grid: list[float] | None = None,
+    max_excluded: int = MAX_EXCLUDED,
+    max_score_samples: int = 2000,
+    bench_runs: int = 50,
+    threads: int = 1,
+) -> AutoResult:
+    """Search configurations; write the fastest one meeting the budget to OUTDIR/model.onnx.
+    Returns the result; ``result.best`` is None when nothing met the budget."""
+    budget = _check(metric, min_score, max_drop, min_worst, sparsity_grid)
+    out = Path(outdir)
+    fp32 = load_model(model)
+    _refuse_quantized(fp32, model)
+    specs = model_input_specs(fp32)
+    dataset = open_data(data, specs)
+    if metric == "accuracy" and not dataset.has_labels:
+        raise BadInputError(
+            f"--metric accuracy needs `labels` in {data}",
+            "add labels, or use --metric agreement or cosine",
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    reference = out / "fp32.onnx"
+    with atomic_path(reference) as tmp:
+        shutil.copyfile(model, tmp)
+    if calib is None:
+        calib_path, score_path, split = _split(dataset, specs, out / "data", max_score_samples)
+    else:
+        open_data(calib, specs)
+        calib_path, score_path = Path(calib), Path(data)
+        split = f"calibration: {calib}; scoring: {data} (all {dataset.num_samples} samples)"
+    builder = _Builder(fp32, calib_path, score_path, reference, budget, out / "cache")
+    builder.cache.mkdir(exist_ok=True)
+    builder.reference_score = _reference_score(reference, score_path, metric)
+    builder.threshold = budget.threshold(builder.reference_score)
+    logger.info(
+        "budget: %s (fp32 scores %.4f); %s",
+        budget.describe(builder.reference_score),
+        builder.reference_score,
+        split,
+    )
+    candidates = list(_search(builder, sorted(sparsity_grid or []), max_excluded))
+    result = AutoResult(
+        out, budget, builder.reference_score, builder.threshold, candidates, None, split
+    )
+    _bench(result, reference, score_path, bench_runs, threads)
+    result.best = _choose(candidates)
+    if result.best is not None:
+        with atomic_path(out / "model.onnx") as tmp:
+            shutil.copyfile(result.best.path, tmp)
+    from converter.auto_report import write_auto_outputs
+
+    write_auto_outputs(result, model)
+    return result
+
+
+def _choose(candidates: list[Candidate]) -> Candidate | None:
+    """The fastest candidate meeting the budget; speedups within SPEED_TIE of the fastest
+    count as equal (timing noise), and among those the higher score wins."""
+    meeting = [c for c in candidates if c.meets and c.speedup is not None]
+    if not meeting:
+        return None
+    fastest = max(c.speedup for c in meeting)
+    close = [c for c in meeting if c.speedup >= fastest * (1 - SPEED_TIE)]
+    return max(close, key=lambda c: (c.score, c.worst, c.speedup))
+
+
+def _check(metric, min_score, max_drop, min_worst, sparsity_grid) -> Budget:
+    if metric not in METRICS:
+        raise BadInputError(f"unknown metric {metric!r}", f"use one of {', '.join(METRICS)}")
+    if min_score is None and max_drop is None:
+        raise BadInputError("no budget given", "pass --min-score F and/or --max-drop F")
+    for flag, value in (
+        ("--min-score", min_score),
+        ("--max-drop", max_drop),
+        ("--min-worst", min_worst),
+    ):
+        if value is not None and not -1.0 <= value <= 1.0:
+            raise BadInputError(f"{flag} {value} is outside [-1, 1]", f"pass {flag} as a fraction")
+    for s in sparsity_grid or []:
+        if not 0.0 < s < 1.0:
+            raise BadInputError(
+                f"sparsity {s} in --sparsity-grid is outside (0, 1)", "e.g. --sparsity-grid 0.3,0.5"
+            )
+    return Budget(metric, min_score, max_drop, min_worst)
+
+
+def _refuse_quantized(model: onnx.ModelProto, path: Any) -> None:
+    from passes.quantize import is_quantized
+
+    if is_quantized(model):
+        raise BadInputError(
+            f"{path} is already quantized",
+            "give auto the fp32 model; it tries the quantizations itself",
+        )
+
+
+def _reference_score(reference: Path, score: Path, metric: str) -> float:
+    """The fp32 model's own score: its accuracy, or 1.0 for fidelity to itself."""
+    if metric != "accuracy":
+        return 1.0
+    from converter.validate import validate
+
+    report = validate(reference, score, metrics=["accuracy"], progress=False)
+    return report.outputs[report.output]["accuracy"].value
+
+
+def _bench(result: AutoResult, reference: Path, score: Path, runs: int, threads: int) -> None:
+    from converter.bench import bench
+
+    built = [c for c in result.candidates if c.path is not None]
+    result.bench = bench(
+        [reference] + [c.path for c in built], threads=[threads], warmup=5, runs=runs, data=score
+    )
+    for i, c in enumerate(built, start=1):
+        m = result.bench.get(i, threads)
+        c.p50_ms, c.p90_ms, c.speedup = m.latency.p50_ms, m.latency.p90_ms, m.speedup
+        c.size = c.path.stat().st_size
+
+
+def check_result(result: AutoResult) -> None:
+    """Raise GateFailed when nothing met the budget, naming the closest candidate."""
+    if result.best is not None:
+        return
+    closest = result.closest()
+    if closest is None:
+        raise GateFailed("no candidate could be built", f"see {result.report_md}")
+    raise GateFailed(
+        f"no candidate meets {result.budget.describe(result.reference_score)}; closest: "
+        f"{closest.name} with {result.budget.metric} {closest.score:.4f} (short by "
+        f"{result.threshold - closest.score:.4f}), worst cosine {closest.worst:.4f}",
+        f"relax the budget, add --calib data closer to real use, or see {result.report_md}",
+    )

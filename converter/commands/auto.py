@@ -1,0 +1,89 @@
+"""``onnxship auto MODEL.onnx --data DATA --metric M --min-score F -o OUTDIR``"""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "search int8/pruning configurations for the fastest model within an accuracy budget"
+EPILOG = """\
+examples:
+  onnxship auto cnn.onnx --data test.npz --metric accuracy --max-drop 0.01 -o build/auto
+  onnxship auto enc.onnx --data sentences.npz --metric cosine --min-score 0.995 \\
+      --min-worst 0.99 -o build/auto-enc
+
+Tries dynamic int8 (per-channel, per-tensor), static QDQ int8 (U8/S8 activations,
+per-channel/per-tensor weights, minmax/percentile/entropy calibration), then keeps the
+most sensitive nodes in fp32 one at a time when no full-int8 configuration meets the
+budget, and pruning levels with --sparsity-grid. Every candidate is validated on the scoring
+data and benched interleaved with fp32; the fastest one meeting the budget is written to
+OUTDIR/model.onnx with report.md/.html (Pareto plot, every candidate) and manifest.json.
+Without --calib, every 4th sample of --data (at most 256) calibrates and the rest is scored.
+Candidates are cached in OUTDIR/cache by content hash: a re-run is fast.
+Exit 1 when no candidate meets the budget (the closest is named), 2 on bad input.
+"""
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not a list of numbers: {text!r}") from e
+
+
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "auto",
+        help=HELP,
+        description=HELP,
+        epilog=EPILOG,
+        parents=[common],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", metavar="MODEL.onnx", help="the fp32 model")
+    p.add_argument("--data", required=True, help="scoring data (.npz or folder of shards)")
+    p.add_argument("--metric", default="accuracy", choices=("accuracy", "agreement", "cosine"))
+    p.add_argument("--min-score", type=float, help="the metric's mean must reach this")
+    p.add_argument(
+        "--max-drop", type=float, help="at most this much below the fp32 model's score (absolute)"
+    )
+    p.add_argument("--min-worst", type=float, help="worst-sample cosine to fp32 must reach this")
+    p.add_argument("--calib", help="calibration data (default: a split of --data)")
+    p.add_argument(
+        "--sparsity-grid",
+        type=_floats,
+        default=[],
+        metavar="S,S,...",
+        help="also try pruning to these sparsities, e.g. 0.3,0.5",
+    )
+    p.add_argument(
+        "--max-excluded",
+        type=int,
+        default=8,
+        help="most nodes kept in fp32 by the sensitivity search (default 8)",
+    )
+    p.add_argument("--bench-runs", type=int, default=50, help="timed runs per candidate")
+    p.add_argument("-o", "--output", required=True, metavar="OUTDIR")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from converter.auto import auto, check_result
+
+    result = auto(
+        args.model,
+        args.data,
+        args.output,
+        metric=args.metric,
+        min_score=args.min_score,
+        max_drop=args.max_drop,
+        min_worst=args.min_worst,
+        calib=args.calib,
+        sparsity_grid=args.sparsity_grid,
+        max_excluded=args.max_excluded,
+        bench_runs=args.bench_runs,
+    )
+    if not args.quiet:
+        print(result.report_md.read_text(encoding="utf-8"))
+        print(f"report: {result.report_md}\nmanifest: {result.manifest}")
+    check_result(result)
+    return 0
