@@ -104,6 +104,8 @@ def run_recipe(
     recipe_path: str | os.PathLike, outdir: str | os.PathLike | None = None
 ) -> RunResult:
     recipe = load_recipe(recipe_path)
+    for variant in recipe.variants:  # every pass setting is checked before anything runs
+        build_passes(variant, recipe)
     out = Path(outdir) if outdir is not None else Path("build") / recipe.name
     _prepare_outdir(out, recipe)
     result = RunResult(recipe, out, [])

@@ -1,0 +1,197 @@
+"""`onnxship run`: recipes, artifacts, manifest, report, determinism and recipe errors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from converter.cli import main
+from converter.metrics import accuracy
+from converter.runtime import make_session
+
+
+def write_recipe(folder: Path, ref, variants: str, gates: str = "max_drop = 0.02") -> Path:
+    recipe = folder / "recipe.toml"
+    recipe.write_text(f"""
+name = "t"
+[model]
+onnx = "{ref.onnx}"
+[data]
+calibration = "{ref.calib}"
+validation = "{ref.test}"
+{variants}
+[gates]
+{gates}
+[bench]
+runs = 20
+warmup = 2
+""")
+    return recipe
+
+
+VARIANTS = """
+[[variants]]
+name = "pruned"
+passes = [{ pass = "prune", sparsity = 0.3 }]
+[[variants]]
+name = "int8"
+passes = [{ pass = "quantize", mode = "static" }]
+[[variants]]
+name = "dyn"
+passes = [{ pass = "quantize", mode = "dynamic" }]
+"""
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def mlp_run(digits_mlp, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("run")
+    recipe = write_recipe(folder, digits_mlp, VARIANTS)
+    assert main(["-q", "run", str(recipe), "-o", str(folder / "out")]) == 0
+    return folder / "out", recipe
+
+
+def test_run_writes_every_artifact_with_matching_hashes(mlp_run) -> None:
+    out, _ = mlp_run
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest["artifacts"]) == {"fp32", "pruned", "int8", "dyn"}
+    for entry in manifest["artifacts"].values():
+        path = out / entry["path"]
+        assert entry["sha256"] == sha(path) and entry["size"] == path.stat().st_size
+    assert manifest["versions"]["onnxruntime"] and manifest["machine"]["cpu"]
+    assert "vnni" in manifest["machine"]
+    assert manifest["recipe"]["variants"][0]["passes"][0]["sparsity"] == 0.3
+    for name in ("report.md", "report.html", "size.png", "latency.png", "accuracy_vs_latency.png"):
+        assert (out / name).stat().st_size > 0
+
+
+def test_run_numbers_match_onnxruntime(mlp_run, digits_mlp) -> None:
+    out, _ = mlp_run
+    manifest = json.loads((out / "manifest.json").read_text())
+    test = np.load(digits_mlp.test)
+    for name in ("fp32", "int8"):
+        logits = make_session(out / f"{name}.onnx").run(None, {"x": test["x"]})[0]
+        reported = manifest["validation"][name]["outputs"]["output"]["accuracy"]["value"]
+        assert reported == pytest.approx(accuracy(logits, test["labels"]))
+    stats = manifest["artifacts"]["pruned"]["passes"][0]["stats"]
+    assert stats["sparsity"] == pytest.approx(0.3, abs=0.005)
+    report = (out / "report.md").read_text()
+    assert "| int8 |" in report and "speedup" in report
+    assert manifest["validation"]["int8"]["passed"] is True
+
+
+def test_rerun_reproduces_artifact_hashes(mlp_run, tmp_path: Path) -> None:
+    out, recipe = mlp_run
+    assert main(["-q", "run", str(recipe), "-o", str(tmp_path / "again")]) == 0
+    first = json.loads((out / "manifest.json").read_text())["artifacts"]
+    second = json.loads((tmp_path / "again" / "manifest.json").read_text())["artifacts"]
+    assert {k: v["sha256"] for k, v in first.items()} == {k: v["sha256"] for k, v in second.items()}
+
+
+def test_run_from_pytorch_spec(tmp_path: Path, digits_mlp) -> None:
+    (tmp_path / "net.py").write_text(
+        "import torch\n"
+        "def build():\n"
+        "    torch.manual_seed(0)\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(),"
+        " torch.nn.Linear(32, 10))\n"
+    )
+    (tmp_path / "recipe.toml").write_text(f"""
+[model]
+spec = "net.py:build"
+inputs = ["x:batch,64:float32"]
+[data]
+validation = "{digits_mlp.test}"
+[[variants]]
+name = "dyn"
+passes = [{{ pass = "quantize", mode = "dynamic" }}]
+[bench]
+runs = 5
+warmup = 1
+""")
+    assert main(["-q", "run", str(tmp_path / "recipe.toml"), "-o", str(tmp_path / "o")]) == 0
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert manifest["export"]["exporter"] == "dynamo"
+    assert manifest["versions"]["torch"].startswith("2.")
+    assert manifest["validation"]["dyn"]["outputs"]["output"]["cosine"]["value"] > 0.99
+
+
+def test_failed_gate_is_exit_1_with_report(digits_mlp, tmp_path: Path, capsys) -> None:
+    variants = '[[variants]]\nname = "gutted"\npasses = [{ pass = "prune", sparsity = 0.97 }]\n'
+    recipe = write_recipe(tmp_path, digits_mlp, variants, gates="max_drop = 0.001")
+    code = main(["-q", "run", str(recipe), "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 1 and "gutted" in err and "accuracy drop" in err
+    assert (tmp_path / "out" / "report.md").exists() and (tmp_path / "out" / "gutted.onnx").exists()
+
+
+VARIANT = '[model]\nonnx = "M"\n[[variants]]\nname = "v"\npasses = ['
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('colour = "red"\n[model]\nonnx = "M"', "unknown key(s) ['colour']"),
+        ('[model]\nonnx = "M"\nweight = "w.pt"', "unknown key(s) ['weight'] in recipe [model]"),
+        (
+            '[model]\nonnx = "M"\n[bench]\nthread = [1]',
+            "unknown key(s) ['thread'] in recipe [bench]",
+        ),
+        ('[model]\nonnx = "missing.onnx"', "does not exist"),
+        ('[model]\nspec = "net.py:build"', "has `spec` but no `inputs`"),
+        (
+            VARIANT + '{ pass = "prune", spars = 0.5 }]',
+            "unknown setting(s) ['spars'] for pass prune",
+        ),
+        (
+            VARIANT + '{ pass = "prune", sparsity = 1.5 }]',
+            "outside [0, 1)",
+        ),
+        (
+            VARIANT + '{ pass = "shrink" }]',
+            "unknown pass 'shrink'",
+        ),
+        (
+            VARIANT + '{ pass = "quantize", mode = "static" }]',
+            "needs calibration data",
+        ),
+        ('[model\nonnx = "M"', "not valid TOML"),
+    ],
+)
+def test_recipe_errors_are_exit_2_naming_the_key(text, expected, digits_mlp, tmp_path, capsys):
+    (tmp_path / "r.toml").write_text(text.replace('"M"', f'"{digits_mlp.onnx}"'))
+    code = main(["run", str(tmp_path / "r.toml"), "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and expected in err, err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: ")
+    assert not list((tmp_path / "out").glob("*.onnx")) if (tmp_path / "out").exists() else True
+
+
+def test_missing_data_file_names_the_step(digits_mlp, tmp_path: Path, capsys) -> None:
+    (tmp_path / "r.toml").write_text(
+        f'[model]\nonnx = "{digits_mlp.onnx}"\n[data]\nvalidation = "nope.npz"\n'
+    )
+    code = main(["run", str(tmp_path / "r.toml"), "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "step 'validate' failed (done: export fp32 reference" in err
+    assert "nope.npz does not exist" in err
+    assert (tmp_path / "out" / "fp32.onnx").exists()  # artifacts of done steps are kept
+
+
+def test_every_bundled_recipe_loads() -> None:
+    from converter.recipe import load_recipe
+
+    root = Path(__file__).resolve().parent.parent / "models"
+    recipes = sorted(root.glob("*/recipe.toml"))
+    assert {r.parent.name for r in recipes} == {"digits_cnn", "digits_mlp", "tiny_encoder"}
+    for path in recipes:
+        recipe = load_recipe(path)
+        assert Path(recipe.model.spec.rpartition(":")[0]).is_file()
+        assert len(recipe.variants) >= 2
