@@ -13,13 +13,23 @@ import traceback
 from collections.abc import Sequence
 
 from converter import __version__
-from converter.commands import auto, bench, export, fp16, prune, quantize, run, validate
+from converter.commands import (
+    auto,
+    bench,
+    export,
+    fp16,
+    prune,
+    quantize,
+    run,
+    sensitivity,
+    validate,
+)
 from converter.errors import OnnxshipError
 
 __all__ = ["main", "build_parser"]
 
 # Explicit list, in the order `--help` shows them. Each module has register() and run().
-COMMANDS = [export, prune, quantize, fp16, validate, bench, run, auto]
+COMMANDS = [export, prune, quantize, fp16, validate, bench, sensitivity, run, auto]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -55,9 +65,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time of the log call (not at set-up)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _setup_logging(debug: bool, quiet: bool) -> None:
     level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     for name in ("converter", "passes"):
         log = logging.getLogger(name)

@@ -89,6 +89,33 @@ def _npz_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     return out
 
 
+class _RowReader:
+    """One array of an .npz shard read a batch of rows at a time, so a shard of any size is
+    never in memory whole (Fortran-order arrays, which cannot be streamed, load whole)."""
+
+    def __init__(self, zf: zipfile.ZipFile, name: str, shard: Path) -> None:
+        self.stream = zf.open(f"{name}.npy")
+        version = np.lib.format.read_magic(self.stream)
+        if version == (1, 0):
+            shape, fortran, self.dtype = np.lib.format.read_array_header_1_0(self.stream)
+        else:
+            shape, fortran, self.dtype = np.lib.format.read_array_header_2_0(self.stream)
+        self.row_shape = tuple(shape[1:])
+        self.row_bytes = self.dtype.itemsize * int(np.prod(self.row_shape, dtype=np.int64))
+        self.whole = None
+        if fortran or self.dtype.hasobject:
+            with np.load(shard, allow_pickle=False) as npz:
+                self.whole = npz[name]
+        self.position = 0
+
+    def read(self, rows: int) -> np.ndarray:
+        if self.whole is not None:
+            self.position += rows
+            return self.whole[self.position - rows : self.position]
+        data = bytearray(self.stream.read(rows * self.row_bytes))  # writable, like np.load's
+        return np.frombuffer(data, self.dtype).reshape((rows, *self.row_shape))
+
+
 class Dataset:
     """Samples from an .npz file or a folder of .npz shards (read in name order)."""
 
@@ -213,7 +240,8 @@ class Dataset:
         with_labels: bool = False,
     ) -> Iterator[dict[str, np.ndarray]]:
         """Yield feeds of ``batch_size`` samples (the last may be smaller), cast to the
-        model's dtypes; one shard in memory at a time. ``limit`` caps the samples read."""
+        model's dtypes; only one batch is in memory at a time, read from the shard as a
+        stream. ``limit`` caps the samples read."""
         remaining = self.num_samples if limit is None else min(limit, self.num_samples)
         names = [s.name for s in specs] + ([LABELS] if with_labels and self.has_labels else [])
         dtypes = {s.name: s.dtype for s in specs}
@@ -221,15 +249,17 @@ class Dataset:
         for shard, size in zip(self.shards, self.shard_sizes):
             if remaining <= 0:
                 return
-            with np.load(shard, allow_pickle=False) as npz:
-                arrays = {n: npz[n][: min(size, remaining)] for n in names}
             take = min(size, remaining)
-            for lo in range(0, take, batch_size):
-                feed = {n: a[lo : lo + batch_size] for n, a in arrays.items()}
-                feed = {n: self._cast(n, a, dtypes.get(n)) for n, a in feed.items()}
-                if check_finite:
-                    self._check_finite(feed, start_index + lo)
-                yield feed
+            with zipfile.ZipFile(shard) as zf:
+                readers = {n: _RowReader(zf, n, shard) for n in names}
+                for lo in range(0, take, batch_size):
+                    rows = min(batch_size, take - lo)
+                    feed = {
+                        n: self._cast(n, r.read(rows), dtypes.get(n)) for n, r in readers.items()
+                    }
+                    if check_finite:
+                        self._check_finite(feed, start_index + lo)
+                    yield feed
             remaining -= take
             start_index += take
 

@@ -31,6 +31,9 @@ class OnnxshipError(Exception):
     def message(self) -> str:
         return f"{self.what} — {self.fix}" if self.fix else self.what
 
+    def __str__(self) -> str:  # what/fix may be amended on the way up (e.g. by a runner)
+        return self.message
+
 
 class BadInputError(OnnxshipError):
     """A file, flag or setting the user gave cannot be used."""

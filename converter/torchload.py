@@ -37,9 +37,11 @@ def _import_file(path: Path) -> Any:
     module = importlib.util.module_from_spec(module_spec)
     folder = str(path.resolve().parent)
     sys.path.insert(0, folder)
+    sys.modules[module_spec.name] = module  # dataclasses and pickling look the module up
     try:
         module_spec.loader.exec_module(module)
     except Exception as e:  # the user's code may raise anything while importing
+        del sys.modules[module_spec.name]
         raise BadInputError(
             f"importing {path} failed: {type(e).__name__}: {e}",
             f"fix the file; `python {path}` shows the same error",

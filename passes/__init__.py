@@ -1,8 +1,30 @@
 """Graph passes over ONNX models: pruning, int8 quantization, fp16.
 
-Each pass family lives in its own module; this package exports the interface.
+Each pass family lives in its own module; this package exports the interface and the passes.
 """
 
 from passes.base import Pass, PassResult, PassRunner, fingerprint, make_pass
+from passes.fp16 import Float16
+from passes.prune import MagnitudePrune
+from passes.quantize import (
+    CalibrationRanges,
+    DynamicQuantize,
+    StaticQuantize,
+    calibrate,
+    is_quantized,
+)
 
-__all__ = ["Pass", "PassResult", "PassRunner", "fingerprint", "make_pass"]
+__all__ = [
+    "Pass",
+    "PassResult",
+    "PassRunner",
+    "fingerprint",
+    "make_pass",
+    "MagnitudePrune",
+    "DynamicQuantize",
+    "StaticQuantize",
+    "CalibrationRanges",
+    "calibrate",
+    "is_quantized",
+    "Float16",
+]

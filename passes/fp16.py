@@ -7,8 +7,9 @@ Resize, Range, TopK, NonMaxSuppression) plus ops whose intermediate values overf
 decomposed LayerNorm/GELU). Graph inputs and outputs stay fp32 by default, so callers feed
 the same arrays as before.
 
-On a CPU this is about size (weights halve), not speed: onnxruntime's CPU provider runs most
-fp16 ops by casting to fp32 and back, which is usually slower than the fp32 model.
+On a CPU this is about size (weights halve), not speed: on x86 onnxruntime has few fp16
+kernels and runs most fp16 ops by casting to fp32 and back. Measured on this AVX2 machine,
+batch 1, one thread: ResNet-18 0.95x and the tiny encoder 0.87x the speed of fp32.
 """
 
 from __future__ import annotations
@@ -78,13 +79,16 @@ class Float16(Pass):
                 "an int8 model is not supported",
                 "convert the float model, or ship the int8 model as it is",
             )
-        types = {t.data_type for t in model.graph.initializer}
-        types |= {v.type.tensor_type.elem_type for v in (*model.graph.input, *model.graph.output)}
-        if onnx.TensorProto.FLOAT not in types:
-            what = "float16" if onnx.TensorProto.FLOAT16 in types else "not float32"
+        weights = {t.data_type for t in model.graph.initializer}
+        io = {v.type.tensor_type.elem_type for v in (*model.graph.input, *model.graph.output)}
+        if onnx.TensorProto.FLOAT16 in weights and onnx.TensorProto.FLOAT not in weights:
             raise BadInputError(
-                f"the model is already {what}: nothing to convert",
+                "the model's weights are already float16: nothing to convert",
                 "pass the float32 model",
+            )
+        if onnx.TensorProto.FLOAT not in weights | io:
+            raise BadInputError(
+                "the model has no float32 tensors: nothing to convert", "pass a float32 model"
             )
 
     def ensures(self, result: PassResult) -> None:
