@@ -11,12 +11,21 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-# public name -> module that defines it
+# public name -> module that defines it (modules are named apart from the functions, so
+# importing a module never shadows the function of the same name)
 _API = {
-    "export": "converter.export",
-    "ExportReport": "converter.export",
+    "export": "converter.exporter",
+    "ExportResult": "converter.exporter",
+    "ExportReport": "converter.exporter",
+    "validate": "converter.validation",
+    "ValidationReport": "converter.validation",
+    "bench": "converter.benchmark",
+    "BenchReport": "converter.benchmark",
+    "run_recipe": "converter.pipeline",
+    "load_recipe": "converter.recipe",
     "OnnxshipError": "converter.errors",
     "BadInputError": "converter.errors",
+    "DataError": "converter.errors",
     "GateFailed": "converter.errors",
 }
 

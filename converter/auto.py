@@ -258,7 +258,7 @@ class _Builder:
         return self.ranges[key]
 
     def _score(self, c: Candidate) -> None:
-        from converter.validate import validate
+        from converter.validation import validate
 
         metrics = list(dict.fromkeys([self.budget.metric, "cosine"]))
         report = validate(
@@ -446,14 +446,14 @@ def _reference_score(reference: Path, score: Path, metric: str) -> float:
     """The fp32 model's own score: its accuracy, or 1.0 for fidelity to itself."""
     if metric != "accuracy":
         return 1.0
-    from converter.validate import validate
+    from converter.validation import validate
 
     report = validate(reference, score, metrics=["accuracy"], progress=False)
     return report.outputs[report.output]["accuracy"].value
 
 
 def _bench(result: AutoResult, reference: Path, score: Path, runs: int, threads: int) -> None:
-    from converter.bench import bench
+    from converter.benchmark import bench
 
     built = [c for c in result.candidates if c.path is not None]
     result.bench = bench(

@@ -35,8 +35,8 @@ class ArtifactResult:
     name: str
     path: Path
     passes: list[dict[str, Any]] = field(default_factory=list)
-    validation: Any = None  # converter.validate.ValidationReport
-    bench: Any = None  # the per-model part of converter.bench.BenchReport
+    validation: Any = None  # converter.validation.ValidationReport
+    bench: Any = None  # the per-model part of converter.benchmark.BenchReport
 
 
 @dataclass
@@ -151,7 +151,7 @@ def _reference(recipe: Recipe, out: Path, result: RunResult) -> ArtifactResult:
             shutil.copyfile(m.onnx, tmp)
         return ArtifactResult(REFERENCE, path)
     from converter.defaults import DEFAULT_OPSET, EXPORT_ATOL, EXPORT_RTOL
-    from converter.export import export
+    from converter.exporter import export
 
     exported = export(
         m.spec,
@@ -196,7 +196,7 @@ def _plain(value: Any) -> Any:
 
 
 def _validate_all(result: RunResult) -> None:
-    from converter.validate import validate
+    from converter.validation import validate
 
     gates = result.recipe.gates
     data = result.recipe.data.validation
@@ -226,7 +226,7 @@ def _metrics(gates: Any, result: RunResult) -> list[str]:
 
 
 def _bench_all(result: RunResult) -> None:
-    from converter.bench import bench
+    from converter.benchmark import bench
 
     b = result.recipe.bench
     data = result.recipe.data.validation

@@ -218,7 +218,7 @@ def _plots(result: Any, rows: list[dict[str, Any]]) -> dict[str, Path]:
     ax.tick_params(axis="x", labelrotation=30)
     plots["size"] = _save(fig, out / "size.png")
     if result.bench is not None:
-        from converter.bench import plot_latencies
+        from converter.benchmark import plot_latencies
 
         plots["latency"] = plot_latencies(result.bench, out / "latency.png")
     return plots

@@ -17,7 +17,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from converter import metrics
-from converter.bench import DEFAULT_RUNS, DEFAULT_WARMUP, bench
+from converter.benchmark import DEFAULT_RUNS, DEFAULT_WARMUP, bench
 from converter.cli import main
 from converter.runtime import make_session
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from converter.cli import main
-from converter.export import export
+from converter.exporter import export
 from converter.runtime import make_session
 
 ROOT = Path(__file__).resolve().parent.parent

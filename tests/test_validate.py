@@ -17,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 from converter import metrics
 from converter.cli import main
 from converter.runtime import make_session
-from converter.validate import DEFAULT_BASELINE_TOLERANCE, DEFAULT_BATCH_SIZE, validate
+from converter.validation import DEFAULT_BASELINE_TOLERANCE, DEFAULT_BATCH_SIZE, validate
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -100,7 +100,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 
 def run(args: argparse.Namespace) -> int:
-    from converter.bench import bench, check_plot_path, plot_latencies
+    from converter.benchmark import bench, check_plot_path, plot_latencies
     from converter.inputs import parse_dims
     from converter.onnxio import atomic_write_text, check_output_path
 

@@ -94,7 +94,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 def run(args: argparse.Namespace) -> int:
     from converter.errors import VerificationFailed
-    from converter.export import export
+    from converter.exporter import export
     from converter.inputs import parse_dims
 
     try:

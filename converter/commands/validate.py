@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
 
     from converter.errors import BadInputError, GateFailed
     from converter.onnxio import atomic_write_text, check_output_path
-    from converter.validate import validate
+    from converter.validation import validate
 
     inputs = (args.candidate, args.data, args.reference, args.baseline)
     reports = [(path, kind) for path, kind in ((args.json, "json"), (args.junit, "junit")) if path]

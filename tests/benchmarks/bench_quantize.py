@@ -2,7 +2,7 @@
 
 Models: a ResNet-18-shaped CNN (random init, 224x224), the trained tiny_encoder (seq 64) and
 a BERT-style encoder (transformers BertConfig, hidden 256, 4 layers, seq 128, random init).
-Each quantized variant is timed interleaved with its fp32 model by `converter.bench.bench`
+Each quantized variant is timed interleaved with its fp32 model by `converter.benchmark.bench`
 (every round runs each model once, so machine drift cancels); cosine to fp32 is the mean
 (and min) over held-out inputs. Variants: dynamic, static with uint8 and int8 activations,
 and both modes with full-range (8-bit) weights to show the AVX2 saturation effect.
@@ -146,7 +146,7 @@ def _save_npz(path: Path, **arrays: np.ndarray) -> Path:
 
 
 def export_models(folder: Path) -> list[Case]:
-    from converter.export import export
+    from converter.exporter import export
 
     rng = np.random.default_rng(0)
     cnn = folder / "resnet18.onnx"
@@ -218,7 +218,7 @@ def cosine(case: Case, path: Path) -> tuple[float, float]:
 
 
 def measure(case: Case, variants: dict[str, Path]) -> tuple[list[Row], dict]:
-    from converter.bench import bench
+    from converter.benchmark import bench
 
     paths = [case.onnx, *variants.values()]
     report = bench(paths, threads=(1,), data=case.held_out, runs=case.runs, warmup=5)
@@ -353,7 +353,7 @@ def main() -> int:
             why.append(explain(case, variant, variants[variant], folder))
     lines = [
         f"bench_quantize: batch 1, 1 intra-op thread, sequential, interleaved with fp32 "
-        f"(converter.bench), p50 latency; onnxruntime {onnxruntime.__version__}",
+        f"(converter.benchmark), p50 latency; onnxruntime {onnxruntime.__version__}",
         f"cpu: {machine.get('cpu', 'unknown')}; {cpu_flags()}; load average at the end "
         f"{os.getloadavg()[0]:.2f} (other processes share the cores: expect +-10% noise)",
         "defaults: dynamic = per-channel int8 weights (7-bit, reduce_range), uint8 activations; "
