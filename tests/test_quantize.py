@@ -554,6 +554,7 @@ def test_cli_refuses_quantized_and_fp16_models(tmp_path, capsys, digits_mlp):
     ):
         src = tmp_path / name
         src.write_bytes(converted.SerializeToString())
+        capsys.readouterr()  # the conversion passes' own log lines
         for mode in (["--mode", "dynamic"], ["--mode", "static", "--calib", str(digits_mlp.calib)]):
             assert main(["quantize", str(src), "-o", str(out), *mode]) == 2
             assert words in _one_line_error(capsys)
