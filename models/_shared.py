@@ -97,7 +97,38 @@ def cached(
     os.close(fd)
     torch.save(model.state_dict(), tmp)
     os.replace(tmp, path)
+    for stale in path.parent.glob("weights-*.pt"):  # weights of earlier source versions
+        if stale != path:
+            stale.unlink()
     return model.eval()
+
+
+def trained_digits(
+    name: str,
+    source: str | Path,
+    build: Callable[[], torch.nn.Module],
+    to_inputs: Callable[[np.ndarray], dict[str, np.ndarray]],
+    epochs: int,
+    lr: float = 3e-3,
+) -> torch.nn.Module:
+    """The trained digits model ``name`` (cached), writing its calib.npz and test.npz."""
+    x_tr, y_tr, x_te, y_te = digits_split()
+    inputs = to_inputs(x_tr)
+    write_data(name, inputs, to_inputs(x_te), y_te)
+
+    def fit(model: torch.nn.Module) -> None:
+        tensors = tuple(torch.from_numpy(a) for a in inputs.values())
+        train(model, tensors, torch.from_numpy(y_tr), epochs=epochs, lr=lr)
+
+    return cached(name, source_key(source), build, fit)
+
+
+def digits_test_accuracy(
+    model: torch.nn.Module, to_inputs: Callable[[np.ndarray], dict[str, np.ndarray]]
+) -> float:
+    _, _, x_te, y_te = digits_split()
+    tensors = tuple(torch.from_numpy(a) for a in to_inputs(x_te).values())
+    return accuracy(model, tensors, torch.from_numpy(y_te))
 
 
 def write_data(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -26,23 +27,16 @@ def build() -> nn.Module:
     )
 
 
-def _inputs(images):
-    return (images.reshape(-1, 64) / 16.0).astype("float32")
+def _inputs(images: np.ndarray) -> dict[str, np.ndarray]:
+    return {"x": (images.reshape(-1, 64) / 16.0).astype("float32")}
 
 
 def trained() -> nn.Module:
-    x_tr, y_tr, x_te, y_te = _shared.digits_split()
-    _shared.write_data(NAME, {"x": _inputs(x_tr)}, {"x": _inputs(x_te)}, y_te)
-
-    def fit(model: nn.Module) -> None:
-        _shared.train(model, (torch.from_numpy(_inputs(x_tr)),), torch.from_numpy(y_tr), epochs=30)
-
-    return _shared.cached(NAME, _shared.source_key(__file__), build, fit)
+    return _shared.trained_digits(NAME, __file__, build, _inputs, epochs=30)
 
 
 def test_accuracy(model: nn.Module) -> float:
-    _, _, x_te, y_te = _shared.digits_split()
-    return _shared.accuracy(model, (torch.from_numpy(_inputs(x_te)),), torch.from_numpy(y_te))
+    return _shared.digits_test_accuracy(model, _inputs)
 
 
 if __name__ == "__main__":

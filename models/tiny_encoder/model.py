@@ -72,21 +72,11 @@ def _inputs(images: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def trained() -> nn.Module:
-    x_tr, y_tr, x_te, y_te = _shared.digits_split()
-    train = _inputs(x_tr)
-    _shared.write_data(NAME, train, _inputs(x_te), y_te)
-
-    def fit(model: nn.Module) -> None:
-        tensors = tuple(torch.from_numpy(a) for a in train.values())
-        _shared.train(model, tensors, torch.from_numpy(y_tr), epochs=25, lr=2e-3)
-
-    return _shared.cached(NAME, _shared.source_key(__file__), build, fit)
+    return _shared.trained_digits(NAME, __file__, build, _inputs, epochs=25, lr=2e-3)
 
 
 def test_accuracy(model: nn.Module) -> float:
-    _, _, x_te, y_te = _shared.digits_split()
-    tensors = tuple(torch.from_numpy(a) for a in _inputs(x_te).values())
-    return _shared.accuracy(model, tensors, torch.from_numpy(y_te))
+    return _shared.digits_test_accuracy(model, _inputs)
 
 
 if __name__ == "__main__":
