@@ -311,8 +311,14 @@ def _exclusions(
     from converter.sensitivity import sensitivity
 
     mode = "static" if config["pass"] == "quantize-static" else "dynamic"
+    settings = {k: v for k, v in config.items() if k != "pass"}  # rank under these settings
     ranked = sensitivity(
-        builder.model, builder.score, mode=mode, calib=builder.calib, progress=False
+        builder.model,
+        builder.score,
+        mode=mode,
+        calib=builder.calib,
+        quant_settings=settings,
+        progress=False,
     ).ranked_nodes()
     for k in range(1, min(max_excluded, len(ranked)) + 1):
         c = builder.evaluate(Candidate(f"{best.name}_fp32x{k}", _passes_of(config, ranked[:k])))

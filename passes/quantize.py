@@ -68,6 +68,7 @@ __all__ = [
     "FORMATS",
     "QUANT_TYPES",
     "DEFAULT_CALIB_BATCH",
+    "preprocess",
 ]
 
 logger = logging.getLogger(__name__)

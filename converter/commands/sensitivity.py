@@ -1,0 +1,147 @@
+"""``onnxship sensitivity MODEL.onnx --data DATA [--mode static|dynamic] [--calib DATA] ...``"""
+
+from __future__ import annotations
+
+import argparse
+
+from converter.commands.quantize import CALIB_METHODS, QUANT_TYPES
+
+HELP = "rank the nodes by the fidelity lost when each alone is quantized to int8"
+EPILOG = """\
+examples:
+  onnxship sensitivity cnn.onnx --data test.npz --calib calib.npz --top 10
+  onnxship sensitivity enc.onnx --data test.npz --mode dynamic --gain --json sens.json
+
+For every quantizable node, the fp32 model with only that node's inputs and weights quantized
+(int8, as `onnxship quantize` with the same settings quantizes them) runs on the first
+--samples samples of --data and is compared with the fp32 model: loss = 1 − mean per-sample
+cosine of the output (the first, or --output), and the lowest per-sample cosine. --gain also
+measures each node kept in fp32 while all the others are quantized: gain = loss of the fully
+quantized model − loss of that model, i.e. what `onnxship quantize --exclude NAME` recovers
+(one more quantization and run per node).
+
+Static mode calibrates once, on --calib if given, else on --data (ranges then fit the scored
+samples: optimistic numbers, but the ranking is what matters), and quantizes once; each
+node's variant copies that node's Q/DQ nodes into the fp32 model. Node names are those of the
+pre-processed model (the names --exclude matches). Ops onnxruntime only passes int8 data
+through (Reshape, Transpose, MaxPool, ...) are not scored. Time grows with nodes × samples:
+a 6-layer BERT-style encoder (hidden 256, 64 tokens, 64 static nodes) takes about 1.2 s per
+node on one AVX2 thread, dynamic mode 2.5 s (each variant is quantized by onnxruntime), --gain
+adds 3.5 s (tests/benchmarks/bench_sensitivity.py); --samples 32 halves the scoring part.
+"""
+# Mirror of converter.sensitivity.DEFAULT_SAMPLES (importing it here would load onnx and numpy
+# for every command; tests/test_sensitivity.py checks they agree).
+DEFAULT_SAMPLES = 64
+
+
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "sensitivity",
+        help=HELP,
+        description=HELP,
+        epilog=EPILOG,
+        parents=[common],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", metavar="MODEL.onnx", help="the fp32 model")
+    p.add_argument("--data", required=True, metavar="DATA", help="scoring samples: .npz or folder")
+    p.add_argument(
+        "--mode", choices=("static", "dynamic"), default="static", help="int8 mode (static)"
+    )
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=DEFAULT_SAMPLES,
+        metavar="N",
+        help=f"score on the first N samples ({DEFAULT_SAMPLES})",
+    )
+    p.add_argument("--gain", action="store_true", help="also measure each node kept in fp32")
+    p.add_argument("--output", metavar="NAME", help="the output to compare (default: the first)")
+    p.add_argument("--top", type=int, default=20, metavar="K", help="rows shown (20; 0 = all)")
+    p.add_argument("--json", metavar="PATH", help="write every node's numbers as JSON")
+    p.add_argument("--threads", type=int, default=1, metavar="N", help="intra-op threads (1)")
+    static = p.add_argument_group("static mode")
+    static.add_argument("--calib", metavar="DATA", help="calibration data (default: --data)")
+    static.add_argument("--calib-method", choices=CALIB_METHODS, help="(default minmax)")
+    static.add_argument("--calib-samples", type=int, metavar="N", help="(default all)")
+    static.add_argument("--activation-type", choices=QUANT_TYPES, help="(default uint8)")
+    both = p.add_argument_group("both modes")
+    both.add_argument("--weight-type", choices=QUANT_TYPES, help="(default int8)")
+    both.add_argument(
+        "--per-tensor",
+        dest="per_channel",
+        action="store_false",
+        help="one scale per weight tensor instead of per output channel",
+    )
+    both.add_argument(
+        "--reduce-range",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="7-bit weights (on by default, as in `onnxship quantize`)",
+    )
+    both.add_argument(
+        "--no-preprocess",
+        dest="preprocess",
+        action="store_false",
+        default=None,
+        help="skip quant_pre_process",
+    )
+    p.set_defaults(run=run)
+
+
+_STATIC_ONLY = {
+    "calib": "--calib",
+    "calib_method": "--calib-method",
+    "calib_samples": "--calib-samples",
+    "activation_type": "--activation-type",
+}
+_SETTINGS = (
+    "calib_method",
+    "calib_samples",
+    "activation_type",
+    "weight_type",
+    "reduce_range",
+    "preprocess",
+)
+
+
+def _quant_settings(args: argparse.Namespace) -> dict:
+    """The quantization settings given on the command line (the passes' defaults otherwise)."""
+    from converter.errors import BadInputError
+
+    given = [flag for dest, flag in _STATIC_ONLY.items() if getattr(args, dest) is not None]
+    if args.mode == "dynamic" and given:
+        raise BadInputError(
+            f"{', '.join(given)}: for --mode static only", "drop them, or use --mode static"
+        )
+    return {k: getattr(args, k) for k in _SETTINGS if getattr(args, k) is not None}
+
+
+def run(args: argparse.Namespace) -> int:
+    from converter.errors import BadInputError
+    from converter.onnxio import atomic_write_text, check_output_path
+    from converter.sensitivity import sensitivity
+
+    settings = _quant_settings(args)
+    if args.top < 0:
+        raise BadInputError(f"--top {args.top} is negative", "give K ≥ 1, or 0 for all rows")
+    if args.json:
+        check_output_path(args.json, args.model, args.data, args.calib)
+    report = sensitivity(
+        args.model,
+        args.data,
+        mode=args.mode,
+        calib=args.calib,
+        samples=args.samples,
+        per_channel=args.per_channel,
+        output=args.output,
+        gain=args.gain,
+        quant_settings=settings,
+        threads=args.threads,
+        progress=not args.quiet,
+    )
+    if not args.quiet:
+        print(report.summary(top=args.top or None))
+    if args.json:
+        atomic_write_text(args.json, report.to_json())
+    return 0

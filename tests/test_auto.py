@@ -1,0 +1,190 @@
+"""`onnxship auto`: the fastest candidate within the budget, verified through onnxruntime."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from converter.cli import main
+from converter.metrics import accuracy, per_sample_cosine
+from converter.runtime import make_session
+
+
+@pytest.fixture(scope="module")
+def mlp_auto(digits_mlp, tmp_path_factory):
+    out = tmp_path_factory.mktemp("auto") / "out"
+    code = main(
+        [
+            "-q",
+            "auto",
+            str(digits_mlp.onnx),
+            "--data",
+            str(digits_mlp.test),
+            "--metric",
+            "accuracy",
+            "--max-drop",
+            "0.01",
+            "--bench-runs",
+            "20",
+            "-o",
+            str(out),
+        ]
+    )
+    return code, out
+
+
+def test_auto_digits_meets_budget(mlp_auto, digits_mlp) -> None:
+    code, out = mlp_auto
+    assert code == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    chosen = next(c for c in manifest["candidates"] if c["name"] == manifest["chosen"])
+    assert chosen["meets"] and chosen["speedup"] is not None
+    # the written model really scores what the report says, on the scoring split
+    score = np.load(out / "data" / "score.npz")
+    logits = make_session(out / "model.onnx").run(None, {"x": score["x"]})[0]
+    assert accuracy(logits, score["labels"]) == pytest.approx(chosen["score"])
+    fp32 = make_session(digits_mlp.onnx).run(None, {"x": score["x"]})[0]
+    assert accuracy(logits, score["labels"]) >= accuracy(fp32, score["labels"]) - 0.01
+    # the fastest of those meeting the budget (within the 5 % timing-noise band)
+    meeting = [c["speedup"] for c in manifest["candidates"] if c["meets"]]
+    assert chosen["speedup"] >= max(meeting) * 0.95
+    assert manifest["artifacts"]["model"]["sha256"]
+    assert (out / "pareto.png").stat().st_size > 0 and "Chosen" in (out / "report.md").read_text()
+
+
+def test_auto_calibration_kept_apart_from_scoring(mlp_auto, digits_mlp) -> None:
+    _, out = mlp_auto
+    calib, score = np.load(out / "data" / "calib.npz"), np.load(out / "data" / "score.npz")
+    total = np.load(digits_mlp.test)["x"]
+    assert len(calib["x"]) + len(score["x"]) == len(total)
+    rows = {r.tobytes() for r in calib["x"]}
+    assert not any(r.tobytes() in rows for r in score["x"])
+    assert "every 4th sample" in (out / "report.md").read_text()
+
+
+def test_auto_rerun_is_cached(mlp_auto, digits_mlp) -> None:
+    _, out = mlp_auto
+    before = json.loads((out / "manifest.json").read_text())
+    assert (
+        main(
+            [
+                "-q",
+                "auto",
+                str(digits_mlp.onnx),
+                "--data",
+                str(digits_mlp.test),
+                "--metric",
+                "accuracy",
+                "--max-drop",
+                "0.01",
+                "--bench-runs",
+                "20",
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    after = json.loads((out / "manifest.json").read_text())
+    assert all(c["cached"] for c in after["candidates"])
+    assert [c["score"] for c in after["candidates"]] == [c["score"] for c in before["candidates"]]
+
+
+def test_auto_encoder_cosine_budget(tiny_encoder, tmp_path: Path) -> None:
+    out = tmp_path / "enc"
+    code = main(
+        [
+            "-q",
+            "auto",
+            str(tiny_encoder.onnx),
+            "--data",
+            str(tiny_encoder.test),
+            "--metric",
+            "cosine",
+            "--min-score",
+            "0.99",
+            "--bench-runs",
+            "10",
+            "-o",
+            str(out),
+        ]
+    )
+    assert code == 0
+    score = dict(np.load(out / "data" / "score.npz"))
+    score.pop("labels")
+    got = make_session(out / "model.onnx").run(None, score)[0]
+    want = make_session(tiny_encoder.onnx).run(None, score)[0]
+    assert per_sample_cosine(got, want).mean() >= 0.99
+
+
+def test_impossible_budget_is_exit_1_naming_the_closest(digits_mlp, tmp_path, capsys) -> None:
+    code = main(
+        [
+            "-q",
+            "auto",
+            str(digits_mlp.onnx),
+            "--data",
+            str(digits_mlp.test),
+            "--metric",
+            "cosine",
+            "--min-score",
+            "1.0",
+            "--min-worst",
+            "1.0",
+            "--max-excluded",
+            "1",
+            "--bench-runs",
+            "5",
+            "-o",
+            str(tmp_path / "o"),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "no candidate meets cosine ≥ 1.0000" in err and "closest:" in err and "short by" in err
+    assert not (tmp_path / "o" / "model.onnx").exists()
+    assert (tmp_path / "o" / "report.md").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--metric", "accuracy"], "no budget given"),
+        (["--min-score", "2"], "outside [-1, 1]"),
+        (["--max-drop", "0.01", "--sparsity-grid", "1.5"], "outside (0, 1)"),
+    ],
+)
+def test_bad_options_exit_2(args, expected, digits_mlp, tmp_path, capsys) -> None:
+    code = main(
+        [
+            "auto",
+            str(digits_mlp.onnx),
+            "--data",
+            str(digits_mlp.test),
+            *args,
+            "-o",
+            str(tmp_path / "o"),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and expected in err and len(err.strip().splitlines()) == 1
+
+
+def test_accuracy_needs_labels(digits_mlp, tmp_path, capsys) -> None:
+    np.savez(tmp_path / "nolabels.npz", x=np.load(digits_mlp.test)["x"])
+    code = main(
+        [
+            "auto",
+            str(digits_mlp.onnx),
+            "--data",
+            str(tmp_path / "nolabels.npz"),
+            "--max-drop",
+            "0.01",
+            "-o",
+            str(tmp_path / "o"),
+        ]
+    )
+    assert code == 2 and "needs `labels`" in capsys.readouterr().err
