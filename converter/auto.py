@@ -311,12 +311,13 @@ def _exclusions(
     from converter.sensitivity import sensitivity
 
     mode = "static" if config["pass"] == "quantize-static" else "dynamic"
-    settings = {k: v for k, v in config.items() if k != "pass"}  # rank under these settings
-    ranked = sensitivity(
+    settings = {k: v for k, v in config.items() if k not in ("pass", "per_channel")}
+    ranked = sensitivity(  # ranked under the settings of the candidate being repaired
         builder.model,
         builder.score,
         mode=mode,
         calib=builder.calib,
+        per_channel=config.get("per_channel", True),
         quant_settings=settings,
         progress=False,
     ).ranked_nodes()
