@@ -18,6 +18,7 @@ and a manifest. The calibration data is ``calib`` or, without it, every fourth s
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -208,7 +209,8 @@ class _Builder:
             candidate.__dict__.update(json.loads(record.read_text()), path=path, cached=True)
             return self._judge(candidate)
         try:
-            save_model(self._build(candidate.passes), path)
+            with _quiet_passes():
+                save_model(self._build(candidate.passes), path)
         except OnnxshipError as e:
             candidate.error = e.message
             logger.info("  %s: could not be built (%s)", candidate.name, e.message)
@@ -267,6 +269,19 @@ class _Builder:
         values = report.outputs[report.output]
         c.score = values[self.budget.metric].value
         c.cosine, c.worst = values["cosine"].value, values["cosine"].worst
+
+
+@contextlib.contextmanager
+def _quiet_passes() -> Iterator[None]:
+    """The passes' own info and warning lines (one per candidate) would drown the search's;
+    what they say is in each candidate's stats."""
+    log = logging.getLogger("passes")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def _passes_of(config: dict[str, Any], excluded: list[str]) -> list[dict[str, Any]]:
