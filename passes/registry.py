@@ -11,6 +11,7 @@ from passes.base import Pass, make_pass
 from passes.fp16 import Float16
 from passes.prune import MagnitudePrune
 from passes.quantize import DynamicQuantize, StaticQuantize
+from passes.smooth import SmoothQuant
 
 __all__ = ["PASS_TYPES", "make_recipe_pass"]
 
@@ -19,7 +20,9 @@ PASS_TYPES: dict[str, type[Pass]] = {
     "quantize-dynamic": DynamicQuantize,
     "quantize-static": StaticQuantize,
     "fp16": Float16,
+    "smooth": SmoothQuant,
 }
+_CALIBRATED = (StaticQuantize, SmoothQuant)
 _MODES = {"dynamic": "quantize-dynamic", "static": "quantize-static"}
 
 
@@ -27,7 +30,8 @@ def make_recipe_pass(
     name: str, settings: dict[str, Any], calibration: str | os.PathLike | None = None
 ) -> Pass:
     """Build the pass a recipe names. ``quantize`` takes ``mode = "dynamic" | "static"``;
-    static quantization calibrates on the recipe's calibration data unless told otherwise."""
+    static quantization and smoothing calibrate on the recipe's calibration data unless told
+    otherwise."""
     settings = dict(settings)
     if name == "quantize":
         mode = settings.pop("mode", None)
@@ -42,10 +46,10 @@ def make_recipe_pass(
             f"unknown pass {name!r}", f"use one of {sorted([*PASS_TYPES, 'quantize'])}"
         )
     kind = PASS_TYPES[name]
-    if kind is StaticQuantize and not {"calibration", "ranges"} & set(settings):
+    if kind in _CALIBRATED and not {"calibration", "ranges"} & set(settings):
         if calibration is None:
             raise BadInputError(
-                "static quantization needs calibration data", "set [data] calibration in the recipe"
+                f"pass {name} needs calibration data", "set [data] calibration in the recipe"
             )
         settings["calibration"] = str(calibration)
     return make_pass(kind, settings)

@@ -1,0 +1,186 @@
+"""SmoothQuant-style scaling folded into the graph, before static int8 quantization.
+
+Transformer activations carry a few outlier channels that a per-tensor int8 scale cannot
+hold. For every MatMul whose weight is a constant [K, N] matrix, this pass measures each input
+channel's largest magnitude on calibration data and moves part of it into the weights:
+``X @ W = (X · 1/s) @ (s · W)`` with ``s_k = max|X_k|^α / max|W_k|^(1-α)`` (Xiao et al.,
+SmoothQuant, 2023). The division by ``s`` is an explicit ``Mul`` on the input (shared by the
+MatMuls reading the same tensor, e.g. Q, K and V), so residual paths that read the same
+tensor are untouched. The model computes the same function in fp32; its MatMul inputs are then
+much easier to quantize.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import defaultdict
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from converter.errors import BadInputError
+from passes.base import Pass, PassResult
+
+__all__ = ["SmoothQuant", "DEFAULT_ALPHA"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_ALPHA = 0.5
+_CLIP = (1e-4, 1e4)
+
+
+class SmoothQuant(Pass):
+    """Per-channel smoothing of constant-weight MatMul inputs; ``alpha`` in [0, 1] is how
+    much of the activation range moves into the weights; ``calibration`` is a data path."""
+
+    name = "smooth"
+
+    def __init__(
+        self,
+        calibration: str | os.PathLike | None = None,
+        alpha: float = DEFAULT_ALPHA,
+        calib_samples: int = 128,
+        batch_size: int = 16,
+    ) -> None:
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+            raise BadInputError(f"smoothing alpha {alpha!r} is outside [0, 1]", "e.g. alpha = 0.5")
+        if not isinstance(calib_samples, int) or calib_samples < 1:
+            raise BadInputError(f"calib_samples {calib_samples!r} must be ≥ 1", "e.g. 128")
+        self.calibration = calibration
+        self.alpha = float(alpha)
+        self.calib_samples = calib_samples
+        self.batch_size = batch_size
+
+    def requires(self, model: onnx.ModelProto) -> None:
+        if self.calibration is None:
+            raise BadInputError(
+                "smoothing needs calibration data",
+                "pass calibration = DATA (the static quantization's data)",
+            )
+
+    def call(self, model: onnx.ModelProto) -> PassResult:
+        groups = _groups(model)
+        if not groups:
+            return PassResult(model, False, {"smoothed": 0, "reason": "no constant-weight MatMul"})
+        amax = self._activation_max(model, list(groups))
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        scales = {
+            x: _scale(amax[x], [_weight(model, n) for n in nodes], self.alpha)
+            for x, nodes in groups.items()
+            if x in amax
+        }
+        _rewrite(out, groups, scales)
+        stats = {
+            "alpha": self.alpha,
+            "smoothed": sum(len(groups[x]) for x in scales),
+            "inputs": {
+                x: {
+                    "matmuls": len(groups[x]),
+                    "activation_max": float(amax[x].max()),
+                    "after": float((amax[x] / scales[x]).max()),
+                }
+                for x in sorted(scales)
+            },
+        }
+        logger.info(
+            "smoothed %d MatMuls on %d inputs (alpha %.2f)",
+            stats["smoothed"],
+            len(scales),
+            self.alpha,
+        )
+        return PassResult(out, True, stats)
+
+    def _activation_max(self, model: onnx.ModelProto, names: list[str]) -> dict[str, np.ndarray]:
+        """Per-channel (last axis) max |x| of each tensor in ``names`` over the data."""
+        from converter.data import model_input_specs, open_data
+        from converter.runtime import make_session
+
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
+        for name in names:
+            probe.graph.output.append(
+                onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+            )
+        session = make_session(probe.SerializeToString())
+        specs = model_input_specs(model)
+        data = open_data(self.calibration, specs)
+        amax: dict[str, np.ndarray] = {}
+        for feed in data.batches(
+            specs,
+            data.batch_size_for(specs, self.batch_size),
+            limit=self.calib_samples,
+            check_finite=True,
+        ):
+            for name, value in zip(names, session.run(names, feed)):
+                m = np.abs(value.reshape(-1, value.shape[-1])).max(axis=0)
+                amax[name] = np.maximum(amax[name], m) if name in amax else m
+        return amax
+
+
+def _groups(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+    """Constant-weight float MatMuls, grouped by the activation they read."""
+    weights = {
+        t.name: t
+        for t in model.graph.initializer
+        if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2
+    }
+    groups: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and node.input[1] in weights and node.input[0] not in weights:
+            groups[node.input[0]].append(node)
+    return dict(groups)
+
+
+def _weight(model: onnx.ModelProto, node: onnx.NodeProto) -> np.ndarray:
+    init = next(t for t in model.graph.initializer if t.name == node.input[1])
+    return numpy_helper.to_array(init)
+
+
+def _scale(amax: np.ndarray, weights: list[np.ndarray], alpha: float) -> np.ndarray:
+    wmax = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
+    s = np.power(np.maximum(amax, 1e-8), alpha) / np.power(np.maximum(wmax, 1e-8), 1 - alpha)
+    s = np.where((amax > 0) & (wmax > 0), s, 1.0)
+    return np.clip(s, *_CLIP).astype(np.float32)
+
+
+def _key(node: onnx.NodeProto) -> tuple[str, tuple[str, ...]]:
+    return node.name, tuple(node.output)
+
+
+def _rewrite(model: onnx.ModelProto, groups: dict, scales: dict[str, np.ndarray]) -> None:
+    """Insert ``Mul(x, 1/s)`` before each group's first MatMul; scale the weights by s."""
+    graph = model.graph
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    first = {_key(groups[x][0]): x for x in scales}
+    rewired = {_key(n): x for x in scales for n in groups[x]}
+    nodes = []
+    for node in graph.node:
+        x = first.get(_key(node))
+        if x is not None:
+            inv = f"{x}_smooth_inv"
+            graph.initializer.append(numpy_helper.from_array(1.0 / scales[x], inv))
+            nodes.append(
+                onnx.helper.make_node("Mul", [x, inv], [f"{x}_smoothed"], name=f"{x}_smooth")
+            )
+        x = rewired.get(_key(node))
+        if x is not None:
+            copy = onnx.NodeProto()
+            copy.CopyFrom(node)
+            weight = f"{node.input[1]}_smoothed_{node.name}"
+            scaled = (inits[node.input[1]] * scales[x][:, None]).astype(np.float32)
+            graph.initializer.append(numpy_helper.from_array(scaled, weight))
+            copy.input[0], copy.input[1] = f"{x}_smoothed", weight
+            node = copy
+        nodes.append(node)
+    new_nodes = [onnx.NodeProto() for _ in nodes]
+    for new, old in zip(new_nodes, nodes):
+        new.CopyFrom(old)
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    used = {i for n in graph.node for i in n.input}
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
