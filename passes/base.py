@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +20,7 @@ import onnx
 
 from converter.errors import BadInputError, OnnxshipError, PassError
 
-__all__ = ["Pass", "PassResult", "PassRunner", "make_pass", "fingerprint"]
+__all__ = ["Pass", "PassResult", "PassRunner", "make_pass", "fingerprint", "apply_to_file"]
 
 logger = logging.getLogger(__name__)
 
@@ -104,3 +105,19 @@ class PassRunner:
             results.append(result)
             model = result.model
         return model, results
+
+
+def apply_to_file(
+    passes: Sequence[Pass],
+    source: str | os.PathLike,
+    output: str | os.PathLike,
+    *other_inputs: str | os.PathLike | None,
+) -> list[PassResult]:
+    """Load ``source``, run ``passes``, write ``output`` atomically; the source (and any
+    ``other_inputs``, e.g. calibration data) is never the output and never modified."""
+    from converter.onnxio import check_output_path, load_model, save_model
+
+    out = check_output_path(output, source, *other_inputs)
+    model, results = PassRunner(passes).run(load_model(source))
+    save_model(model, out)
+    return results

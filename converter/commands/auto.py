@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from converter.commands import add_command
+
 HELP = "search int8/pruning configurations for the fastest model within an accuracy budget"
 EPILOG = """\
 examples:
@@ -31,14 +33,7 @@ def _floats(text: str) -> list[float]:
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser(
-        "auto",
-        help=HELP,
-        description=HELP,
-        epilog=EPILOG,
-        parents=[common],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add_command(sub, common, "auto", HELP, EPILOG, run)
     p.add_argument("model", metavar="MODEL.onnx", help="the fp32 model")
     p.add_argument("--data", required=True, help="scoring data (.npz or folder of shards)")
     p.add_argument("--metric", default="accuracy", choices=("accuracy", "agreement", "cosine"))
@@ -63,7 +58,6 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     )
     p.add_argument("--bench-runs", type=int, default=50, help="timed runs per candidate")
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR")
-    p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:

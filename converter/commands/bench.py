@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from converter.commands import add_command
+
 HELP = "measure edge-style latency (batch 1, one thread) of one or more models, interleaved"
 EPILOG = """\
 examples:
@@ -55,14 +57,7 @@ def _seconds(text: str) -> float:
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser(
-        "bench",
-        help=HELP,
-        description=HELP,
-        epilog=EPILOG,
-        parents=[common],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add_command(sub, common, "bench", HELP, EPILOG, run)
     p.add_argument("models", nargs="+", metavar="MODEL.onnx", help="the first is the baseline")
     p.add_argument(
         "--threads",
@@ -96,7 +91,6 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--seed", type=int, default=0, help="seed of the generated inputs (0)")
     p.add_argument("--json", metavar="PATH", help="write every number as JSON")
     p.add_argument("--plot", metavar="PATH.png", help="plot the latency distributions")
-    p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:

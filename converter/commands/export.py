@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from converter.commands import add_command
+
 HELP = "export a PyTorch model to ONNX and verify it against torch"
 EPILOG = """\
 examples:
@@ -23,14 +25,7 @@ on every dynamic axis; any mismatch is exit 1 and writes nothing.
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     from converter.defaults import DEFAULT_OPSET, EXPORT_ATOL, EXPORT_RTOL, EXPORTERS
 
-    p = sub.add_parser(
-        "export",
-        help=HELP,
-        description=HELP,
-        epilog=EPILOG,
-        parents=[common],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add_command(sub, common, "export", HELP, EPILOG, run)
     p.add_argument("spec", metavar="SPEC", help="path/to/file.py:callable returning an nn.Module")
     p.add_argument("-o", "--output", required=True, help="the .onnx file to write")
     p.add_argument(
@@ -89,7 +84,6 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         help="skip the comparison with torch (not recommended)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the generated inputs")
-    p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from converter.commands import add_command
+
 HELP = "convert a model to mixed-precision float16 (for GPU/NPU targets)"
 EPILOG = """\
 examples:
@@ -24,14 +26,7 @@ Use fp16 for GPUs and NPUs; for CPU speed use `onnxship quantize`.
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser(
-        "fp16",
-        help=HELP,
-        description=HELP,
-        epilog=EPILOG,
-        parents=[common],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add_command(sub, common, "fp16", HELP, EPILOG, run)
     p.add_argument("model", metavar="IN.onnx", help="the fp32 model to convert")
     p.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="file to write")
     io = p.add_mutually_exclusive_group()
@@ -62,12 +57,10 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         metavar="REGEX",
         help="keep nodes whose name matches in fp32 (repeatable)",
     )
-    p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from converter.onnxio import check_output_path, load_model, save_model
-    from passes.base import PassRunner
+    from passes.base import apply_to_file
     from passes.fp16 import Float16
 
     convert = Float16(
@@ -75,12 +68,9 @@ def run(args: argparse.Namespace) -> int:
         extra_block_ops=args.block_op,
         block_nodes=args.block_node,
     )
-    out = check_output_path(args.output, args.model)
-    model = load_model(args.model)
-    model, results = PassRunner([convert]).run(model)
-    save_model(model, out)
+    results = apply_to_file([convert], args.model, args.output)
     if not args.quiet:
-        print(summary(results[0].stats, args.model, out))
+        print(summary(results[0].stats, args.model, args.output))
     return 0
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from converter.commands import add_command
+
 HELP = "zero the smallest-magnitude weights of Conv, Gemm and MatMul"
 EPILOG = """\
 examples:
@@ -38,14 +40,7 @@ DEFAULT_MIN_PARAMS = 1024
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser(
-        "prune",
-        help=HELP,
-        description=HELP,
-        epilog=EPILOG,
-        parents=[common],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add_command(sub, common, "prune", HELP, EPILOG, run)
     p.add_argument("model", metavar="IN.onnx", help="the fp32 model to prune")
     p.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="file to write")
     p.add_argument(
@@ -80,12 +75,10 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         action="store_true",
         help="leave the first and the last weighted layer dense",
     )
-    p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from converter.onnxio import check_output_path, load_model, save_model
-    from passes.base import PassRunner
+    from passes.base import apply_to_file
     from passes.prune import MagnitudePrune
 
     prune = MagnitudePrune(
@@ -95,12 +88,9 @@ def run(args: argparse.Namespace) -> int:
         min_params=args.min_params,
         skip_first_last=args.skip_first_last,
     )
-    out = check_output_path(args.output, args.model)
-    model = load_model(args.model)
-    model, results = PassRunner([prune]).run(model)
-    save_model(model, out)
+    results = apply_to_file([prune], args.model, args.output)
     if not args.quiet:
-        print(summary(results[0].stats, args.model, out))
+        print(summary(results[0].stats, args.model, args.output))
     return 0
 
 

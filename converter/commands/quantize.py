@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from converter.commands import add_command
+
 HELP = "int8 quantization with onnxruntime: dynamic, or static with calibration data"
 EPILOG = """\
 examples:
@@ -48,14 +50,7 @@ DEFAULT_CALIB_BATCH = 16
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser(
-        "quantize",
-        help=HELP,
-        description=HELP,
-        epilog=EPILOG,
-        parents=[common],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add_command(sub, common, "quantize", HELP, EPILOG, run)
     p.add_argument("model", metavar="IN.onnx", help="the fp32 model to quantize")
     p.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="file to write")
     p.add_argument("--mode", required=True, choices=("dynamic", "static"))
@@ -114,7 +109,6 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         action="store_false",
         help="skip quant_pre_process (shape inference + optimization)",
     )
-    p.set_defaults(run=run)
 
 
 _STATIC_ONLY = {
@@ -159,16 +153,12 @@ def build_pass(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from converter.onnxio import check_output_path, load_model, save_model
-    from passes.base import PassRunner
+    from passes.base import apply_to_file
 
     quantize = build_pass(args)
-    out = check_output_path(args.output, args.model, args.calib)
-    model = load_model(args.model)
-    model, results = PassRunner([quantize]).run(model)
-    save_model(model, out)
+    results = apply_to_file([quantize], args.model, args.output, args.calib)
     if not args.quiet:
-        print(summary(results[0].stats, quantize.settings(), args.model, out))
+        print(summary(results[0].stats, quantize.settings(), args.model, args.output))
     return 0
 
 

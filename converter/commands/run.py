@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from converter.commands import add_command
+
 HELP = "run a recipe: export → passes → validate → bench, with manifest and report"
 EPILOG = """\
 example:
@@ -18,17 +20,9 @@ recipe fails (the report is still written), 2 on a bad recipe.
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser(
-        "run",
-        help=HELP,
-        description=HELP,
-        epilog=EPILOG,
-        parents=[common],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add_command(sub, common, "run", HELP, EPILOG, run)
     p.add_argument("recipe", metavar="RECIPE.toml")
     p.add_argument("-o", "--output", metavar="OUTDIR", help="folder for every artifact")
-    p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:

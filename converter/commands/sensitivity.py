@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from converter.commands import add_command
 from converter.commands.quantize import CALIB_METHODS, QUANT_TYPES
 
 HELP = "rank the nodes by the fidelity lost when each alone is quantized to int8"
@@ -35,14 +36,7 @@ DEFAULT_SAMPLES = 64
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser(
-        "sensitivity",
-        help=HELP,
-        description=HELP,
-        epilog=EPILOG,
-        parents=[common],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add_command(sub, common, "sensitivity", HELP, EPILOG, run)
     p.add_argument("model", metavar="MODEL.onnx", help="the fp32 model")
     p.add_argument("--data", required=True, metavar="DATA", help="scoring samples: .npz or folder")
     p.add_argument(
@@ -86,7 +80,6 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         default=None,
         help="skip quant_pre_process",
     )
-    p.set_defaults(run=run)
 
 
 _STATIC_ONLY = {

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from converter.commands import add_command
+
 HELP = "score a model on data (labels and/or a reference model) and gate it for CI"
 EPILOG = """\
 examples:
@@ -49,14 +51,7 @@ def _fraction(text: str) -> float:
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser(
-        "validate",
-        help=HELP,
-        description=HELP,
-        epilog=EPILOG,
-        parents=[common],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add_command(sub, common, "validate", HELP, EPILOG, run)
     p.add_argument("candidate", metavar="CANDIDATE.onnx", help="the model to validate")
     p.add_argument("--data", required=True, metavar="DATA", help=".npz file or folder of shards")
     p.add_argument("--reference", metavar="REF.onnx", help="the model to compare with")
@@ -87,7 +82,6 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     )
     p.add_argument("--json", metavar="PATH", help="write every number as JSON")
     p.add_argument("--junit", metavar="PATH", help="write JUnit XML, one testcase per gate")
-    p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
