@@ -13,26 +13,16 @@ from converter.metrics import accuracy, per_sample_cosine
 from converter.runtime import make_session
 
 
+def auto_digits(ref, out: Path) -> int:
+    """auto on a digits model: accuracy at most 1 point below fp32."""
+    args = ["--metric", "accuracy", "--max-drop", "0.01", "--bench-runs", "20"]
+    return main(["-q", "auto", str(ref.onnx), "--data", str(ref.test), *args, "-o", str(out)])
+
+
 @pytest.fixture(scope="module")
 def mlp_auto(digits_mlp, tmp_path_factory):
     out = tmp_path_factory.mktemp("auto") / "out"
-    code = main(
-        [
-            "-q",
-            "auto",
-            str(digits_mlp.onnx),
-            "--data",
-            str(digits_mlp.test),
-            "--metric",
-            "accuracy",
-            "--max-drop",
-            "0.01",
-            "--bench-runs",
-            "20",
-            "-o",
-            str(out),
-        ]
-    )
+    code = auto_digits(digits_mlp, out)
     return code, out
 
 
@@ -68,26 +58,7 @@ def test_auto_calibration_kept_apart_from_scoring(mlp_auto, digits_mlp) -> None:
 def test_auto_rerun_is_cached(mlp_auto, digits_mlp) -> None:
     _, out = mlp_auto
     before = json.loads((out / "manifest.json").read_text())
-    assert (
-        main(
-            [
-                "-q",
-                "auto",
-                str(digits_mlp.onnx),
-                "--data",
-                str(digits_mlp.test),
-                "--metric",
-                "accuracy",
-                "--max-drop",
-                "0.01",
-                "--bench-runs",
-                "20",
-                "-o",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    assert auto_digits(digits_mlp, out) == 0
     after = json.loads((out / "manifest.json").read_text())
     assert all(c["cached"] for c in after["candidates"])
     assert [c["score"] for c in after["candidates"]] == [c["score"] for c in before["candidates"]]
