@@ -174,14 +174,13 @@ def _example_inputs(
     feeds = next(data.batches(specs, batch_size=EXAMPLE_SAMPLES))
     sizes: dict[str, int] = {}
     for spec in specs:
-        for axis, dim in enumerate(spec.shape):
-            if isinstance(dim, str):
-                size = feeds[spec.name].shape[axis]
-                if sizes.setdefault(dim, size) != size:
-                    raise BadInputError(
-                        f"dynamic axis {dim!r} has sizes {sizes[dim]} and {size} in {example}",
-                        "give arrays that agree on every shared axis",
-                    )
+        for axis, dim in _symbolic_axes(spec).items():
+            size = feeds[spec.name].shape[axis]
+            if sizes.setdefault(dim, size) != size:
+                raise BadInputError(
+                    f"dynamic axis {dim!r} has sizes {sizes[dim]} and {size} in {example}",
+                    "give arrays that agree on every shared axis",
+                )
     small = [f"{d}={n}" for d, n in sizes.items() if n < 2]
     if small:
         raise BadInputError(
@@ -308,13 +307,17 @@ def _quiet_exporter():
             logger.debug("exporter output:\n%s", sink.read().decode(errors="replace"))
 
 
+def _symbolic_axes(spec: InputSpec) -> dict[int, str]:
+    """Axis → symbol name for the dynamic axes of one input."""
+    return {axis: d for axis, d in enumerate(spec.shape) if isinstance(d, str)}
+
+
 def _export_dynamo(model, feeds, specs, names, opset, path: Path) -> None:
     import torch
 
     dim_objs = {s: torch.export.Dim(s) for s in symbols(specs)}
     dynamic = tuple(
-        {axis: dim_objs[d] for axis, d in enumerate(spec.shape) if isinstance(d, str)} or None
-        for spec in specs
+        {axis: dim_objs[d] for axis, d in _symbolic_axes(spec).items()} or None for spec in specs
     )
     with _quiet_exporter():
         torch.onnx.export(
@@ -334,10 +337,7 @@ def _export_dynamo(model, feeds, specs, names, opset, path: Path) -> None:
 def _export_torchscript(model, feeds, specs, names, opset, path: Path) -> None:
     import torch
 
-    axes = {
-        spec.name: {axis: d for axis, d in enumerate(spec.shape) if isinstance(d, str)}
-        for spec in specs
-    }
+    axes = {spec.name: _symbolic_axes(spec) for spec in specs}
     with _quiet_exporter():
         torch.onnx.export(
             model,

@@ -19,7 +19,7 @@ from typing import Any
 
 from converter.errors import BadInputError, GateFailed, OnnxshipError
 from converter.onnxio import atomic_path, atomic_write_text, load_model, save_model
-from converter.recipe import Recipe, Variant, load_recipe
+from converter.recipe import Recipe, Variant, load_recipe, to_plain
 
 __all__ = ["run_recipe", "RunResult", "ArtifactResult", "build_passes"]
 
@@ -178,21 +178,10 @@ def _variant(variant: Variant, recipe: Recipe, out: Path) -> ArtifactResult:
     model, results = PassRunner(passes).run(model)
     path = save_model(model, out / f"{variant.name}.onnx")
     records = [
-        {"pass": p.name, "settings": _plain(p.settings()), "stats": r.stats}
+        {"pass": p.name, "settings": to_plain(p.settings()), "stats": r.stats}
         for p, r in zip(passes, results)
     ]
     return ArtifactResult(variant.name, path, passes=records)
-
-
-def _plain(value: Any) -> Any:
-    """Settings as JSON-ready values (paths and objects such as calibration ranges → str)."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return str(value)
 
 
 def _validate_all(result: RunResult) -> None:

@@ -35,6 +35,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 __all__ = [
+    "to_plain",
     "Recipe",
     "ModelSection",
     "DataSection",
@@ -104,18 +105,21 @@ class Recipe:
     def resolved(self) -> dict[str, Any]:
         """The recipe with defaults filled and paths absolute: what the manifest records."""
 
-        def plain(obj: Any) -> Any:
-            if isinstance(obj, Path):
-                return str(obj)
-            if hasattr(obj, "__dataclass_fields__"):
-                return {f.name: plain(getattr(obj, f.name)) for f in fields(obj)}
-            if isinstance(obj, dict):
-                return {k: plain(v) for k, v in obj.items()}
-            if isinstance(obj, list):
-                return [plain(v) for v in obj]
-            return obj
+        return to_plain(self)
 
-        return plain(self)
+
+def to_plain(value: Any) -> Any:
+    """JSON-ready values: dataclasses and dicts as dicts, lists and tuples as lists, scalars as
+    they are, anything else (paths, calibration ranges) as its string."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if hasattr(value, "__dataclass_fields__"):
+        return {f.name: to_plain(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, dict):
+        return {k: to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_plain(v) for v in value]
+    return str(value)
 
 
 _PATH_FIELDS = {"onnx", "weights", "example", "calibration", "validation"}
