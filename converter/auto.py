@@ -35,7 +35,7 @@ import onnx
 from converter.data import LABELS, Dataset, model_input_specs, open_data
 from converter.errors import BadInputError, GateFailed, OnnxshipError
 from converter.onnxio import atomic_path, atomic_write_text, load_model, save_model
-from converter.provenance import sha256_file
+from converter.provenance import sha256_data, sha256_file, versions
 
 __all__ = ["auto", "AutoResult", "Budget", "Candidate", "METRICS"]
 
@@ -153,8 +153,8 @@ def _split(data: Dataset, specs: list, folder: Path, max_score: int) -> tuple[Pa
 # ---------------------------------------------------------------- candidates
 
 
-def _configs(model: onnx.ModelProto) -> list[tuple[str, dict[str, Any]]]:
-    """The full-int8 configurations to try, as (name, pass settings)."""
+def _configs(model: onnx.ModelProto, target: str) -> list[tuple[str, dict[str, Any]]]:
+    """The full-int8 configurations to try for ``target``, as (name, pass settings)."""
     ops = {n.op_type for n in model.graph.node}
     configs = []
     if ops & {"MatMul", "Gemm"}:
@@ -170,7 +170,7 @@ def _configs(model: onnx.ModelProto) -> list[tuple[str, dict[str, Any]]]:
         ("static_s8_pc_minmax", {"pass": "quantize-static", "activation_type": "int8"}),
         ("static_u8_pt_minmax", {"pass": "quantize-static", "per_channel": False}),
     ]
-    return configs
+    return [(name, {**config, "target": target}) for name, config in configs]
 
 
 class _Builder:
@@ -185,28 +185,38 @@ class _Builder:
         reference: Path,
         budget: Budget,
         cache: Path,
+        target: str,
     ) -> None:
         from passes import fingerprint
 
         self.model = model
-        self.fingerprint = fingerprint(model)
         self.calib, self.score, self.reference = calib, score, reference
-        self.calib_hash = sha256_file(calib)
         self.budget = budget
         self.cache = cache
+        self.target = target
         self.ranges: dict[tuple[str, str], Any] = {}
         self.reference_score = 0.0
         self.threshold = 0.0
+        # Everything that feeds a cached number, besides each candidate's own passes.
+        self.context = {
+            "model": fingerprint(model),
+            "calibration": sha256_data(calib),
+            "scoring": sha256_data(score),
+            "metric": budget.metric,
+            "target": target,
+            "versions": {k: v for k, v in versions(False).items() if k != "numpy"},
+        }
 
     def key(self, passes: list[dict[str, Any]]) -> str:
-        text = json.dumps([self.fingerprint, self.calib_hash, passes], sort_keys=True)
+        text = json.dumps([self.context, passes], sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:20]
 
     def evaluate(self, candidate: Candidate) -> Candidate:
         candidate.key = self.key(candidate.passes)
         path, record = self.cache / f"{candidate.key}.onnx", self.cache / f"{candidate.key}.json"
-        if path.exists() and record.exists():
-            candidate.__dict__.update(json.loads(record.read_text()), path=path, cached=True)
+        numbers = _cached(path, record)
+        if numbers is not None:
+            candidate.__dict__.update(numbers, path=path, cached=True)
             return self._judge(candidate)
         try:
             with _quiet_passes():
@@ -217,8 +227,8 @@ class _Builder:
             return candidate
         candidate.path = path
         self._score(candidate)
-        numbers = {k: getattr(candidate, k) for k in ("score", "cosine", "worst")}
-        atomic_write_text(record, json.dumps(numbers))
+        numbers = {k: getattr(candidate, k) for k in _CACHED}
+        atomic_write_text(record, json.dumps({**numbers, "sha256": sha256_file(path)}))
         return self._judge(candidate)
 
     def _judge(self, c: Candidate) -> Candidate:
@@ -255,7 +265,7 @@ class _Builder:
         key = (fingerprint(model), method)
         if key not in self.ranges:
             self.ranges[key] = StaticQuantize(
-                calibration=self.calib, calib_method=method, progress=False
+                calibration=self.calib, calib_method=method, progress=False, target=self.target
             ).calibrate(model)
         return self.ranges[key]
 
@@ -269,6 +279,26 @@ class _Builder:
         values = report.outputs[report.output]
         c.score = values[self.budget.metric].value
         c.cosine, c.worst = values["cosine"].value, values["cosine"].worst
+
+
+_CACHED = ("score", "cosine", "worst")
+
+
+def _cached(path: Path, record: Path) -> dict[str, float] | None:
+    """A cache entry's numbers, or None when absent; a corrupt or truncated entry (record
+    unreadable, numbers missing, model bytes not those recorded) is dropped with a warning
+    and recomputed."""
+    if not (path.exists() and record.exists()):
+        return None
+    try:
+        entry = json.loads(record.read_text())
+        numbers = {k: float(entry[k]) for k in _CACHED}
+        if sha256_file(path) != entry["sha256"]:
+            raise ValueError("the model file is not the one its numbers were measured on")
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        logger.warning("warning: cache entry %s is corrupt (%s); recomputing it", record, e)
+        return None
+    return numbers
 
 
 @contextlib.contextmanager
@@ -295,7 +325,7 @@ def _search(
     builder: _Builder, sparsity_grid: list[float], max_excluded: int
 ) -> Iterator[Candidate]:
     base = []
-    for name, config in _configs(builder.model):
+    for name, config in _configs(builder.model, builder.target):
         c = _log(builder.evaluate(Candidate(name, _passes_of(config, []))))
         base.append((c, config))
         yield c
@@ -374,10 +404,14 @@ def auto(
     max_score_samples: int = 2000,
     bench_runs: int = 50,
     threads: int = 1,
+    target: str = "host",
 ) -> AutoResult:
     """Search configurations; write the fastest one meeting the budget to OUTDIR/model.onnx.
     Returns the result; ``result.best`` is None when nothing met the budget."""
+    from converter.targets import resolve_target
+
     budget = _check(metric, min_score, max_drop, min_worst, sparsity_grid)
+    resolved = resolve_target(target).name
     out = Path(outdir)
     fp32 = load_model(model)
     _refuse_quantized(fp32, model)
@@ -398,7 +432,7 @@ def auto(
         open_data(calib, specs)
         calib_path, score_path = Path(calib), Path(data)
         split = f"calibration: {calib}; scoring: {data} (all {dataset.num_samples} samples)"
-    builder = _Builder(fp32, calib_path, score_path, reference, budget, out / "cache")
+    builder = _Builder(fp32, calib_path, score_path, reference, budget, out / "cache", resolved)
     builder.cache.mkdir(exist_ok=True)
     builder.reference_score = _reference_score(reference, score_path, metric)
     builder.threshold = budget.threshold(builder.reference_score)

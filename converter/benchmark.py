@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from converter import __version__
 from converter.data import InputSpec, model_input_specs, open_data
-from converter.errors import BadInputError, DataError
+from converter.errors import BadInputError, DataError, first_line
 from converter.inputs import generate_inputs
 from converter.metrics import speedup
 from converter.onnxio import atomic_path, load_model
@@ -236,8 +236,11 @@ class _Prepared:
 
 def _prepare(path, data, dims: Mapping[str, int], seed: int, batch: int | None) -> _Prepared:
     """Check the model file, build its feeds, measure its size; keep nothing else."""
+    from converter.targets import warn_if_other_target
+
     model = load_model(path)
     specs = model_input_specs(model)
+    warn_if_other_target(model, path)
     del model
     if data is not None:
         feeds = _data_feeds(path, specs, data, batch)
@@ -411,7 +414,7 @@ def _interleave(calls, runs, seconds, progress: bool, desc: str) -> list[np.ndar
                 bar.update()
     except Exception as e:  # onnxruntime's exceptions have no common base but Exception
         raise BadInputError(
-            f"onnxruntime failed during the timed runs: {str(e).splitlines()[0][:300]}",
+            f"onnxruntime failed during the timed runs: {first_line(e)}",
             "run with --warmup 1 or more to see which model fails",
         ) from e
     return [np.asarray(t, dtype=np.int64) for t in times]

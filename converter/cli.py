@@ -1,7 +1,8 @@
 """The command line: a thin layer over the Python API.
 
-Exit codes: 0 ok, 1 a gate failed (validation, verification, budget), 2 bad input.
-Errors print one line ``error: <what> — <how to fix>``; ``--debug`` adds the traceback.
+Exit codes: 0 ok, 1 a gate failed (validation, verification, budget), 2 bad input, 3 an
+internal error (a bug: an exception onnxship did not expect). Errors print one line
+``error: <what> — <how to fix>``; ``--debug`` adds the traceback.
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ from converter.commands import (
     sensitivity,
     validate,
 )
-from converter.errors import OnnxshipError
+from converter.errors import OnnxshipError, first_line
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "INTERNAL_ERROR"]
+
+INTERNAL_ERROR = 3
 
 # Explicit list, in the order `--help` shows them. Each module has register() and run().
 COMMANDS = [export, prune, quantize, fp16, validate, bench, sensitivity, run, auto]
@@ -105,3 +108,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("error: interrupted — run the command again\n")
         return 130
+    except Exception as e:  # a bug, not a verdict on the model: CI must not read it as 1
+        if args.debug:
+            traceback.print_exc()
+        sys.stderr.write(
+            f"error: internal error: {first_line(e)} — rerun with --debug and report it\n"
+        )
+        return INTERNAL_ERROR

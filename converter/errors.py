@@ -14,6 +14,7 @@ __all__ = [
     "PassError",
     "GateFailed",
     "VerificationFailed",
+    "first_line",
 ]
 
 
@@ -62,3 +63,12 @@ class VerificationFailed(GateFailed):
     holds every output's diffs."""
 
     report: object | None = None
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """``Type: first non-empty line of the message`` (at most ``limit`` characters of it);
+    just the type's name for an exception with no message. Never raises."""
+    for line in str(e).splitlines():
+        if line.strip():
+            return f"{type(e).__name__}: {line.strip()[:limit]}"
+    return type(e).__name__

@@ -26,7 +26,7 @@ import onnx
 
 from converter.data import Dataset, InputSpec
 from converter.defaults import DEFAULT_OPSET, EXPORT_ATOL, EXPORT_RTOL, EXPORTERS
-from converter.errors import BadInputError, ExportError, VerificationFailed
+from converter.errors import BadInputError, ExportError, VerificationFailed, first_line
 from converter.inputs import generate_inputs, resized_dims, symbols
 from converter.onnxio import check_output_path, save_model
 from converter.verify import Comparison, compare_outputs
@@ -93,8 +93,14 @@ def export(
     rtol: float = EXPORT_RTOL,
     verify: bool = True,
     seed: int = 0,
+    accept_traced_branches: bool = False,
 ) -> ExportResult:
-    """Export ``file.py:callable`` to ``output`` and verify it against torch."""
+    """Export ``file.py:callable`` to ``output`` and verify it against torch.
+
+    When the TorchScript tracer had to turn a tensor into a Python value (a data-dependent
+    ``if``, a loop count, an index), the graph holds only the path the example took: that is
+    refused (VerificationFailed, nothing written) naming the user's line, unless
+    ``accept_traced_branches`` says the user accepts it."""
     try:
         from converter import torchload
     except ImportError as e:
@@ -110,9 +116,12 @@ def export(
     if weights is not None:
         torchload.load_weights(model, weights)
     feeds, dims = _example_inputs(specs, dims or {}, example, seed)
-    names = list(output_names or _default_output_names(model, feeds))
+    names = _output_names(model, feeds, output_names)
     with tempfile.TemporaryDirectory(prefix=".onnxship-", dir=out.parent) as tmp:
-        onnx_path, used, notes = _export_any(model, feeds, specs, names, opset, exporter, tmp)
+        onnx_path, used, notes, risks = _export_any(
+            model, feeds, specs, names, opset, exporter, tmp
+        )
+        notes += _traced_branches(risks, accept_traced_branches)
         final = Path(tmp) / "final.onnx"
         _check_and_save(onnx_path, final, data_name=out.name + ".data")
         report = ExportReport(
@@ -216,9 +225,60 @@ def _run_torch(model: Any, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
     return [t.detach().cpu().numpy() for t in _flatten(out)]
 
 
-def _default_output_names(model: Any, feeds: Mapping[str, np.ndarray]) -> list[str]:
-    n = len(_run_torch(model, feeds))
-    return ["output"] if n == 1 else [f"output_{i}" for i in range(n)]
+def _names_of(obj: Any, prefix: str) -> list[str]:
+    """Output names from the structure the module returns, in _flatten's order: a dict's
+    keys, a namedtuple's fields, ``prefix_i`` for plain tuples and lists."""
+    if isinstance(obj, dict):
+        return [n for k, v in obj.items() for n in _names_of(v, _join(prefix, str(k)))]
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return [n for k, v in zip(obj._fields, obj) for n in _names_of(v, _join(prefix, k))]
+    if isinstance(obj, (tuple, list)):
+        base = prefix or "output"
+        return [n for i, v in enumerate(obj) for n in _names_of(v, f"{base}_{i}")]
+    return [] if obj is None else [prefix or "output"]
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _output_names(
+    model: Any, feeds: Mapping[str, np.ndarray], given: Sequence[str] | None
+) -> list[str]:
+    """``given`` (checked against the number of outputs), else names from the structure."""
+    import torch
+
+    with torch.no_grad():
+        out = model(*_torch_feeds(feeds))
+    found = _names_of(out, "")
+    if not given:
+        return (
+            found if len(set(found)) == len(found) else [f"output_{i}" for i in range(len(found))]
+        )
+    if len(given) != len(found) or len(set(given)) != len(given):
+        raise BadInputError(
+            f"{len(given)} --output-name given ({', '.join(given)}) for a model with "
+            f"{len(found)} outputs ({', '.join(found)})",
+            f"give {len(found)} distinct names, in the order the model returns them",
+        )
+    return list(given)
+
+
+def _traced_branches(risks: list[str], accepted: bool) -> list[str]:
+    """Refuse a trace that froze data-dependent Python values, unless accepted (a note)."""
+    if not risks:
+        return []
+    shown = "; ".join(risks[:3]) + (f"; and {len(risks) - 3} more" if len(risks) > 3 else "")
+    if not accepted:
+        raise VerificationFailed(
+            "the exported graph may be wrong for inputs that take another path: the "
+            f"TorchScript tracer froze a data-dependent Python value at {shown}",
+            "make that code tensor-only (e.g. torch.where instead of `if`), or pass "
+            "--accept-traced-branches if every input takes the same path",
+        )
+    note = f"accepted traced branches (--accept-traced-branches): {shown}"
+    logger.warning("warning: %s", note)
+    return [note]
 
 
 def _export_any(
@@ -229,23 +289,24 @@ def _export_any(
     opset: int,
     exporter: str,
     tmp: str,
-) -> tuple[Path, str, list[str]]:
-    """Run the chosen exporter; ``auto`` falls back from dynamo to TorchScript, saying so."""
+) -> tuple[Path, str, list[str], list[str]]:
+    """Run the chosen exporter; ``auto`` falls back from dynamo to TorchScript, saying so.
+    Returns the file, the exporter used, notes and the tracer's risks."""
     tried = ["dynamo", "torchscript"] if exporter == "auto" else [exporter]
     errors: dict[str, str] = {}
     notes = []
     for name in tried:
         path = Path(tmp) / f"{name}.onnx"
         try:
-            _EXPORTERS[name](model, feeds, specs, names, opset, path)
+            risks = _EXPORTERS[name](model, feeds, specs, names, opset, path)
         except Exception as e:  # exporters raise many types; each is reported below
-            errors[name] = _first_line(e)
+            errors[name] = _exporter_reason(e)
             logger.debug("%s exporter failed", name, exc_info=True)
             continue
         if errors:
             notes.append(f"dynamo exporter failed ({errors['dynamo']}); used torchscript")
             logger.warning("warning: " + notes[-1])
-        return path, name, notes
+        return path, name, notes, risks
     detail = "; ".join(f"{k}: {v}" for k, v in errors.items())
     raise ExportError(
         f"the model could not be exported ({detail})",
@@ -261,7 +322,7 @@ _OP_PATTERNS = (
 )
 
 
-def _first_line(e: BaseException) -> str:
+def _exporter_reason(e: BaseException) -> str:
     """The telling part of an exporter's error: the failing op when one is named, else the
     innermost exception's first line."""
     chain = []
@@ -278,18 +339,56 @@ def _first_line(e: BaseException) -> str:
     return f"{type(chain[-1]).__name__}: {lines[0][:300]}" if lines else type(chain[-1]).__name__
 
 
+def _user_frame() -> str:
+    """``file:line: code`` of the innermost frame outside torch, the stdlib and onnxship: the
+    line of the user's model that made the tracer warn."""
+    import traceback
+
+    skip = (str(Path(os.__file__).parent), str(Path(__file__).parent))
+    for frame in reversed(traceback.extract_stack()[:-2]):
+        name = frame.filename
+        if "/torch/" in name or name.startswith(skip) or name.startswith("<"):
+            continue
+        return f"{name}:{frame.lineno}: {(frame.line or '').strip()}"
+    return "an unknown line"
+
+
 @contextlib.contextmanager
-def _quiet_exporter():
+def _recording_tracer_warnings(risks: list[str] | None):
+    """Ignore the exporters' warnings, except torch.jit.TracerWarning: each one (a tensor
+    turned into a Python bool/number, so the trace froze one branch or value) is appended
+    to ``risks`` with the user's line that caused it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if risks is None:
+            yield
+            return
+        import torch
+
+        warnings.filterwarnings("always", category=torch.jit.TracerWarning)
+
+        def record(message, category, filename, lineno, file=None, line=None):
+            text = str(message).strip().split(". ")[0]
+            entry = f"{_user_frame()} ({text[:120]})"
+            if entry not in risks:
+                risks.append(entry)
+
+        warnings.showwarning = record
+        yield
+
+
+@contextlib.contextmanager
+def _quiet_exporter(risks: list[str] | None = None):
     """Keep the exporters' prints (Python and C++, stdout and stderr) and warnings off the
-    user's terminal; what they printed goes to the debug log."""
+    user's terminal; what they printed goes to the debug log. Tracer warnings go to
+    ``risks`` (see _recording_tracer_warnings)."""
     torch_log = logging.getLogger("torch")
     level = torch_log.level
     torch_log.setLevel(logging.ERROR)
     sys.stdout.flush()
     sys.stderr.flush()
     saved = {fd: os.dup(fd) for fd in (1, 2)}
-    with tempfile.TemporaryFile(mode="w+b") as sink, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with tempfile.TemporaryFile(mode="w+b") as sink, _recording_tracer_warnings(risks):
         try:
             for fd in saved:
                 os.dup2(sink.fileno(), fd)
@@ -312,7 +411,9 @@ def _symbolic_axes(spec: InputSpec) -> dict[int, str]:
     return {axis: d for axis, d in enumerate(spec.shape) if isinstance(d, str)}
 
 
-def _export_dynamo(model, feeds, specs, names, opset, path: Path) -> None:
+def _export_dynamo(model, feeds, specs, names, opset, path: Path) -> list[str]:
+    """Export with torch.export (which refuses data-dependent branches rather than freezing
+    them: no trace risks to report)."""
     import torch
 
     dim_objs = {s: torch.export.Dim(s) for s in symbols(specs)}
@@ -332,13 +433,16 @@ def _export_dynamo(model, feeds, specs, names, opset, path: Path) -> None:
             external_data=True,
             verbose=False,
         )
+    return []
 
 
-def _export_torchscript(model, feeds, specs, names, opset, path: Path) -> None:
+def _export_torchscript(model, feeds, specs, names, opset, path: Path) -> list[str]:
+    """Export by tracing; returns the tracer's warnings (each with the user's line)."""
     import torch
 
     axes = {spec.name: _symbolic_axes(spec) for spec in specs}
-    with _quiet_exporter():
+    risks: list[str] = []
+    with _quiet_exporter(risks):
         torch.onnx.export(
             model,
             _torch_feeds(feeds),
@@ -350,6 +454,7 @@ def _export_torchscript(model, feeds, specs, names, opset, path: Path) -> None:
             dynamic_axes={k: v for k, v in axes.items() if v},
             do_constant_folding=True,
         )
+    return risks
 
 
 _EXPORTERS = {"dynamo": _export_dynamo, "torchscript": _export_torchscript}
@@ -363,7 +468,7 @@ def _check_and_save(src: Path, final: Path, data_name: str) -> None:
         model = onnx.shape_inference.infer_shapes(model, check_type=True, data_prop=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         raise ExportError(
-            f"the exported model fails the onnx checker: {str(e).splitlines()[0]}",
+            f"the exported model fails the onnx checker: {first_line(e)}",
             "try the other --exporter or another --opset; --debug shows the details",
         ) from e
     save_model(model, final, data_name)
@@ -388,26 +493,35 @@ def _verify(model, path, specs, feeds, dims, names, atol, rtol, seed) -> list[Co
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     onnx_names = [o.name for o in session.get_outputs()]
-    cases = [("the example input", dict(feeds))]
-    if dims:
-        other = resized_dims(dims)
-        ranges = {
-            n: (int(a.min()), int(a.max()) + 1) for n, a in feeds.items() if a.dtype.kind in "iu"
-        }
-        sizes = ", ".join(f"{k}={v}" for k, v in other.items())
-        cases.append((f"a second input ({sizes})", generate_inputs(specs, other, seed + 1, ranges)))
     comparisons = []
-    for label, case in cases:
+    for label, case in _verification_inputs(specs, feeds, dims, seed):
         want = _run_torch(model, case)
         try:
             got = session.run(None, case)
         except Exception as e:  # onnxruntime raises its own Fail/InvalidArgument types
             comp = Comparison(label, atol, rtol)
-            comp.problems.append(f"onnxruntime failed: {_first_line(e)}")
+            comp.problems.append(f"onnxruntime failed: {_exporter_reason(e)}")
             comparisons.append(comp)
             continue
         comparisons.append(compare_outputs(label, onnx_names, got, names, want, atol, rtol))
     return comparisons
+
+
+def _verification_inputs(specs, feeds, dims, seed) -> list[tuple[str, dict[str, np.ndarray]]]:
+    """The example; the example negated (float inputs) and new random values at its sizes,
+    so that a graph frozen on the example's values shows; a resized input per dynamic axis."""
+    ranges = {n: (int(a.min()), int(a.max()) + 1) for n, a in feeds.items() if a.dtype.kind in "iu"}
+    same = {d: feeds[s.name].shape[axis] for s in specs for axis, d in _symbolic_axes(s).items()}
+    cases = [("the example input", dict(feeds))]
+    if any(a.dtype.kind == "f" for a in feeds.values()):
+        negated = {n: -a if a.dtype.kind == "f" else a for n, a in feeds.items()}
+        cases.append(("the example negated", negated))
+    cases.append(("new random values", generate_inputs(specs, same, seed + 2, ranges)))
+    if dims:
+        other = resized_dims(dims)
+        text = ", ".join(f"{k}={v}" for k, v in other.items())
+        cases.append((f"a resized input ({text})", generate_inputs(specs, other, seed + 1, ranges)))
+    return cases
 
 
 def _move_into_place(final: Path, out: Path) -> None:

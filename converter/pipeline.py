@@ -26,6 +26,7 @@ __all__ = ["run_recipe", "RunResult", "ArtifactResult", "build_passes"]
 logger = logging.getLogger(__name__)
 
 REFERENCE = "fp32"
+_TARGETED = ("quantize", "quantize-dynamic", "quantize-static")  # passes that take `target`
 
 
 @dataclass
@@ -50,6 +51,7 @@ class RunResult:
     report_html: Path | None = None
     export_report: Any = None
     timings: dict[str, float] = field(default_factory=dict)
+    labelled: bool | None = None  # whether the validation data has labels (None: no data)
 
     @property
     def passed(self) -> bool:
@@ -71,6 +73,8 @@ def build_passes(variant: Variant, recipe: Recipe) -> list:
     built = []
     for i, entry in enumerate(variant.passes):
         settings = {k: v for k, v in entry.items() if k != "pass"}
+        if entry["pass"] in _TARGETED:
+            settings.setdefault("target", recipe.target)
         try:
             built.append(make_recipe_pass(entry["pass"], settings, recipe.data.calibration))
         except BadInputError as e:
@@ -165,6 +169,7 @@ def _reference(recipe: Recipe, out: Path, result: RunResult) -> ArtifactResult:
         opset=m.opset or DEFAULT_OPSET,
         atol=EXPORT_ATOL if m.atol is None else m.atol,
         rtol=EXPORT_RTOL if m.rtol is None else m.rtol,
+        accept_traced_branches=m.accept_traced_branches,
     )
     result.export_report = exported.report
     return ArtifactResult(REFERENCE, path)
@@ -185,12 +190,15 @@ def _variant(variant: Variant, recipe: Recipe, out: Path) -> ArtifactResult:
 
 
 def _validate_all(result: RunResult) -> None:
+    from converter.data import Dataset
     from converter.validation import validate
 
     gates = result.recipe.gates
     data = result.recipe.data.validation
     reference = result.artifacts[0]
-    reference.validation = validate(reference.path, data, progress=False)
+    result.labelled = Dataset(data).has_labels
+    if result.labelled:  # without labels the reference has nothing to be scored against
+        reference.validation = validate(reference.path, data, progress=False)
     for artifact in result.artifacts[1:]:
         artifact.validation = validate(
             artifact.path,
@@ -207,11 +215,13 @@ def _validate_all(result: RunResult) -> None:
 def _metrics(gates: Any, result: RunResult) -> list[str]:
     """The recipe's metrics, else accuracy (when the data has labels), agreement, cosine."""
     if gates.metrics:
+        if "accuracy" in gates.metrics and not result.labelled:
+            raise BadInputError(
+                f"[gates] metrics has accuracy but {result.recipe.data.validation} has no `labels`",
+                "add labels to the validation data, or gate on agreement/cosine",
+            )
         return list(gates.metrics)
-    from converter.data import Dataset
-
-    has_labels = Dataset(result.recipe.data.validation).has_labels
-    return (["accuracy"] if has_labels else []) + ["agreement", "cosine"]
+    return (["accuracy"] if result.labelled else []) + ["agreement", "cosine"]
 
 
 def _bench_all(result: RunResult) -> None:

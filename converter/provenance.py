@@ -8,7 +8,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-__all__ = ["sha256_file", "versions", "machine", "INT8_FLAGS"]
+__all__ = ["sha256_file", "sha256_data", "versions", "machine", "INT8_FLAGS"]
 
 # CPU flags that decide int8 speed on x86: VNNI (AVX512 or AVX) runs U8×S8 dot products
 # natively; without it onnxruntime falls back to AVX2 code paths.
@@ -20,6 +20,17 @@ def sha256_file(path: str | Path) -> str:
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_data(path: str | Path) -> str:
+    """Content hash of a data file, or of a folder's .npz shards (names and bytes, in order)."""
+    path = Path(path)
+    if not path.is_dir():
+        return sha256_file(path)
+    digest = hashlib.sha256()
+    for shard in sorted(path.glob("*.npz")):
+        digest.update(shard.name.encode() + b"\0" + sha256_file(shard).encode())
     return digest.hexdigest()
 
 

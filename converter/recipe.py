@@ -3,6 +3,7 @@ the gates and the bench settings. Unknown keys are errors naming the allowed one
 paths are relative to the recipe file.
 
     name = "digits_cnn"
+    target = "host"               # CPU kind for int8 (host, avx2, avx512-vnni, arm64)
     [model]                       # from PyTorch (as `export` takes it) ...
     spec = "model.py:trained"
     inputs = ["x:batch,1,8,8:float32"]
@@ -61,6 +62,7 @@ class ModelSection:
     opset: int | None = None
     atol: float | None = None
     rtol: float | None = None
+    accept_traced_branches: bool = False
 
 
 @dataclass
@@ -101,6 +103,7 @@ class Recipe:
     variants: list[Variant]
     gates: Gates
     bench: BenchSection
+    target: str = "host"  # hardware target of every quantize pass that names none
 
     def resolved(self) -> dict[str, Any]:
         """The recipe with defaults filled and paths absolute: what the manifest records."""
@@ -123,7 +126,7 @@ def to_plain(value: Any) -> Any:
 
 
 _PATH_FIELDS = {"onnx", "weights", "example", "calibration", "validation"}
-_TOP = {"name", "model", "data", "variants", "gates", "bench"}
+_TOP = {"name", "target", "model", "data", "variants", "gates", "bench"}
 
 
 def _section(cls: type, raw: Any, where: str, base: Path) -> Any:
@@ -197,9 +200,21 @@ def load_recipe(path: str | Path) -> Recipe:
         variants=_variants(raw.get("variants", []), base),
         gates=_section(Gates, raw.get("gates", {}), "gates", base),
         bench=_section(BenchSection, raw.get("bench", {}), "bench", base),
+        target=_target(raw.get("target", "host")),
     )
     _check_model(recipe.model, base)
     return recipe
+
+
+def _target(value: Any) -> str:
+    """The recipe's target, checked now (an unknown one fails before anything runs); kept as
+    written so the manifest shows it, resolved per pass."""
+    from converter.targets import resolve_target
+
+    if not isinstance(value, str):
+        raise BadInputError(f"recipe `target` must be a string, got {value!r}", 'target = "host"')
+    resolve_target(value)
+    return value
 
 
 def _check_model(model: ModelSection, base: Path) -> None:

@@ -45,7 +45,38 @@ def build_manifest(result: Any) -> dict[str, Any]:
         "bench": result.bench.to_dict() if result.bench is not None else None,
         "timings_s": dict(result.timings),
         "gates_passed": result.passed,
+        "target": _target(result),
+        "scoring": _scoring_note(result),
     }
+
+
+def _target(result: Any) -> dict[str, Any]:
+    from converter.targets import resolve_target, target_summary
+
+    return {"recipe": result.recipe.target, **target_summary(resolve_target(result.recipe.target))}
+
+
+def _scoring_note(result: Any) -> str:
+    if result.labelled is None:
+        return "The recipe has no validation data: nothing was scored."
+    if not result.labelled:
+        return (
+            "The validation data has no labels: variants are scored by fidelity to the fp32 "
+            "reference only (agreement of the argmax, cosine); there is no accuracy."
+        )
+    return (
+        "Accuracy is scored on the validation data; agreement (argmax) and cosine "
+        "compare each variant with the fp32 reference on the same samples."
+    )
+
+
+def _target_line(manifest: dict) -> str:
+    t = manifest["target"]
+    bits = "7-bit" if t["reduce_range"] else "8-bit"
+    return (
+        f"int8 target: {t['target']} ({bits} weights; recipe says {t['recipe']!r}), "
+        f"host: {t['host_target']}."
+    )
 
 
 def _export_dict(report: Any) -> dict[str, Any] | None:
@@ -246,6 +277,7 @@ def _markdown(result: Any, manifest: dict, rows: list, plots: dict[str, Path]) -
         "",
         f"Machine: {mach['cpu']}, {mach['cores']} cores, VNNI: {'yes' if mach['vnni'] else 'no'}."
         f" onnxruntime {manifest['versions']['onnxruntime']}, onnx {manifest['versions']['onnx']}.",
+        _target_line(manifest),
         _bench_line(result),
         "",
         "| " + " | ".join(_HEADER) + " |",
@@ -254,8 +286,7 @@ def _markdown(result: Any, manifest: dict, rows: list, plots: dict[str, Path]) -
     lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
     lines += [
         "",
-        "Accuracy is scored on the validation data; agreement (argmax) and cosine "
-        "compare each variant with the fp32 reference on the same samples.",
+        manifest["scoring"],
         "",
     ]
     if _pass_lines(result):
@@ -314,7 +345,8 @@ td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:right}}td:first-child{
 </style></head><body>
 <h1>onnxship report: {esc(result.recipe.name)}</h1>
 <p>Machine: {esc(str(mach["cpu"]))}, {mach["cores"]} cores, VNNI: {"yes" if mach["vnni"] else "no"}.
-{esc(_bench_line(result))}</p>
+{esc(_target_line(manifest))} {esc(_bench_line(result))}</p>
+<p>{esc(manifest["scoring"])}</p>
 <table><tr>{head}</tr>{body}</table>
 <h2>Passes</h2><table><tr><th>model</th><th>pass</th><th>stats</th></tr>{passes}</table>
 <h2>Gates</h2><p>{esc("All gates hold." if not failed else "Failed: " + "; ".join(failed))}</p>

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from converter.errors import BadInputError
+from converter.errors import BadInputError, first_line
 
 __all__ = ["make_session", "run_batches", "run_session"]
 
@@ -37,7 +37,7 @@ def make_session(
     except Exception as e:  # onnxruntime raises Fail/InvalidGraph/NotImplemented...
         what = "the model" if isinstance(model, bytes) else str(model)
         raise BadInputError(
-            f"onnxruntime cannot load {what}: {str(e).splitlines()[0][:300]}",
+            f"onnxruntime cannot load {what}: {first_line(e)}",
             "check that it is a valid ONNX model for the CPU execution provider",
         ) from e
 
@@ -62,6 +62,6 @@ def run_session(
     except Exception as e:  # onnxruntime raises Fail/InvalidArgument/RuntimeException...
         shapes = ", ".join(f"{n}{tuple(np.shape(a))}" for n, a in feed.items())
         raise BadInputError(
-            f"onnxruntime failed to run {what} on {shapes}: {str(e).splitlines()[0][:300]}",
+            f"onnxruntime failed to run {what} on {shapes}: {first_line(e)}",
             "check that the inputs fit the model (shapes, dtypes, value ranges such as token ids)",
         ) from e

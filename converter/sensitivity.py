@@ -595,6 +595,7 @@ def _describe_quantization(r: SensitivityReport) -> str:
     weights = " ".join(
         [s["weight_type"], "per-channel" if s["per_channel"] else "per-tensor"]
         + (["7-bit"] if s["reduce_range"] else [])
+        + [f"for {s['target']}"]
     )
     if r.mode == "dynamic":
         return f"dynamic int8: {weights} weights, uint8 activations at run time"

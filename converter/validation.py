@@ -256,8 +256,11 @@ def _check_numbers(min_score, max_drop, min_worst, tolerance, batch_size, thread
 
 def _load_interfaces(candidate, reference) -> tuple[list[InputSpec], list[str], list | None]:
     """Input specs and output names of the candidate; input specs of the reference."""
+    from converter.targets import warn_if_other_target
+
     model = load_model(candidate, what="candidate model")
     specs, outputs = model_input_specs(model), [o.name for o in model.graph.output]
+    warn_if_other_target(model, candidate)
     if reference is None:
         return specs, outputs, None
     ref = load_model(reference, what="reference model")

@@ -18,7 +18,7 @@ from typing import Any
 
 import onnx
 
-from converter.errors import BadInputError, OnnxshipError, PassError
+from converter.errors import BadInputError, OnnxshipError, PassError, first_line
 
 __all__ = ["Pass", "PassResult", "PassRunner", "make_pass", "fingerprint", "apply_to_file"]
 
@@ -54,7 +54,7 @@ class Pass:
             onnx.checker.check_model(result.model, full_check=False)
         except onnx.checker.ValidationError as e:
             raise PassError(
-                f"pass {self.name} produced an invalid model: {str(e).splitlines()[0]}",
+                f"pass {self.name} produced an invalid model: {first_line(e)}",
                 "report this as a bug; --debug shows the details",
             ) from e
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import onnx
 
-from converter.errors import BadInputError, PassError
+from converter.errors import BadInputError, PassError, first_line
 from passes.base import Pass, PassResult
 
 __all__ = ["Float16", "FP32_OPS", "default_block_list"]
@@ -99,7 +99,7 @@ class Float16(Pass):
             onnx.shape_inference.infer_shapes(result.model, check_type=True, strict_mode=True)
         except onnx.shape_inference.InferenceError as e:
             raise PassError(
-                f"the fp16 model has inconsistent types: {str(e).splitlines()[0][:300]}",
+                f"the fp16 model has inconsistent types: {first_line(e)}",
                 "keep the op named there in fp32 with --block-op TYPE or --block-node NAME",
             ) from e
 
@@ -129,8 +129,7 @@ class Float16(Pass):
                 )
             except Exception as e:  # the converter raises ValueError, KeyError, AttributeError
                 raise PassError(
-                    f"onnxconverter-common could not convert the model to fp16: "
-                    f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}",
+                    f"onnxconverter-common could not convert the model to fp16: {first_line(e)}",
                     "keep the failing op in fp32 with --block-op TYPE or --block-node NAME",
                 ) from e
         _fix_casts(result, {n.name for n in model.graph.node if n.op_type not in ops}, nodes)

@@ -26,12 +26,14 @@ keep its pre-processed form in memory, so pre-processing runs once too)::
     for skip in (["node_conv2d"], ["node_linear"]):
         result = StaticQuantize(ranges=ranges, nodes_to_exclude=skip)(model)
 
-Weights default to per-channel int8 with ``reduce_range`` (7-bit values, [-63, 63]). x86 CPUs
-without VNNI (AVX2, AVX-512F) compute uint8 x int8 dot products with ``vpmaddubsw``, whose
-16-bit pair sums saturate once 255 * |w| * 2 > 32767; full-range per-channel weights reach
-|w| = 127 in every channel and saturate often. Measured on this AVX2 machine: encoder
-cosine to fp32 min 0.991 (full range) vs 0.998 (reduced); an 8x8 MatMul on unit-normal
-inputs 0.85 vs 0.9999; same speed. VNNI and ARM targets can pass ``reduce_range=False``.
+Weights are per-channel int8; whether they use 7 bits (``reduce_range``) or all 8 is decided
+by the hardware ``target`` (:mod:`converter.targets`): x86 CPUs without VNNI (AVX2, AVX-512F)
+compute uint8 x int8 dot products with ``vpmaddubsw``, whose 16-bit pair sums saturate once
+255 * |w| * 2 > 32767, so full-range weights saturate often there (measured on an AMD EPYC,
+AVX2: tiny encoder worst cosine 0.974 full range vs 0.999 7-bit, same speed); VNNI and ARM
+accumulate in int32, where full 8-bit weights are safe and more faithful. The default target
+is ``host``; an explicit ``reduce_range`` overrides the target's choice. The resolved target
+is written into the model's metadata (``onnxship.target``).
 
 Every output is deterministic: ORT's quantizers produce the same bytes for the same input
 and settings (checked in tests, across processes), and we pass every list sorted.
@@ -54,7 +56,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from converter.errors import BadInputError, DataError, PassError
+from converter.errors import BadInputError, DataError, PassError, first_line
 from passes.base import Pass, PassResult, fingerprint
 
 __all__ = [
@@ -181,11 +183,6 @@ def _ort_quiet() -> Iterator[list[str]]:
         ort_log.propagate = propagate
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:300]}" if text else type(e).__name__
-
-
 def _compile_all(patterns: Sequence[str], flag: str) -> list[re.Pattern]:
     compiled = []
     for pattern in patterns:
@@ -262,7 +259,7 @@ def preprocess(model: onnx.ModelProto, folder: Path, enabled: bool = True) -> Pr
                 logger.warning("pre-processing: %s", note)
             return Prepared(target, onnx.load(str(target)), note)
         except Exception as e:  # ORT raises Exception, ValueError, RuntimeError, Fail...
-            failures.append(f"{label} failed: {_first_line(e)}")
+            failures.append(f"{label} failed: {first_line(e)}")
     note = "failed, quantizing the model as it is (" + "; ".join(failures) + ")"
     logger.warning(
         "pre-processing %s — quantization may skip tensors of unknown shape; "
@@ -435,15 +432,22 @@ class _Int8Pass(Pass):
     def _init_common(
         self,
         per_channel: bool,
-        reduce_range: bool,
+        reduce_range: bool | None,
+        target: str | None,
         weight_type: str,
         exclude: Sequence[str],
         exclude_ops: Sequence[str],
         nodes_to_exclude: Sequence[str],
         preprocess: bool,
     ) -> None:
+        from converter.targets import resolve_target
+
         self.per_channel = bool(per_channel)
-        self.reduce_range = bool(reduce_range)
+        self._target = resolve_target(target)
+        self.target = self._target.name
+        self.reduce_range = (
+            self._target.reduce_range if reduce_range is None else bool(reduce_range)
+        )
         self.weight_type = _check_choice(weight_type, QUANT_TYPES, "weight type")
         self.exclude = tuple(exclude)
         self.exclude_ops = tuple(exclude_ops)
@@ -496,10 +500,12 @@ class _Int8Pass(Pass):
             with _ort_quiet() as ort_warnings:
                 extra = self.quantize(prepared, excluded, out, folder)
             result = onnx.load(str(out))
+        _mark_target(result, self.target)
         report = node_report(prepared.model, result, self.report_mode, excluded)
         stats = {
             "mode": self.mode,
             "format": self.report_mode if self.mode == "static" else "qoperator",
+            "target": self.target_stats(),
             "preprocess": prepared.note,
             **extra,
             "nodes": {"quantized": report["quantized"], "fp32": report["fp32"]},
@@ -519,6 +525,15 @@ class _Int8Pass(Pass):
         )
         return PassResult(result, True, stats)
 
+    def target_stats(self) -> dict[str, Any]:
+        """The target, what it implied (and whether a setting overrode it), the host's flags."""
+        from converter.targets import target_summary
+
+        summary = target_summary(self._target)
+        summary["reduce_range"] = self.reduce_range
+        summary["overridden"] = self.reduce_range != self._target.reduce_range
+        return summary
+
     @property
     def report_mode(self) -> str:
         return "dynamic"
@@ -529,6 +544,16 @@ class _Int8Pass(Pass):
         raise NotImplementedError
 
 
+def _mark_target(model: onnx.ModelProto, target: str) -> None:
+    """Record the hardware target in the model's metadata (replacing an earlier one)."""
+    from converter.targets import METADATA_KEY
+
+    kept = [p for p in model.metadata_props if p.key != METADATA_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    model.metadata_props.add(key=METADATA_KEY, value=target)
+
+
 def _run_ort(what: str, function, *args, **kwargs) -> None:
     """Call an onnxruntime.quantization entry point; any failure becomes a PassError."""
     try:
@@ -537,7 +562,7 @@ def _run_ort(what: str, function, *args, **kwargs) -> None:
         raise
     except Exception as e:  # ORT raises ValueError, KeyError, AssertionError, Fail...
         raise PassError(
-            f"onnxruntime could not {what}: {_first_line(e)}",
+            f"onnxruntime could not {what}: {first_line(e)}",
             "keep the failing node in fp32 with --exclude NAME or --exclude-op TYPE, or retry "
             "with/without --no-preprocess; --debug shows the details",
         ) from e
@@ -560,16 +585,18 @@ class DynamicQuantize(_Int8Pass):
     def __init__(
         self,
         per_channel: bool = True,
-        reduce_range: bool = True,
+        reduce_range: bool | None = None,
         weight_type: str = "int8",
         exclude: Sequence[str] = (),
         exclude_ops: Sequence[str] = (),
         nodes_to_exclude: Sequence[str] = (),
         preprocess: bool = True,
+        target: str = "host",
     ) -> None:
         self._init_common(
             per_channel,
             reduce_range,
+            target,
             weight_type,
             exclude,
             exclude_ops,
@@ -659,7 +686,7 @@ class CalibrationRanges:
             return cls(tensors, meta["method"], meta["model"], meta["preprocess"], meta["samples"])
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise BadInputError(
-                f"cannot read calibration ranges {path} ({_first_line(e)})",
+                f"cannot read calibration ranges {path} ({first_line(e)})",
                 "pass a file written by CalibrationRanges.save",
             ) from e
 
@@ -728,16 +755,18 @@ class StaticQuantize(_Int8Pass):
         per_channel: bool = True,
         activation_type: str = "uint8",
         weight_type: str = "int8",
-        reduce_range: bool = True,
+        reduce_range: bool | None = None,
         exclude: Sequence[str] = (),
         exclude_ops: Sequence[str] = (),
         nodes_to_exclude: Sequence[str] = (),
         preprocess: bool = True,
         progress: bool = True,
+        target: str = "host",
     ) -> None:
         self._init_common(
             per_channel,
             reduce_range,
+            target,
             weight_type,
             exclude,
             exclude_ops,
@@ -873,7 +902,7 @@ class StaticQuantize(_Int8Pass):
             last = offset + len(next(iter(feed.values()))) - 1
             raise DataError(
                 f"running calibration samples {offset}..{last} through the model failed: "
-                f"{_first_line(e)}",
+                f"{first_line(e)}",
                 "check that the data is what the model takes (value ranges, sequence lengths)",
             ) from e
 

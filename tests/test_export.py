@@ -55,6 +55,54 @@ class Eig(nn.Module):
 
 def eig():
     return Eig()
+
+class Branchy(nn.Module):
+    # Data-dependent control flow: a trace keeps only the branch the example took.
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 3)
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.a(x)
+        return -self.a(x)
+
+def branchy():
+    torch.manual_seed(0)
+    return Branchy()
+
+class SameBranch(Branchy):
+    def forward(self, x):
+        if x.abs().sum() >= 0:  # data-dependent for the tracer, but true for every input
+            return self.a(x)
+        return -self.a(x)
+
+def same_branch():
+    torch.manual_seed(0)
+    return SameBranch()
+
+class Dicty(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 3)
+    def forward(self, x):
+        y = self.a(x)
+        return {"logits": y, "aux": y.sum(-1)}
+
+def dicty():
+    torch.manual_seed(0)
+    return Dicty()
+
+import collections
+Pair = collections.namedtuple("Pair", ["scores", "hidden"])
+
+class Named(Dicty):
+    def forward(self, x):
+        y = self.a(x)
+        return Pair(y, {"twice": y * 2, "half": y / 2})
+
+def named():
+    torch.manual_seed(0)
+    return Named()
 """
 
 
@@ -92,6 +140,8 @@ def test_export_tiny_reports_and_verifies(user_code: Path, tmp_path: Path, capsy
     assert "dynamo exporter, opset 18" in stdout
     assert "x[batch,4] float32" in stdout and "output[batch,3] float32" in stdout
     assert "max abs" in stdout and "(batch=3)" in stdout
+    for case in ("the example input", "the example negated", "new random values"):
+        assert f"verified on {case}" in stdout
     model = onnx.load(str(out))
     assert not Path(str(out) + ".data").exists()  # weights inline
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
@@ -135,7 +185,7 @@ def test_example_npz_is_traced_and_verified(user_code: Path, tmp_path: Path) -> 
     )
     first = result.report.comparisons[0]
     assert first.outputs[0].shape == (6, 3) and first.ok
-    assert result.report.comparisons[1].outputs[0].shape == (5, 3)
+    assert result.report.comparisons[-1].outputs[0].shape == (5, 3)  # the resized input
 
 
 @pytest.mark.parametrize("name", ["digits_cnn", "digits_mlp"])
@@ -228,7 +278,7 @@ def test_resnet18_shaped_cnn(tmp_path: Path) -> None:
     )
     assert report.exporter == "dynamo"
     assert {n.op_type for n in onnx.load(str(path)).graph.node} >= {"Conv", "MaxPool"}
-    assert [c.ok for c in report.comparisons] == [True, True]  # batch 2 and batch 3
+    assert [c.ok for c in report.comparisons] == [True] * 4  # example, negated, random, batch 3
 
 
 BERT = """
@@ -262,9 +312,9 @@ def test_transformers_bert_two_batches_two_lengths(tmp_path: Path) -> None:
         output_names=["last_hidden_state", "pooler_output"],
         dims={"seq": 8},
     )
-    assert [c.ok for c in report.comparisons] == [True, True]
+    assert [c.ok for c in report.comparisons] == [True] * 3  # example, random ids, resized
     labels = [c.label for c in report.comparisons]
-    assert "batch=3, seq=7" in labels[1]
+    assert "batch=3, seq=7" in labels[-1]
     assert [o.name for o in onnx.load(str(path)).graph.output] == [
         "last_hidden_state",
         "pooler_output",
@@ -461,7 +511,9 @@ def test_verification_mismatch_is_exit_1_and_writes_nothing(capsys, tmp_path, us
     msg = _bad(capsys, tmp_path, [f"{user_code}:counter", "--input", "x:batch,4"], code=1)
     assert "ONNX outputs differ from PyTorch" in msg
     assert "max abs diff" in msg and "atol" in msg
-    assert "a second input (batch=3): output: 12 of 12 values outside tolerance" in msg
+    # Python state: every call after the first differs, from the second input on
+    assert "the example negated: output: 8 of 8 values outside tolerance" in msg
+    assert "a resized input (batch=3): output: 12 of 12 values outside tolerance" in msg
 
 
 def test_no_verify_says_so_loudly(capsys, tmp_path: Path, user_code: Path) -> None:
@@ -524,3 +576,59 @@ def test_help_does_not_import_torch() -> None:
     assert proc.returncode == 0 and "export" in proc.stdout
     imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if "|" in line}
     assert "torch" not in imported and "onnxruntime" not in imported
+
+
+# --- traced branches and output names ---------------------------------------------------
+
+
+def test_data_dependent_branch_is_refused_naming_the_line(capsys, tmp_path, user_code):
+    """The tracer froze `if x.sum() > 0`: exit 1, the user's line named, nothing written."""
+    out = tmp_path / "b.onnx"
+    code, _, err = run_cli(
+        capsys, "export", f"{user_code}:branchy", "--input", "x:4", "-o", str(out)
+    )
+    assert code == 1 and not out.exists() and "Traceback" not in err
+    assert "dynamo exporter failed" in err  # the fallback is said, then the refusal
+    msg = err.strip().splitlines()[-1]
+    assert msg.startswith("error: the exported graph may be wrong for inputs")
+    line = next(i for i, text in enumerate(TINY.splitlines(), 1) if "if x.sum() > 0" in text)
+    assert f"{user_code}:{line}: if x.sum() > 0:" in msg
+    assert "--accept-traced-branches" in msg
+
+
+def test_accepted_traced_branch_is_still_verified(capsys, tmp_path, user_code):
+    out = tmp_path / "b.onnx"
+    argv = ["export", f"{user_code}:branchy", "--input", "x:batch,4", "-o", str(out)]
+    code, _, err = run_cli(capsys, *argv, "--accept-traced-branches")
+    # accepted, but the negated example takes the other branch: verification catches it
+    assert code == 1 and not out.exists()
+    assert "the example negated: output" in err
+    argv[1] = f"{user_code}:same_branch"
+    code, stdout, err = run_cli(capsys, *argv, "--accept-traced-branches")
+    assert code == 0 and out.exists()
+    assert "accepted traced branches" in stdout and "torchscript" in stdout
+    x = np.random.default_rng(3).standard_normal((5, 4)).astype(np.float32)
+    sys.path.insert(0, str(user_code.parent))
+    assert torch_vs_onnx(__import__("net").same_branch().eval(), out, {"x": x}) < 1e-5
+
+
+def test_dict_and_namedtuple_outputs_keep_their_names(capsys, tmp_path, user_code):
+    for spec, names in (
+        ("dicty", ["logits", "aux"]),
+        ("named", ["scores", "hidden.twice", "hidden.half"]),
+    ):
+        out = tmp_path / f"{spec}.onnx"
+        export(f"{user_code}:{spec}", out, ["x:batch,4:float32"])
+        assert [o.name for o in onnx.load(str(out)).graph.output] == names
+    out = tmp_path / "renamed.onnx"
+    export(f"{user_code}:dicty", out, ["x:batch,4:float32"], output_names=["y", "s"])
+    x = np.ones((2, 4), np.float32)
+    got = dict(zip(["y", "s"], make_session(out).run(["y", "s"], {"x": x})))
+    assert got["s"] == pytest.approx(got["y"].sum(-1), abs=1e-5)
+
+
+def test_wrong_number_of_output_names(capsys, tmp_path, user_code):
+    msg = _bad(
+        capsys, tmp_path, [f"{user_code}:dicty", "--input", "x:batch,4", "--output-name", "a"]
+    )
+    assert "1 --output-name given (a) for a model with 2 outputs (logits, aux)" in msg

@@ -26,3 +26,15 @@ def add_command(
     )
     parser.set_defaults(run=run)
     return parser
+
+
+TARGET_HELP = (
+    "CPU kind the int8 model is for: host (default, read from this CPU's flags), avx2 (x86 "
+    "without VNNI, incl. AVX-512F: 7-bit weights), avx512-vnni (AVX512-VNNI or AVX-VNNI: full "
+    "8-bit weights), arm64 (full 8-bit weights)"
+)
+
+
+def add_target_argument(group: argparse._ActionsContainer) -> None:
+    """``--target``, validated (with its aliases) by converter.targets when the command runs."""
+    group.add_argument("--target", default="host", metavar="TARGET", help=TARGET_HELP)

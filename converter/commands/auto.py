@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from converter.commands import add_command
+from converter.commands import add_command, add_target_argument
 
 HELP = "search int8/pruning configurations for the fastest model within an accuracy budget"
 EPILOG = """\
@@ -57,6 +57,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         help="most nodes kept in fp32 by the sensitivity search (default 8)",
     )
     p.add_argument("--bench-runs", type=int, default=50, help="timed runs per candidate")
+    add_target_argument(p)
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR")
 
 
@@ -75,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
         sparsity_grid=args.sparsity_grid,
         max_excluded=args.max_excluded,
         bench_runs=args.bench_runs,
+        target=args.target,
     )
     if not args.quiet:
         print(result.report_md.read_text(encoding="utf-8"))

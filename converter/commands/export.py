@@ -17,8 +17,12 @@ examples:
 SPEC is path/to/file.py:callable; the callable takes no arguments and returns an nn.Module.
 Symbolic dims (batch, seq, ...) become dynamic axes of those names; the traced example gives
 each a size from --dim (default 2: torch.export specialises sizes 0 and 1). The export is
-verified in onnxruntime against torch on the example and on a second input with other sizes
-on every dynamic axis; any mismatch is exit 1 and writes nothing.
+verified in onnxruntime against torch on the example, the example negated, new random values,
+and an input with other sizes on every dynamic axis; any mismatch is exit 1 and writes
+nothing. When dynamo fails and the TorchScript tracer has to freeze a data-dependent Python
+value (`if x.sum() > 0:`), the graph holds only the path the example took: exit 1 naming
+your line, unless --accept-traced-branches. Output names come from a returned dict's keys or
+namedtuple's fields (else output, output_0, ...); --output-name (repeatable) overrides them.
 """
 
 
@@ -83,6 +87,12 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         action="store_false",
         help="skip the comparison with torch (not recommended)",
     )
+    p.add_argument(
+        "--accept-traced-branches",
+        action="store_true",
+        help="write the model even though the TorchScript tracer froze a data-dependent "
+        "branch or value (the graph then holds only the path the example took)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the generated inputs")
 
 
@@ -106,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
             rtol=args.rtol,
             verify=args.verify,
             seed=args.seed,
+            accept_traced_branches=args.accept_traced_branches,
         )
     except VerificationFailed as e:
         if not args.quiet and e.report is not None:

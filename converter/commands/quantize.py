@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from converter.commands import add_command
+from converter.commands import add_command, add_target_argument
 
 HELP = "int8 quantization with onnxruntime: dynamic, or static with calibration data"
 EPILOG = """\
@@ -26,11 +26,14 @@ time, so memory does not grow with the sample count; checked for NaN/Inf). For C
 format and uint8 activations by default: int8 activations were no faster than fp32 on a
 ResNet-18 here and 0.7x on a BERT-style encoder, uint8 1.7-1.9x and 1.5x.
 
-weights: int8, per output channel, 7-bit (--reduce-range, on by default). x86 CPUs without
-VNNI (AVX2, AVX-512F; this machine) add uint8 x int8 products in saturating 16-bit pairs;
-full 8-bit per-channel weights overflow them. Measured here: tiny encoder (dynamic) cosine to
-fp32 min 0.999 with 7-bit weights vs 0.974 with 8-bit, same speed. On VNNI or ARM targets
---no-reduce-range keeps the 8th bit. --per-tensor uses one scale per tensor.
+weights: int8, per output channel; 7 or 8 bits by --target (default host: this CPU).
+x86 CPUs without VNNI (target avx2, also AVX-512F) add uint8 x int8 products in saturating
+16-bit pairs, which full 8-bit weights overflow: 7-bit weights (reduce_range). With VNNI
+(avx512-vnni) and on arm64 products accumulate in int32: full 8-bit weights, more faithful.
+Measured on an AMD EPYC (AVX2): tiny encoder (dynamic) cosine to fp32 min 0.999 with 7-bit
+weights vs 0.974 with 8-bit, same speed. --reduce-range/--no-reduce-range override the
+target's choice. The target is recorded in the model (bench/validate warn on another CPU kind).
+--per-tensor uses one scale per tensor.
 
 Before quantizing, onnxruntime's quant_pre_process runs (symbolic shape inference +
 optimization; falls back to ONNX shape inference, then to none, saying so). --exclude and
@@ -82,12 +85,12 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         action="store_false",
         help="one scale per weight tensor instead of per output channel",
     )
+    add_target_argument(both)
     both.add_argument(
         "--reduce-range",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="7-bit weights, on by default: x86 CPUs without VNNI saturate full-range int8 "
-        "dot products (--no-reduce-range for VNNI/ARM targets)",
+        default=None,
+        help="7-bit weights on/off, overriding the target's choice",
     )
     both.add_argument(
         "--exclude",
@@ -129,6 +132,7 @@ def build_pass(args: argparse.Namespace):
     common = dict(
         per_channel=args.per_channel,
         reduce_range=args.reduce_range,
+        target=args.target,
         weight_type=args.weight_type,
         exclude=args.exclude,
         exclude_ops=args.exclude_op,
@@ -180,6 +184,7 @@ def summary(stats: dict[str, Any], settings: dict[str, Any], source: Any, out: A
     ops = ", ".join(f"{op} {c['quantized']}" for op, c in stats["by_op"].items() if c["quantized"])
     lines = [
         f"quantized {source} → {out} ({_what(stats, settings)})",
+        f"  target: {_target_line(stats['target'])}",
         f"  pre-processing: {stats['preprocess']}",
     ]
     if "calibration" in stats:
@@ -196,6 +201,14 @@ def summary(stats: dict[str, Any], settings: dict[str, Any], source: Any, out: A
     )
     lines += [f"  warning: {w}" for w in stats.get("warnings", [])]
     return "\n".join(lines)
+
+
+def _target_line(target: dict[str, Any]) -> str:
+    bits = "7-bit" if target["reduce_range"] else "8-bit"
+    why = "set explicitly" if target["overridden"] else target["why"]
+    flags = ", ".join(target["host_flags"]) or "no int8 flags"
+    host = f"this host is {target['host_target']} ({flags})"
+    return f"{target['target']} → {bits} weights ({why}); {host}"
 
 
 def _grouped(fp32: dict[str, str], shown: int = 4) -> list[str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from converter.commands import add_command
+from converter.commands import add_command, add_target_argument
 from converter.commands.quantize import CALIB_METHODS, QUANT_TYPES
 
 HELP = "rank the nodes by the fidelity lost when each alone is quantized to int8"
@@ -67,11 +67,12 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         action="store_false",
         help="one scale per weight tensor instead of per output channel",
     )
+    add_target_argument(both)
     both.add_argument(
         "--reduce-range",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="7-bit weights (on by default, as in `onnxship quantize`)",
+        help="7-bit weights on/off, overriding the target's choice",
     )
     both.add_argument(
         "--no-preprocess",
@@ -95,6 +96,7 @@ _SETTINGS = (
     "weight_type",
     "reduce_range",
     "preprocess",
+    "target",
 )
 
 

@@ -1,0 +1,145 @@
+"""Hardware targets for int8: what onnxruntime's integer kernels on a CPU kind need.
+
+onnxruntime (MLAS) multiplies uint8 activations by int8 weights differently per CPU:
+
+- ``avx2`` (also AVX-512 without VNNI): ``vpmaddubsw`` adds pairs of u8×s8 products into
+  int16 with saturation; 255 · |w| · 2 overflows int16 once |w| > 64, so full-range weights
+  saturate. Weights are kept to 7 bits (``reduce_range``), as onnxruntime's own docs advise
+  for these CPUs.
+- ``avx512-vnni`` (AVX512-VNNI or AVX-VNNI): ``vpdpbusd`` accumulates u8×s8 straight into
+  int32, no saturation: full 8-bit weights are both safe and more faithful.
+- ``arm64``: the dot-product instructions (``sdot``/``udot``, ``usdot``) accumulate into
+  int32: full 8-bit weights.
+
+The default target is ``host``: read from this CPU's flags. The resolved target goes into pass
+stats, manifests and the model's metadata (``onnxship.target``), so ``bench`` and
+``validate`` can warn when a model made for one CPU kind is measured on another. The same
+model, options and target give the same bytes on any machine.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+from converter.errors import BadInputError
+
+__all__ = [
+    "TARGETS",
+    "TARGET_CHOICES",
+    "Target",
+    "resolve_target",
+    "host_target",
+    "host_flags",
+    "METADATA_KEY",
+    "warn_if_other_target",
+]
+
+METADATA_KEY = "onnxship.target"
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    reduce_range: bool  # 7-bit weights: needed where u8×s8 pair sums saturate int16
+    why: str
+
+
+TARGETS: dict[str, Target] = {
+    "avx2": Target(
+        "avx2",
+        True,
+        "x86 without VNNI: u8×s8 via saturating vpmaddubsw, so 7-bit weights (reduce_range)",
+    ),
+    "avx512-vnni": Target(
+        "avx512-vnni",
+        False,
+        "x86 with VNNI: u8×s8 via vpdpbusd into int32, full 8-bit weights",
+    ),
+    "arm64": Target(
+        "arm64",
+        False,
+        "ARM64: dot-product instructions into int32, full 8-bit weights",
+    ),
+}
+ALIASES = {
+    "avx512": "avx2",
+    "x86-64": "avx2",
+    "x86_64": "avx2",
+    "vnni": "avx512-vnni",
+    "avx-vnni": "avx512-vnni",
+    "avx512_vnni": "avx512-vnni",
+    "aarch64": "arm64",
+    "arm": "arm64",
+}
+TARGET_CHOICES = ("host", *TARGETS)
+
+
+def host_flags() -> set[str]:
+    """The CPU flags this process sees (Linux /proc/cpuinfo; empty elsewhere)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        return set()
+    for line in cpuinfo.read_text(errors="replace").splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return set()
+
+
+def host_target() -> Target:
+    """The target this CPU is: ARM64 by architecture, VNNI by flag, AVX2 otherwise."""
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        return TARGETS["arm64"]
+    flags = host_flags()
+    if "avx512_vnni" in flags or "avx_vnni" in flags:
+        return TARGETS["avx512-vnni"]
+    return TARGETS["avx2"]
+
+
+def resolve_target(name: str | None) -> Target:
+    """``host`` (or None) → this CPU's target; a name or alias → its target; else exit 2."""
+    key = (name or "host").strip().lower()
+    if key == "host":
+        return host_target()
+    key = ALIASES.get(key, key)
+    if key not in TARGETS:
+        raise BadInputError(
+            f"unknown target {name!r}",
+            f"use one of {', '.join(TARGET_CHOICES)} (aliases: {', '.join(sorted(ALIASES))})",
+        )
+    return TARGETS[key]
+
+
+def target_summary(target: Target) -> dict[str, object]:
+    """What stats, reports and manifests record about a target and this host."""
+    host = host_target()
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "asimddp", "amx_int8")
+    return {
+        "target": target.name,
+        "reduce_range": target.reduce_range,
+        "why": target.why,
+        "host_target": host.name,
+        "host_flags": sorted(f for f in host_flags() if f in wanted),
+    }
+
+
+def warn_if_other_target(model, path: object) -> str | None:
+    """Warn (and return the warning) when ``model`` was quantized for another CPU kind than
+    this host: its speed and its int8 results measured here are not the target's."""
+    made_for = next((p.value for p in model.metadata_props if p.key == METADATA_KEY), None)
+    if made_for is None or made_for not in TARGETS:
+        return None
+    host = host_target()
+    if made_for == host.name:
+        return None
+    text = (
+        f"{path} was quantized for target {made_for}, but this host is {host.name}: "
+        "its latency and int8 results here are not what the target CPU will give"
+    )
+    logger.warning("warning: %s", text)
+    return text
