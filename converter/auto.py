@@ -105,6 +105,7 @@ class AutoResult:
     report_md: Path | None = None
     report_html: Path | None = None
     notes: list[str] = field(default_factory=list)
+    target: str = "avx2"  # the resolved hardware target of every candidate
 
     def closest(self) -> Candidate | None:
         scored = [c for c in self.candidates if c.score is not None]
@@ -446,6 +447,7 @@ def auto(
     result = AutoResult(
         out, budget, builder.reference_score, builder.threshold, candidates, None, split
     )
+    result.target = resolved
     _bench(result, reference, score_path, bench_runs, threads)
     result.best = _choose(candidates)
     if result.best is not None:

@@ -14,6 +14,7 @@ from converter import __version__
 from converter.onnxio import atomic_path, atomic_write_text
 from converter.provenance import machine, versions
 from converter.report import artifact_entry
+from converter.targets import host_target, resolve_target, target_summary
 
 __all__ = ["write_auto_outputs"]
 
@@ -106,6 +107,17 @@ def _summary_line(result: Any) -> str:
     )
 
 
+def _target_line(result: Any) -> str:
+    t = resolve_target(result.target)
+    host = host_target().name
+    where = (
+        "this host"
+        if t.name == host
+        else f"not this host ({host}): latency here is not the target's"
+    )
+    return f"int8 target: {t.name} ({'7' if t.reduce_range else '8'}-bit weights), {where}."
+
+
 def _markdown(result: Any, mach: dict, plot: Path | None) -> str:
     lines = [
         f"# onnxship auto: {result.outdir.name}",
@@ -115,6 +127,7 @@ def _markdown(result: Any, mach: dict, plot: Path | None) -> str:
         f"Data: {result.split}.",
         f"Machine: {mach['cpu']}, VNNI: {'yes' if mach['vnni'] else 'no'}. Latency: batch 1, "
         "interleaved with fp32 in one process.",
+        _target_line(result),
         "",
         "| " + " | ".join(_HEADER) + " |",
         "|" + "---|" * len(_HEADER),
@@ -147,7 +160,8 @@ def _html(result: Any, mach: dict, plot: Path | None) -> str:
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:.3em .6em}}</style></head><body>
 <h1>onnxship auto</h1><p>{summary}</p><p>Data: {esc(result.split)}.</p>
-<p>Machine: {esc(str(mach["cpu"]))}, VNNI: {"yes" if mach["vnni"] else "no"}.</p>
+<p>Machine: {esc(str(mach["cpu"]))}, VNNI: {"yes" if mach["vnni"] else "no"}.
+{esc(_target_line(result))}</p>
 <table><tr>{head}</tr>{rows}</table>{img}
 <p>All numbers and hashes: <code>manifest.json</code>.</p></body></html>
 """
@@ -183,6 +197,7 @@ def write_auto_outputs(result: Any, source_model: Any) -> None:
         "bench": result.bench.to_dict() if result.bench is not None else None,
         "versions": versions(with_torch=False),
         "machine": mach,
+        "target": target_summary(resolve_target(result.target)),
     }
     result.manifest = atomic_write_text(
         out / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True) + "\n"

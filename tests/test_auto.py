@@ -159,3 +159,106 @@ def test_accuracy_needs_labels(digits_mlp, tmp_path, capsys) -> None:
         ]
     )
     assert code == 2 and "needs `labels`" in capsys.readouterr().err
+
+
+# --- the cache key holds everything that feeds a number ------------------------------------
+
+
+def _mlp(path: Path) -> Path:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((32, 64)).astype(np.float32) / 4
+    w2 = rng.standard_normal((64, 10)).astype(np.float32) / 8
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+            helper.make_node("Relu", ["h"], ["r"], name="relu"),
+            helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2"),
+        ],
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 10])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    return path
+
+
+def _auto_cosine(model: Path, data: Path, calib: Path, out: Path) -> dict:
+    from converter.auto import auto
+
+    auto(model, data, out, metric="cosine", min_score=0.5, calib=calib, bench_runs=3)
+    return json.loads((out / "manifest.json").read_text())
+
+
+def _real_cosine(candidate: dict, reference: Path, data: Path) -> float:
+    x = np.load(data)["x"]
+    got = make_session(data.parent / "out" / candidate["path"]).run(None, {"x": x})[0]
+    want = make_session(reference).run(None, {"x": x})[0]
+    return float(per_sample_cosine(got, want).mean())
+
+
+@pytest.fixture()
+def mlp_data(tmp_path):
+    rng = np.random.default_rng(7)
+    for name, scale in (("a", 1.0), ("b", 6.0), ("c", 1.0)):
+        np.savez(
+            tmp_path / f"{name}.npz", x=(scale * rng.standard_normal((40, 32))).astype(np.float32)
+        )
+    return _mlp(tmp_path / "mlp.onnx"), tmp_path
+
+
+def test_cache_rescored_when_the_scoring_data_changes(mlp_data):
+    """auto --data a then --data b into the same OUTDIR: b's numbers, never a's."""
+    model, d = mlp_data
+    first = _auto_cosine(model, d / "a.npz", d / "c.npz", d / "out")
+    second = _auto_cosine(model, d / "b.npz", d / "c.npz", d / "out")
+    built = [c for c in second["candidates"] if c["cosine"] is not None]
+    assert built and not any(c["cached"] for c in built)
+    for c in built:
+        assert c["cosine"] == pytest.approx(_real_cosine(c, model, d / "b.npz"), abs=1e-6)
+    assert {c["key"] for c in first["candidates"]}.isdisjoint(
+        c["key"] for c in second["candidates"]
+    )
+    third = _auto_cosine(model, d / "b.npz", d / "c.npz", d / "out")  # same inputs: cached
+    assert all(c["cached"] for c in third["candidates"] if c["cosine"] is not None)
+
+
+def test_cache_key_changes_with_calibration_metric_and_target(mlp_data):
+    from converter.auto import Budget, _Builder
+    from converter.onnxio import load_model
+
+    model, d = mlp_data
+    fp32 = load_model(model)
+    passes = [{"pass": "quantize-static"}]
+
+    def key(calib="c.npz", metric="cosine", target="avx2") -> str:
+        budget = Budget(metric, min_score=0.5)
+        builder = _Builder(fp32, d / calib, d / "a.npz", model, budget, d / "cache", target)
+        return builder.key(passes)
+
+    base = key()
+    assert base == key()
+    assert len({base, key(calib="b.npz"), key(metric="agreement"), key(target="arm64")}) == 4
+
+
+def test_corrupt_cache_entries_are_recomputed(mlp_data, caplog):
+    model, d = mlp_data
+    first = _auto_cosine(model, d / "a.npz", d / "c.npz", d / "out")
+    built = [c for c in first["candidates"] if c["cosine"] is not None]
+    truncated, garbled = built[0], built[1]
+    path = d / "out" / truncated["path"]
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    (path.parent / f"{garbled['key']}.json").write_text('{"score": ')
+    with caplog.at_level("WARNING", logger="converter"):
+        second = _auto_cosine(model, d / "a.npz", d / "c.npz", d / "out")
+    again = {c["name"]: c for c in second["candidates"]}
+    for entry in (truncated, garbled):
+        assert again[entry["name"]]["cached"] is False
+        assert again[entry["name"]]["cosine"] == pytest.approx(entry["cosine"], abs=1e-9)
+    assert (
+        sum("is corrupt" in r.message and "recomputing" in r.message for r in caplog.records) == 2
+    )
+    assert all(c["cached"] for c in second["candidates"][2:] if c["cosine"] is not None)

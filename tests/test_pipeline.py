@@ -195,3 +195,60 @@ def test_every_bundled_recipe_loads() -> None:
         recipe = load_recipe(path)
         assert Path(recipe.model.spec.rpartition(":")[0]).is_file()
         assert len(recipe.variants) >= 2
+
+
+def test_run_without_labels_scores_fidelity_only(digits_mlp, tmp_path: Path) -> None:
+    """Validation data without `labels`: variants are scored against fp32 only, and the
+    report says so; gates read agreement (max_drop = 1 − agreement) and cosine."""
+    np.savez(tmp_path / "unlabelled.npz", x=np.load(digits_mlp.test)["x"])
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(f"""
+name = "nolabels"
+target = "avx2"
+[model]
+onnx = "{digits_mlp.onnx}"
+[data]
+calibration = "{digits_mlp.calib}"
+validation = "{tmp_path / "unlabelled.npz"}"
+[[variants]]
+name = "int8"
+passes = [{{ pass = "quantize", mode = "static" }}]
+[gates]
+max_drop = 0.05
+min_worst = 0.5
+[bench]
+runs = 5
+warmup = 1
+""")
+    assert main(["-q", "run", str(recipe), "-o", str(tmp_path / "o")]) == 0
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert "fp32" not in manifest["validation"]  # nothing to score the reference against
+    scored = manifest["validation"]["int8"]["outputs"]["output"]
+    assert set(scored) == {"agreement", "cosine"}
+    x = np.load(tmp_path / "unlabelled.npz")["x"]
+    got = make_session(tmp_path / "o" / "int8.onnx").run(None, {"x": x})[0]
+    want = make_session(digits_mlp.onnx).run(None, {"x": x})[0]
+    assert scored["agreement"]["value"] == pytest.approx((got.argmax(1) == want.argmax(1)).mean())
+    assert (
+        "no labels" in manifest["scoring"]
+        and "no labels" in (tmp_path / "o" / "report.md").read_text()
+    )
+    # the recipe's target reached the pass and the model
+    stats = manifest["artifacts"]["int8"]["passes"][0]["stats"]
+    assert stats["target"]["target"] == "avx2" and manifest["target"]["target"] == "avx2"
+
+
+def test_recipe_with_an_unknown_target_fails_before_running(digits_mlp, tmp_path, capsys) -> None:
+    recipe = write_recipe(tmp_path, digits_mlp, VARIANTS)
+    recipe.write_text('target = "sse2"\n' + recipe.read_text())
+    assert main(["-q", "run", str(recipe), "-o", str(tmp_path / "o")]) == 2
+    assert "unknown target 'sse2'" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_recipe_accuracy_gate_without_labels_is_bad_input(digits_mlp, tmp_path, capsys) -> None:
+    np.savez(tmp_path / "unlabelled.npz", x=np.load(digits_mlp.test)["x"])
+    recipe = write_recipe(tmp_path, digits_mlp, VARIANTS, gates='metrics = ["accuracy"]')
+    text = recipe.read_text().replace(str(digits_mlp.test), str(tmp_path / "unlabelled.npz"))
+    recipe.write_text(text)
+    assert main(["-q", "run", str(recipe), "-o", str(tmp_path / "o")]) == 2
+    assert "has no `labels`" in capsys.readouterr().err

@@ -178,7 +178,12 @@ def test_json_and_junit_carry_every_number(models, tmp_path, capsys):
     assert float(props["output.cosine"]) == out["cosine"]["value"]
     assert float(props["output.cosine.worst"]) == out["cosine"]["worst"]
     assert float(props["output.max-abs"]) == out["max-abs"]["value"]
-    assert float(props["reference.output.accuracy"]) == 0.98
+    # the reference's accuracy as onnxruntime gives it on this machine (training, and so the
+    # weights, differ between CPUs: never a number measured elsewhere)
+    data = np.load(models["test"])
+    logits = make_session(models["ref"]).run(None, {"x": data["x"]})[0]
+    reference_accuracy = metrics.accuracy(logits, data["labels"])
+    assert float(props["reference.output.accuracy"]) == pytest.approx(reference_accuracy, abs=1e-12)
 
 
 def test_same_inputs_give_the_same_report_bytes(models, tmp_path, capsys):
