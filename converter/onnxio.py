@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -64,10 +64,7 @@ def check_output_path(out: str | os.PathLike, *inputs: str | os.PathLike | None)
 def atomic_path(out: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path next to ``out``; rename it to ``out`` only on success."""
     out = Path(out)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=suffix or ".tmp", dir=out.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    tmp_path.chmod(0o666 & ~_umask())  # mkstemp makes 0600; the result gets normal mode
+    tmp_path = _new_file(out.parent, f".{out.name}.", suffix or ".tmp")
     try:
         yield tmp_path
         os.replace(tmp_path, out)
@@ -75,10 +72,18 @@ def atomic_path(out: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _new_file(folder: Path, prefix: str, suffix: str) -> Path:
+    """Create a new empty file with a random name. Unlike mkstemp (mode 0600), the kernel
+    applies the process's umask to mode 0666, so the result gets the usual permissions
+    without reading the umask (which only os.umask, a process-wide change, can do)."""
+    for _ in range(100):
+        path = folder / f"{prefix}{secrets.token_hex(6)}{suffix}"
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"no free temporary name in {folder}")
 
 
 def atomic_write_text(out: str | os.PathLike, text: str) -> Path:

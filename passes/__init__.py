@@ -1,4 +1,4 @@
-"""Graph passes over ONNX models: pruning, int8 quantization, fp16.
+"""Graph passes over ONNX models: pruning, int8 quantization, SmoothQuant scaling, fp16.
 
 Each pass family lives in its own module; this package exports the interface and the passes.
 """
@@ -13,6 +13,7 @@ from passes.quantize import (
     calibrate,
     is_quantized,
 )
+from passes.smooth import SmoothQuant
 
 __all__ = [
     "Pass",
@@ -27,4 +28,5 @@ __all__ = [
     "calibrate",
     "is_quantized",
     "Float16",
+    "SmoothQuant",
 ]

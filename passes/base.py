@@ -3,7 +3,8 @@
 A pass takes typed settings in ``__init__`` (validated there), checks its preconditions in
 ``requires``, does its work in ``call`` and returns a :class:`PassResult`; ``ensures`` runs
 the onnx checker on the result. Every pass here is functional: it never edits the model it
-is given, it returns a new one (``__call__`` checks that on a cheap fingerprint).
+is given, it returns a new one (``__call__`` checks that on the graph's structure, and on
+every byte under --debug).
 """
 
 from __future__ import annotations
@@ -37,6 +38,21 @@ def fingerprint(model: onnx.ModelProto) -> str:
     return hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
 
 
+def structure(model: onnx.ModelProto) -> tuple:
+    """What a pass would change if it edited its input in place, read without serializing:
+    the graph's nodes (op, inputs, outputs, attribute names), initializers (name, type,
+    shape), inputs and outputs. Cheap enough to check on every pass call; the full byte
+    fingerprint is checked too under --debug."""
+    g = model.graph
+    return (
+        tuple((n.op_type, tuple(n.input), tuple(n.output), len(n.attribute)) for n in g.node),
+        tuple((t.name, t.data_type, tuple(t.dims)) for t in g.initializer),
+        tuple(v.name for v in g.input),
+        tuple(v.name for v in g.output),
+        tuple((o.domain, o.version) for o in model.opset_import),
+    )
+
+
 class Pass:
     """Base class. Subclasses set ``name`` and implement ``call``; they may extend
     ``requires`` (preconditions on the input) and ``ensures`` (postconditions)."""
@@ -60,9 +76,11 @@ class Pass:
 
     def __call__(self, model: onnx.ModelProto) -> PassResult:
         self.requires(model)
-        before = fingerprint(model)
+        thorough = logger.isEnabledFor(logging.DEBUG)  # --debug: hash every byte too
+        before = (structure(model), fingerprint(model) if thorough else None)
         result = self.call(model)
-        if fingerprint(model) != before:
+        after = (structure(model), fingerprint(model) if thorough else None)
+        if after != before:
             raise PassError(f"pass {self.name} modified its input model", "report this as a bug")
         self.ensures(result)
         return result

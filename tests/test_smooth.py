@@ -65,9 +65,13 @@ def test_smoothing_then_static_int8_is_closer_to_fp32(calib: Path) -> None:
     model = outlier_model()
     x = outlier_data(200, 3)
     want = run(model, x)
-    plain = StaticQuantize(calibration=calib, per_channel=False, progress=False)(model).model
+    plain = StaticQuantize(calibration=calib, per_channel=False, progress=False, target="avx2")(
+        model
+    ).model
     smoothed = SmoothQuant(calibration=calib)(model).model
-    smooth_q = StaticQuantize(calibration=calib, per_channel=False, progress=False)(smoothed)
+    smooth_q = StaticQuantize(calibration=calib, per_channel=False, progress=False, target="avx2")(
+        smoothed
+    )
     err_plain = np.abs(run(plain, x) - want).mean()
     err_smooth = np.abs(run(smooth_q.model, x) - want).mean()
     assert err_smooth < 0.7 * err_plain
