@@ -13,7 +13,15 @@ from converter import __version__
 from converter.onnxio import atomic_path, atomic_write_text
 from converter.provenance import machine, sha256_file, versions
 
-__all__ = ["build_manifest", "write_reports", "artifact_entry", "stats_summary"]
+__all__ = [
+    "build_manifest",
+    "write_reports",
+    "artifact_entry",
+    "stats_summary",
+    "stats_table",
+    "recommended",
+    "score_vs_latency",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -118,24 +126,57 @@ def _is_listing(value: Any) -> bool:
     )
 
 
+def _stat_text(value: Any) -> str | None:
+    """One stat as text: a scalar as it is, a table of scalars inline, a table of listings
+    by their sizes (``quantized 11, fp32 0``), a list by its length; deeper tables → None
+    (they are in the manifest)."""
+    if _scalar(value) is not None:
+        return _scalar(value)
+    if isinstance(value, list):
+        return str(len(value)) if value else None
+    if isinstance(value, dict) and value:
+        inner = value.values()
+        if all(_scalar(v) is not None for v in inner):
+            return ", ".join(f"{k} {_scalar(v)}" for k, v in value.items())
+        if all(_is_listing(v) for v in inner):
+            return ", ".join(f"{k} {len(v)}" for k, v in value.items())
+        flat = {k: v for k, v in value.items() if _scalar(v) is not None}
+        return ", ".join(f"{k} {_scalar(v)}" for k, v in flat.items()) or None
+    return None
+
+
+def stats_table(stats: dict[str, Any]) -> list[tuple[str, str]]:
+    """A pass's stats as (name, text) rows, for the report's small per-pass tables."""
+    rows = [(key, _stat_text(value)) for key, value in stats.items()]
+    return [(k, t) for k, t in rows if t is not None]
+
+
 def stats_summary(stats: dict[str, Any]) -> str:
-    """One line of a pass's stats: scalars as they are, a table of scalars inline, a table of
-    listings by their sizes (``nodes: quantized 11, fp32 0``); deeper tables only in the
-    manifest."""
-    parts = []
-    for key, value in stats.items():
-        if _scalar(value) is not None:
-            parts.append(f"{key} {_scalar(value)}")
-        elif isinstance(value, list) and value:
-            parts.append(f"{key}: {len(value)}")
-        elif isinstance(value, dict) and value:
-            inner = value.values()
-            if all(_scalar(v) is not None for v in inner):
-                text = ", ".join(f"{k} {_scalar(v)}" for k, v in value.items())
-                parts.append(f"{key} ({text})")
-            elif all(_is_listing(v) for v in inner):
-                parts.append(f"{key}: " + ", ".join(f"{k} {len(v)}" for k, v in value.items()))
-    return ", ".join(parts)
+    """A pass's stats on one line (``mode static, nodes: quantized 11, fp32 0, ...``)."""
+    return ", ".join(
+        f"{k} {t}" if _scalar(stats[k]) is not None else f"{k}: {t}" for k, t in stats_table(stats)
+    )
+
+
+def recommended(rows: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, str]:
+    """The variant to ship: the fastest one that passes every gate (speedups within 5 %
+    count as equal, then the smaller file), and why — or None and why not."""
+    passing = [r for r in rows[1:] if r["gates"] == "pass" and r["speedup"] is not None]
+    if not passing:
+        gated = any(r["gates"] != "—" for r in rows[1:])
+        why = "no variant passes the gates: ship fp32" if gated else "no gates set"
+        return None, why
+    fastest = max(r["speedup"] for r in passing)
+    close = [r for r in passing if r["speedup"] >= 0.95 * fastest]
+    best = min(close, key=lambda r: (r["size_mb"], -r["speedup"]))
+    metric = next((m for m in ("accuracy", "cosine") if best[m] is not None), None)
+    score = f", {metric} {best[metric]:.4f}" if metric else ""
+    fp32 = rows[0].get(metric) if metric else None
+    score += f" (fp32 {fp32:.4f})" if fp32 is not None else ""
+    return best, (
+        f"the fastest variant that passes every gate: {best['speedup']:.2f}x fp32 (p50)"
+        f"{score}, {best['size_ratio']:.2f}x the size"
+    )
 
 
 # ---------------------------------------------------------------- table
@@ -177,15 +218,15 @@ def _rows(result: Any) -> list[dict[str, Any]]:
 
 _HEADER = [
     "model",
-    "size MB",
-    "size ×",
+    "size (MB)",
+    "size (× fp32)",
     "accuracy",
-    "agreement",
-    "cosine mean",
-    "cosine worst",
-    "p50 ms",
-    "p90 ms",
-    "speedup (p50)",
+    "agreement (argmax = fp32)",
+    "cosine to fp32, mean",
+    "cosine to fp32, worst",
+    "p50 (ms)",
+    "p90 (ms)",
+    "speedup (× fp32, p50)",
     "gates",
 ]
 
@@ -225,21 +266,7 @@ def _plots(result: Any, rows: list[dict[str, Any]]) -> dict[str, Path]:
     out = result.outdir
     metric = "accuracy" if rows[0]["accuracy"] is not None else "cosine"
     if rows[0]["p50_ms"] is not None and any(r[metric] is not None for r in rows):
-        fig = Figure(figsize=(6, 4), layout="constrained")
-        ax = fig.subplots()
-        for r in rows:
-            if r[metric] is not None:
-                ax.scatter(r["p50_ms"], r[metric])
-                ax.annotate(
-                    r["name"],
-                    (r["p50_ms"], r[metric]),
-                    fontsize=8,
-                    xytext=(4, 4),
-                    textcoords="offset points",
-                )
-        ax.set_xlabel("p50 latency (ms, batch 1)")
-        ax.set_ylabel(metric)
-        ax.set_title(f"{metric} vs latency")
+        fig = score_vs_latency(rows, metric)
         plots["accuracy_vs_latency"] = _save(fig, out / "accuracy_vs_latency.png")
     fig = Figure(figsize=(6, 3.5), layout="constrained")
     ax = fig.subplots()
@@ -253,6 +280,28 @@ def _plots(result: Any, rows: list[dict[str, Any]]) -> dict[str, Path]:
 
         plots["latency"] = plot_latencies(result.bench, out / "latency.png")
     return plots
+
+
+_MARKERS = "osD^vP*Xph<>"
+
+
+def score_vs_latency(rows: list[dict[str, Any]], metric: str) -> Any:
+    """One point per model, each with its own marker and colour, named in a legend beside
+    the axes (labels written next to close points would overlap)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 4), layout="constrained")
+    ax = fig.subplots()
+    for i, r in enumerate(row for row in rows if row[metric] is not None):
+        ax.scatter(
+            r["p50_ms"], r[metric], marker=_MARKERS[i % len(_MARKERS)], s=60, label=r["name"]
+        )
+    ax.set_xlabel("p50 latency (ms, batch 1) — left is faster")
+    ax.set_ylabel(f"{metric} — up is better")
+    ax.set_title(f"{metric} vs latency")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False)
+    return fig
 
 
 def _save(fig: Any, path: Path) -> Path:
@@ -272,8 +321,11 @@ def _pass_lines(result: Any) -> list[tuple[str, str, str]]:
 
 def _markdown(result: Any, manifest: dict, rows: list, plots: dict[str, Path]) -> str:
     mach = manifest["machine"]
+    best, why = recommended(rows)
     lines = [
         f"# onnxship report: {result.recipe.name}",
+        "",
+        f"**Recommended: {best['name']}** — {why}." if best else f"**No recommendation**: {why}.",
         "",
         f"Machine: {mach['cpu']}, {mach['cores']} cores, VNNI: {'yes' if mach['vnni'] else 'no'}."
         f" onnxruntime {manifest['versions']['onnxruntime']}, onnx {manifest['versions']['onnx']}.",
@@ -283,12 +335,12 @@ def _markdown(result: Any, manifest: dict, rows: list, plots: dict[str, Path]) -
         "| " + " | ".join(_HEADER) + " |",
         "|" + "---|" * len(_HEADER),
     ]
-    lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
-    lines += [
-        "",
-        manifest["scoring"],
-        "",
-    ]
+    for r in rows:
+        cells = _cells(r)
+        if best is not None and r is best:
+            cells[0] = f"**{cells[0]}** (recommended)"
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", manifest["scoring"], ""]
     if _pass_lines(result):
         lines += ["## Passes", "", "| model | pass | stats |", "|---|---|---|"]
         lines += [f"| {a} | {p} | {s} |" for a, p, s in _pass_lines(result)]
@@ -321,37 +373,81 @@ def _bench_line(result: Any) -> str:
     )
 
 
-def _html(markdown_rows: list, result: Any, manifest: dict, plots: dict[str, Path]) -> str:
+_CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:80em;color:#222}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.3em .6em}
+th{background:#f3f3f3;font-weight:600}td{text-align:right}td:first-child{text-align:left}
+tr.recommended td{background:#e6f4ea;font-weight:600}.ship{border-left:6px solid #2e7d32;
+background:#e6f4ea;padding:.6em 1em;margin:1em 0}.noship{border-left:6px solid #c62828;
+background:#fdecea;padding:.6em 1em;margin:1em 0}.fail{color:#c62828;font-weight:600}
+.passes{display:flex;flex-wrap:wrap;gap:1em;align-items:flex-start}
+.pass{border:1px solid #ddd;padding:.5em;max-width:36em}
+.pass h3{margin:.2em 0;font-size:1em}.pass td{text-align:left;font-size:.9em}
+.meta{color:#555;font-size:.95em}img{max-width:100%}"""
+
+
+def _html_table(rows: list[dict[str, Any]], best: dict[str, Any] | None) -> str:
     esc = html.escape
     head = "".join(f"<th>{esc(h)}</th>" for h in _HEADER)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{esc(c)}</td>" for c in _cells(r)) + "</tr>" for r in markdown_rows
-    )
-    passes = "".join(
-        f"<tr><td>{esc(a)}</td><td>{esc(p)}</td><td>{esc(s)}</td></tr>"
-        for a, p, s in _pass_lines(result)
+    body = []
+    for r in rows:
+        cells = _cells(r)
+        css = ' class="recommended"' if best is not None and r is best else ""
+        tds = "".join(
+            f'<td class="fail">{esc(c)}</td>' if c == "FAIL" else f"<td>{esc(c)}</td>"
+            for c in cells
+        )
+        body.append(f"<tr{css}>{tds}</tr>")
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def _html_passes(result: Any) -> str:
+    esc = html.escape
+    boxes = []
+    for a in result.artifacts:
+        for p in a.passes:
+            rows = "".join(
+                f"<tr><th>{esc(k)}</th><td>{esc(t)}</td></tr>" for k, t in stats_table(p["stats"])
+            )
+            boxes.append(
+                f'<div class="pass"><h3>{esc(a.name)}: {esc(p["pass"])}</h3>'
+                f"<table>{rows}</table></div>"
+            )
+    return f'<div class="passes">{"".join(boxes)}</div>' if boxes else "<p>No passes.</p>"
+
+
+def _html(rows: list, result: Any, manifest: dict, plots: dict[str, Path]) -> str:
+    esc = html.escape
+    best, why = recommended(rows)
+    verdict = (
+        f'<div class="ship">Recommended: <b>{esc(best["name"])}</b> — {esc(why)}.</div>'
+        if best
+        else f'<div class="noship">No recommendation: {esc(why)}.</div>'
     )
     images = "".join(
-        f'<h3>{esc(k)}</h3><img alt="{esc(k)}" src="data:image/png;base64,'
+        f'<h3>{esc(k.replace("_", " "))}</h3><img alt="{esc(k)}" src="data:image/png;base64,'
         f'{base64.b64encode(p.read_bytes()).decode()}">'
         for k, p in plots.items()
     )
     failed = result.failed_gates()
+    gates = "All gates hold." if not failed else "Failed: " + "; ".join(failed)
     mach = manifest["machine"]
+    title = esc(f"onnxship report: {result.recipe.name}")
+    machine_line = (
+        f"Machine: {mach['cpu']}, {mach['cores']} cores, VNNI: {'yes' if mach['vnni'] else 'no'}."
+        f" {_target_line(manifest)} {_bench_line(result)}"
+    )
     return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>onnxship report: {esc(result.recipe.name)}</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:75em}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:right}}td:first-child{{text-align:left}}
-</style></head><body>
-<h1>onnxship report: {esc(result.recipe.name)}</h1>
-<p>Machine: {esc(str(mach["cpu"]))}, {mach["cores"]} cores, VNNI: {"yes" if mach["vnni"] else "no"}.
-{esc(_target_line(manifest))} {esc(_bench_line(result))}</p>
-<p>{esc(manifest["scoring"])}</p>
-<table><tr>{head}</tr>{body}</table>
-<h2>Passes</h2><table><tr><th>model</th><th>pass</th><th>stats</th></tr>{passes}</table>
-<h2>Gates</h2><p>{esc("All gates hold." if not failed else "Failed: " + "; ".join(failed))}</p>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>{_CSS}</style></head><body>
+<h1>{title}</h1>
+{verdict}
+<p class="meta">{esc(machine_line)}</p>
+{_html_table(rows, best)}
+<p class="meta">{esc(manifest["scoring"])}</p>
+<h2>Gates</h2><p{' class="fail"' if failed else ""}>{esc(gates)}</p>
+<h2>Passes</h2>{_html_passes(result)}
 <h2>Plots</h2>{images}
-<p>Hashes, the resolved recipe and all numbers: <code>manifest.json</code>.</p>
+<p class="meta">Hashes, the resolved recipe and all numbers: <code>manifest.json</code>.</p>
 </body></html>
 """
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -83,7 +85,7 @@ def test_run_numbers_match_onnxruntime(mlp_run, digits_mlp) -> None:
     stats = manifest["artifacts"]["pruned"]["passes"][0]["stats"]
     assert stats["sparsity"] == pytest.approx(0.3, abs=0.005)
     report = (out / "report.md").read_text()
-    assert "| int8 |" in report and "speedup" in report
+    assert re.search(r"^\| (\*\*)?int8(\*\*)? ", report, re.M) and "speedup" in report
     assert manifest["validation"]["int8"]["passed"] is True
 
 
@@ -252,3 +254,83 @@ def test_recipe_accuracy_gate_without_labels_is_bad_input(digits_mlp, tmp_path, 
     recipe.write_text(text)
     assert main(["-q", "run", str(recipe), "-o", str(tmp_path / "o")]) == 2
     assert "has no `labels`" in capsys.readouterr().err
+
+
+# --- the report as a person reads it -------------------------------------------------------
+
+
+class _Page(HTMLParser):
+    """Collects the open/close balance of non-void tags, image sources and links."""
+
+    VOID = {"meta", "img", "br", "hr", "link", "input"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack: list[str] = []
+        self.errors: list[str] = []
+        self.sources: list[str] = []
+        self.recommended_rows = 0
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "img":
+            self.sources.append(attrs.get("src", ""))
+        if attrs.get("href") or (tag == "script" and attrs.get("src")):
+            self.sources.append(attrs.get("href") or attrs["src"])
+        if tag == "tr" and attrs.get("class") == "recommended":
+            self.recommended_rows += 1
+        if tag not in self.VOID:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag):
+        if not self.stack or self.stack.pop() != tag:
+            self.errors.append(f"unbalanced </{tag}>")
+
+
+def test_html_report_is_well_formed_and_self_contained(mlp_run) -> None:
+    out, _ = mlp_run
+    page = _Page()
+    page.feed((out / "report.html").read_text(encoding="utf-8"))
+    assert page.errors == [] and page.stack == []
+    assert len(page.sources) == 3  # the three plots, embedded
+    assert all(src.startswith("data:image/png;base64,") for src in page.sources)
+    assert page.recommended_rows == 1
+    assert "Recommended:" in (out / "report.md").read_text()
+
+
+def _row(name, speedup, gates="pass", size=1.0, accuracy=0.9):
+    return {"name": name, "speedup": speedup, "gates": gates, "size_mb": size,
+            "size_ratio": size, "accuracy": accuracy, "cosine": None}  # fmt: skip
+
+
+def test_recommended_is_the_fastest_within_the_gates() -> None:
+    from converter.report import recommended
+
+    fp32 = _row("fp32", 1.0, gates="—", size=4.0)
+    rows = [fp32, _row("a", 1.5), _row("b", 2.0, gates="FAIL"), _row("c", 1.45, size=0.5)]
+    best, why = recommended(rows)
+    assert best["name"] == "c"  # within 5 % of the fastest passing one, and smaller
+    assert "1.45x fp32" in why and "accuracy 0.9000 (fp32 0.9000)" in why
+    assert recommended([fp32, _row("b", 2.0, gates="FAIL")]) == (
+        None,
+        "no variant passes the gates: ship fp32",
+    )
+
+
+def test_score_plot_has_one_named_point_per_model() -> None:
+    pytest.importorskip("matplotlib")
+    from converter.report import score_vs_latency
+
+    rows = [
+        {"name": n, "p50_ms": t, "accuracy": a}
+        for n, t, a in (("fp32", 1.0, 0.98), ("int8", 0.5, 0.98), ("pruned", 0.99, 0.97))
+    ]
+    ax = score_vs_latency(rows, "accuracy").axes[0]
+    assert len(ax.collections) == 3
+    assert [tuple(c.get_offsets()[0]) for c in ax.collections] == [
+        (1.0, 0.98),
+        (0.5, 0.98),
+        (0.99, 0.97),
+    ]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["fp32", "int8", "pruned"]
+    assert "latency" in ax.get_xlabel() and "accuracy" in ax.get_ylabel()
