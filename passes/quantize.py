@@ -59,6 +59,26 @@ import onnx
 from converter.errors import BadInputError, DataError, PassError, first_line
 from passes.base import Pass, PassResult, fingerprint
 
+
+def _load_ort_tools_without_torch() -> None:
+    """onnxruntime.quantization imports onnxruntime.tools, whose __init__ imports torch
+    whenever torch is installed (for a helper onnxship never uses): 1-5 s and ~400 MB per
+    quantize call. Load that package once with torch hidden from its find_spec check;
+    torch itself stays importable (and untouched when something already imported it)."""
+    import importlib
+    import sys
+
+    if "onnxruntime.tools" in sys.modules or "torch" in sys.modules:
+        return
+    sys.modules["torch"] = None  # type: ignore[assignment]  # find_spec("torch") → None
+    try:
+        importlib.import_module("onnxruntime.tools")
+    finally:
+        del sys.modules["torch"]
+
+
+_load_ort_tools_without_torch()
+
 __all__ = [
     "DynamicQuantize",
     "StaticQuantize",

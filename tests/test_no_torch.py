@@ -47,3 +47,18 @@ def test_passes_and_search_run_without_torch(digits_mlp, tmp_path: Path) -> None
     sparse = onnx.load(str(tmp_path / "p.onnx"))
     zeros = sum(int((onnx.numpy_helper.to_array(t) == 0).sum()) for t in sparse.graph.initializer)
     assert zeros > 0
+
+
+def test_quantize_never_imports_torch_even_when_installed(digits_mlp, tmp_path: Path) -> None:
+    """onnxruntime.tools imports torch whenever it is installed; quantize keeps it out
+    (1-5 s and hundreds of MB per call)."""
+    for mode in (["--mode", "dynamic"], ["--mode", "static", "--calib", str(digits_mlp.calib)]):
+        out = tmp_path / f"{mode[1]}.onnx"
+        proc = subprocess.run(
+            [sys.executable, "-X", "importtime", "-m", "converter", "-q", "quantize",
+             str(digits_mlp.onnx), "-o", str(out), *mode],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert proc.returncode == 0 and out.exists(), proc.stderr[-2000:]
+        imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if "|" in line}
+        assert "onnxruntime.tools" in imported and "torch" not in imported
