@@ -61,4 +61,4 @@ def test_quantize_never_imports_torch_even_when_installed(digits_mlp, tmp_path: 
         )  # fmt: skip
         assert proc.returncode == 0 and out.exists(), proc.stderr[-2000:]
         imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if "|" in line}
-        assert "onnxruntime.tools" in imported and "torch" not in imported
+        assert "onnxruntime.quantization" in imported and "torch" not in imported
