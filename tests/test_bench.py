@@ -208,7 +208,8 @@ def test_help_states_the_api_defaults_and_mlperf(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert f"untimed runs ({DEFAULT_WARMUP})" in text and f"per model ({DEFAULT_RUNS})" in text
     assert "MLPerf's SingleStream scenario" in text and "90th percentile" in text
-    assert "Peak RSS" in text
+    assert "Peak RSS" in text and "depends on the order of measurement" in text
+    assert f"(default {DEFAULT_MAX_SLOWDOWN:.2f})" in text  # the help mirrors the constant
 
 
 def test_help_imports_nothing_heavy():

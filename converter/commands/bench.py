@@ -48,7 +48,7 @@ gates (exit 0 when all hold, 1 when any fails, 2 on bad input; like `onnxship va
   --baseline J       compare speed RATIOS (never absolute times) with J, the --json of an
                      earlier run of the same models in the same order, same inputs and thread
                      counts: for every model after the first, baseline speedup / this speedup
-                     ≤ --max-slowdown F (a factor, default 1.10: 10 % slower fails)
+                     ≤ --max-slowdown F (a factor, default 1.10: more than 10 % slower fails)
   A speed ratio still depends on the CPU kind (int8 gains far more with VNNI than with AVX2
   alone), so record the baseline on the CPU kind CI runs on. --json and --junit (one testcase
   per gate) are written atomically, also when a gate fails.
