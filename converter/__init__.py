@@ -21,6 +21,7 @@ _API = {
     "ValidationReport": "converter.validation",
     "bench": "converter.benchmark",
     "BenchReport": "converter.benchmark",
+    "BenchGates": "converter.benchmark",
     "run_recipe": "converter.pipeline",
     "load_recipe": "converter.recipe",
     "OnnxshipError": "converter.errors",

@@ -39,8 +39,10 @@ import psutil
 from tqdm import tqdm
 
 from converter import __version__
+from converter.bench_gates import BenchGates
 from converter.data import InputSpec, model_input_specs, open_data
 from converter.errors import BadInputError, DataError, first_line
+from converter.gates import Gate, gate_lines, junit_xml
 from converter.inputs import generate_inputs
 from converter.metrics import speedup
 from converter.onnxio import atomic_path, load_model
@@ -48,6 +50,7 @@ from converter.runtime import make_session, run_session
 
 __all__ = [
     "bench",
+    "BenchGates",
     "BenchReport",
     "ModelInfo",
     "Measurement",
@@ -115,14 +118,26 @@ class Measurement:
 
 @dataclass
 class BenchReport:
+    """Every measurement, and the gates checked on them (``passed`` is True without gates)."""
+
     models: list[ModelInfo]
     threads: list[int]
     settings: dict
     machine: dict
     results: list[Measurement]
+    gates: list[Gate] = field(default_factory=list)
+    baseline: str | None = None
 
     def get(self, model: int, threads: int) -> Measurement:
         return next(r for r in self.results if r.model == model and r.threads == threads)
+
+    @property
+    def passed(self) -> bool:
+        return all(g.passed for g in self.gates)
+
+    @property
+    def failed(self) -> list[Gate]:
+        return [g for g in self.gates if not g.passed]
 
     def to_dict(self) -> dict:
         return {
@@ -132,10 +147,18 @@ class BenchReport:
             "settings": self.settings,
             "models": [dataclasses.asdict(m) for m in self.models],
             "results": [_result_dict(r, self.models[r.model].path) for r in self.results],
+            "baseline": self.baseline,
+            "passed": self.passed,
+            "gates": [g.to_dict() for g in self.gates],
         }
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    def to_junit(self) -> str:
+        """JUnit XML: one testcase per gate, p50/p90/speedup/size as suite properties."""
+        subject = " ".join(m.path for m in self.models)
+        return junit_xml(TOOL, subject, self.gates, _properties(self), self.summary())
 
     def summary(self) -> str:
         return _summary(self)
@@ -154,6 +177,7 @@ def bench(
     inter_op_threads: int = 1,
     optimize: bool = True,
     progress: bool = False,
+    gates: BenchGates | None = None,
 ) -> BenchReport:
     """Measure ``models`` interleaved at each thread count in ``threads``.
 
@@ -161,15 +185,21 @@ def bench(
     spec (seeded; symbolic dims other than the leading batch dim need a size in ``dims``).
     ``batch`` defaults to 1, or the model's fixed leading dim. ``runs`` timed runs per
     model (default DEFAULT_RUNS), or rounds until ``seconds`` have passed (per thread count,
-    all models together), after ``warmup`` untimed runs per model.
+    all models together), after ``warmup`` untimed runs per model. ``gates`` are checked on
+    the result (``report.passed``); their settings and baseline are checked before measuring.
     """
     threads = _check_settings(models, threads, warmup, runs, seconds, batch, inter_op_threads)
     if runs is None and seconds is None:
         runs = DEFAULT_RUNS
     if data is not None and dims:
         raise BadInputError("--dim is for generated inputs", "drop --dim when giving --data")
+    gates = gates or BenchGates()
+    baseline = gates.check_models(len(models))
     prepared = [_prepare(m, data, dims or {}, seed, batch) for m in models]
     _check_dims_used(dims or {}, prepared)
+    machine = _machine()
+    if baseline is not None:
+        baseline.check_fits([p.info for p in prepared], threads, machine["cpu"])
     init_ms = _prime_onnxruntime()
     results = []
     for count in threads:
@@ -190,7 +220,10 @@ def bench(
         "memory": _memory_method(),
         "onnxruntime_init_ms": init_ms,
     }
-    return BenchReport([p.info for p in prepared], threads, settings, _machine(), results)
+    report = BenchReport([p.info for p in prepared], threads, settings, machine, results)
+    report.gates = gates.check(report, baseline)
+    report.baseline = None if baseline is None else baseline.path
+    return report
 
 
 # ---------------------------------------------------------------- settings and inputs
@@ -570,7 +603,24 @@ def _summary(report: BenchReport) -> str:
         "speedup = p50 of the first model / p50 of this one (same threads); MLPerf SingleStream "
         "reports p90; peak RSS = memory the model's session added at its peak"
     )
+    if report.gates:
+        lines.append("gates:")
+        lines += gate_lines(report.gates, label=True)
     return "\n".join(lines)
+
+
+def _properties(report: BenchReport) -> list[tuple[str, str]]:
+    m = report.machine
+    props = [("cpu", str(m["cpu"])), ("onnxruntime", str(m["onnxruntime"]))]
+    for r in report.results:
+        key = f"{report.models[r.model].path}.threads{r.threads}"
+        props += [
+            (f"{key}.p50_ms", repr(r.latency.p50_ms)),
+            (f"{key}.p90_ms", repr(r.latency.p90_ms)),
+            (f"{key}.speedup", repr(r.speedup)),
+        ]
+    props += [(f"{info.path}.size_bytes", str(info.file_size)) for info in report.models]
+    return props
 
 
 PLOT_FORMATS = ("png", "svg", "pdf")

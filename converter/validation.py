@@ -15,10 +15,8 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 import os
 import sys
-import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +28,9 @@ from converter import __version__
 from converter import metrics as M
 from converter.data import Dataset, InputSpec, model_input_specs, open_data
 from converter.errors import BadInputError, DataError
+from converter.gates import Gate, gate_lines, junit_xml
+from converter.gates import fmt as _fmt
+from converter.gates import json_number as _num
 from converter.onnxio import load_model
 from converter.runtime import make_session, run_session
 
@@ -71,45 +72,6 @@ class MetricValue:
             out["worst"] = _num(self.worst)
             out["worst_sample"] = self.worst_sample
         return out
-
-
-@dataclass(frozen=True)
-class Gate:
-    """One gate: ``value op threshold`` must hold (op is ``>=`` or ``<=``)."""
-
-    name: str  # min-score | max-drop | min-worst | baseline
-    metric: str  # what was compared, e.g. "accuracy", "accuracy drop", "cosine worst"
-    output: str
-    op: str
-    threshold: float
-    value: float | None
-    passed: bool
-    detail: str = ""
-
-    @classmethod
-    def check(
-        cls, name: str, metric: str, output: str, op: str, threshold: float, value, detail=""
-    ) -> Gate:
-        """A NaN or missing value fails every gate."""
-        ok = value is not None and not math.isnan(value)
-        ok = ok and (value >= threshold if op == ">=" else value <= threshold)
-        return cls(name, metric, output, op, threshold, value, ok, detail)
-
-    def describe(self) -> str:
-        text = f"{self.metric} {_fmt(self.value)} (needs {self.op} {self.threshold:.6g})"
-        return f"{text}, {self.detail}" if self.detail else text
-
-    def to_dict(self) -> dict:
-        return {
-            "name": self.name,
-            "metric": self.metric,
-            "output": self.output,
-            "op": self.op,
-            "threshold": _num(self.threshold),
-            "value": _num(self.value),
-            "passed": self.passed,
-            "detail": self.detail,
-        }
 
 
 @dataclass
@@ -613,19 +575,6 @@ def _value(results: dict[str, MetricValue], metric: str) -> float | None:
 # ---------------------------------------------------------------- rendering
 
 
-def _num(x) -> float | int | None:
-    """A JSON-safe number: NaN and infinities become null."""
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return None
-    return x
-
-
-def _fmt(x: float | None) -> str:
-    if x is None:
-        return "n/a"
-    return f"{x:.5f}" if abs(x) >= 1e-3 or x == 0 else f"{x:.3e}"
-
-
 def _metrics_dict(results: dict[str, dict[str, MetricValue]]) -> dict:
     return {out: {m: v.to_dict() for m, v in values.items()} for out, values in results.items()}
 
@@ -645,38 +594,12 @@ def _summary(r: ValidationReport) -> str:
         lines.append("no gates (use --min-score, --max-drop, --min-worst or --baseline)")
         return "\n".join(lines)
     lines.append(f"gates on output {r.output}:")
-    lines += [f"  {'PASS' if g.passed else 'FAIL'}  {g.name:<9}  {g.describe()}" for g in r.gates]
-    failed = len(r.failed)
-    lines.append("PASSED" if not failed else f"FAILED: {failed} of {len(r.gates)} gates")
+    lines += gate_lines(r.gates)
     return "\n".join(lines)
 
 
 def _junit(r: ValidationReport) -> str:
-    failures = str(len(r.failed))
-    suites = ET.Element("testsuites", name=TOOL, tests=str(len(r.gates)), failures=failures)
-    suite = ET.SubElement(
-        suites,
-        "testsuite",
-        name=f"{TOOL} {r.candidate}",
-        tests=str(len(r.gates)),
-        failures=failures,
-        errors="0",
-        skipped="0",
-    )
-    props = ET.SubElement(suite, "properties")
-    for key, value in _properties(r):
-        ET.SubElement(props, "property", name=key, value=value)
-    for g in r.gates:
-        name = f"{g.name}: {g.metric} {g.op} {g.threshold:.6g} ({g.output})"
-        case = ET.SubElement(suite, "testcase", classname=f"onnxship.validate.{g.name}", name=name)
-        if not g.passed:
-            failure = ET.SubElement(case, "failure", message=g.describe(), type="GateFailed")
-            failure.text = f"{g.name} failed on output {g.output}: {g.describe()}"
-    ET.SubElement(suite, "system-out").text = r.summary()
-    ET.indent(suites)
-    return (
-        '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(suites, encoding="unicode") + "\n"
-    )
+    return junit_xml(TOOL, r.candidate, r.gates, _properties(r), r.summary(), reads="output")
 
 
 def _properties(r: ValidationReport) -> list[tuple[str, str]]:

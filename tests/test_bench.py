@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from converter import metrics
-from converter.benchmark import DEFAULT_RUNS, DEFAULT_WARMUP, bench
+from converter.bench_gates import DEFAULT_MAX_SLOWDOWN
+from converter.benchmark import DEFAULT_RUNS, DEFAULT_WARMUP, BenchGates, bench
 from converter.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,9 +68,19 @@ def tiny(tmp_path_factory):
     (folder / "not.onnx").write_text("not a model")
     np.savez(folder / "d.npz", x=np.ones((3, 256), np.float32))
     np.savez(folder / "wrong.npz", x=np.ones((3, 8), np.float32))
+    small, large = _mlp(folder / "small.onnx", layers=2), _mlp(folder / "large.onnx", layers=8)
+    base = json.loads(bench([small, large], runs=3, warmup=1).to_json())
+    (folder / "base.json").write_text(json.dumps(base))
+    (folder / "notjson.json").write_text("{not json")
+    (folder / "validate.json").write_text(json.dumps({"tool": "onnxship validate"}))
+    (folder / "swapped.json").write_text(json.dumps(_edited(base, swap=True)))
     return {
-        "small": _mlp(folder / "small.onnx", layers=2),
-        "large": _mlp(folder / "large.onnx", layers=8),
+        "small": small,
+        "large": large,
+        "base": folder / "base.json",
+        "notjson": folder / "notjson.json",
+        "validate_json": folder / "validate.json",
+        "swapped": folder / "swapped.json",
         "fixed": _mlp(folder / "fixed.onnx", layers=1, batch=2),
         "seq": _sequence_model(folder / "seq.onnx"),
         "not_onnx": folder / "not.onnx",
@@ -76,6 +88,19 @@ def tiny(tmp_path_factory):
         "wrong": folder / "wrong.npz",
         "tmp": folder,
     }
+
+
+def _edited(doc: dict, swap: bool = False, speedup: float | None = None) -> dict:
+    """A copy of a bench --json report with the models swapped, or the second model's speedup
+    set to ``speedup`` (a ratio no real run of these models gets)."""
+    doc = json.loads(json.dumps(doc))
+    if swap:
+        doc["models"].reverse()
+    if speedup is not None:
+        for row in doc["results"]:
+            if row["model_index"] == 1:
+                row["speedup_p50_vs_first"] = speedup
+    return doc
 
 
 def cli(capsys, *args) -> tuple[int, str, str]:
@@ -158,7 +183,8 @@ def test_help_states_the_api_defaults_and_mlperf(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert f"untimed runs ({DEFAULT_WARMUP})" in text and f"per model ({DEFAULT_RUNS})" in text
     assert "MLPerf's SingleStream scenario" in text and "90th percentile" in text
-    assert "Peak RSS" in text
+    assert "Peak RSS" in text and "depends on the order of measurement" in text
+    assert f"(default {DEFAULT_MAX_SLOWDOWN:.2f})" in text  # the help mirrors the constant
 
 
 def test_help_imports_nothing_heavy():
@@ -210,6 +236,33 @@ BAD = {
     "plot suffix": (["{small}", "--plot", "{tmp}/plot.txt"], "suffix"),
     "json folder missing": (["{small}", "--json", "{tmp}/no/b.json"], "does not exist"),
     "json overwrites model": (["{small}", "--json", "{small}"], "also an input"),
+    "junit is the json": (["{small}", "--json", "{tmp}/r", "--junit", "{tmp}/r"], "same file"),
+    "junit overwrites baseline": (
+        ["{small}", "{large}", "--baseline", "{base}", "--junit", "{base}"],
+        "also an input",
+    ),
+    "min-speedup negative": (["{small}", "{large}", "--min-speedup", "-1"], "≥ 0"),
+    "max-p90 not a number": (["{small}", "--max-p90-ms", "fast"], "not a number"),
+    "max-size infinite": (["{small}", "--max-size-mb", "inf"], "finite"),
+    "min-speedup one model": (["{small}", "--min-speedup", "1"], "only one model"),
+    "baseline one model": (["{small}", "--baseline", "{base}"], "only one model"),
+    "slowdown without baseline": (["{small}", "{large}", "--max-slowdown", "1.1"], "--baseline"),
+    "slowdown below 1": (
+        ["{small}", "{large}", "--baseline", "{base}", "--max-slowdown", "0.1"],
+        "a factor",
+    ),
+    "baseline missing": (["{small}", "{large}", "--baseline", "{tmp}/none.json"], "not exist"),
+    "baseline not json": (["{small}", "{large}", "--baseline", "{notjson}"], "readable JSON"),
+    "baseline of validate": (["{small}", "{large}", "--baseline", "{validate_json}"], "bench"),
+    "baseline other order": (["{small}", "{large}", "--baseline", "{swapped}"], "same order"),
+    "baseline other threads": (
+        ["{small}", "{large}", "--baseline", "{base}", "--threads", "2"],
+        "--threads 1",
+    ),
+    "baseline other inputs": (
+        ["{small}", "{large}", "--baseline", "{base}", "--data", "{data}", "--batch", "2"],
+        "same --data",
+    ),
 }
 
 
@@ -224,3 +277,129 @@ def test_bad_input_is_exit_2_with_one_line(case, tiny, capsys):
     assert words in err, err
     assert "Traceback" not in err
     assert sorted(tiny["tmp"].iterdir()) == before  # nothing written
+
+
+# ---------------------------------------------------------------- gates
+# Thresholds are chosen so that no CPU can change the outcome: a speedup is ≥ 0 and never
+# 10^6; the size is the file's; a baseline ratio of 10^-6 or 10^6 is out of any real range.
+
+
+def _gate_run(capsys, tiny, tmp_path, *gates) -> tuple[int, str, str, dict, ET.Element]:
+    json_path, junit_path = tmp_path / "b.json", tmp_path / "b.xml"
+    code, out, err = cli(
+        capsys, "bench", tiny["small"], tiny["large"], "--runs", "5", "--warmup", "1",
+        "--json", json_path, "--junit", junit_path, *gates,
+    )  # fmt: skip
+    return code, out, err, json.loads(json_path.read_text()), ET.parse(junit_path).getroot()
+
+
+def test_gates_pass(tiny, tmp_path, capsys):
+    size_mb = os.path.getsize(tiny["large"]) / 1e6
+    code, out, err, doc, junit = _gate_run(
+        capsys, tiny, tmp_path,
+        "--min-speedup", "0", "--max-p90-ms", "1e6", "--max-size-mb", size_mb * 1.01,
+    )  # fmt: skip
+    assert code == 0, err
+    assert doc["passed"] is True and [g["name"] for g in doc["gates"]] == [
+        "min-speedup", "max-p90-ms", "max-p90-ms", "max-size-mb", "max-size-mb",
+    ]  # fmt: skip
+    speedup, p90a, p90b, size_a, size_b = (g["value"] for g in doc["gates"])
+    assert speedup == doc["results"][1]["speedup_p50_vs_first"]  # the first model is not gated
+    assert [p90a, p90b] == [row["p90_ms"] for row in doc["results"]]
+    assert [size_a, size_b] == [m["file_size"] / 1e6 for m in doc["models"]]
+    assert "PASS  min-speedup" in out and out.rstrip().endswith("PASSED")
+    assert junit.get("tests") == "5" and junit.get("failures") == "0"
+    assert not list(junit.iter("failure"))
+
+
+def test_gates_fail_exit_1_and_still_write_the_reports(tiny, tmp_path, capsys):
+    size_mb = os.path.getsize(tiny["large"]) / 1e6
+    code, out, err, doc, junit = _gate_run(
+        capsys, tiny, tmp_path,
+        "--min-speedup", "1e6", "--max-p90-ms", "0", "--max-size-mb", size_mb * 0.99,
+    )  # fmt: skip
+    assert code == 1
+    assert err.startswith("error: bench gates failed: min-speedup") and err.count("\n") == 1
+    failed = {
+        (g["name"], Path(g["output"].split(" @ ")[0]).name) for g in doc["gates"] if not g["passed"]
+    }
+    assert failed == {
+        ("min-speedup", "large.onnx"),
+        ("max-p90-ms", "small.onnx"),
+        ("max-p90-ms", "large.onnx"),
+        ("max-size-mb", "large.onnx"),  # small.onnx is 4x smaller: it passes
+    }
+    assert doc["passed"] is False and "FAIL  max-size-mb" in out and "FAILED: 4 of 5" in out
+    assert junit.get("tests") == "5" and junit.get("failures") == "4"
+
+
+def test_junit_carries_every_gate_and_number(tiny, tmp_path, capsys):
+    code, _, _, doc, junit = _gate_run(
+        capsys, tiny, tmp_path, "--min-speedup", "1e6", "--max-size-mb", "100"
+    )
+    assert code == 1
+    suite = junit.find("testsuite")
+    cases = suite.findall("testcase")
+    assert [c.get("classname") for c in cases] == [
+        "onnxship.bench.min-speedup", "onnxship.bench.max-size-mb", "onnxship.bench.max-size-mb",
+    ]  # fmt: skip
+    assert [c.find("failure") is not None for c in cases] == [True, False, False]
+    failure = cases[0].find("failure")
+    assert failure.get("type") == "GateFailed" and str(tiny["large"]) in failure.text
+    props = {p.get("name"): p.get("value") for p in suite.iter("property")}
+    for row in doc["results"]:
+        key = f"{row['model']}.threads1"
+        assert float(props[f"{key}.p50_ms"]) == row["p50_ms"]
+        assert float(props[f"{key}.p90_ms"]) == row["p90_ms"]
+        assert float(props[f"{key}.speedup"]) == row["speedup_p50_vs_first"]
+    assert int(props[f"{tiny['large']}.size_bytes"]) == os.path.getsize(tiny["large"])
+    assert props["onnxruntime"] == doc["machine"]["onnxruntime"]
+    assert "FAIL  min-speedup" in suite.find("system-out").text
+
+
+@pytest.mark.parametrize("ratio, passed", [(1e-6, True), (1e6, False)])
+def test_baseline_compares_speed_ratios(ratio, passed, tiny, tmp_path, capsys):
+    base = tmp_path / "base.json"
+    base.write_text(json.dumps(_edited(json.loads(tiny["base"].read_text()), speedup=ratio)))
+    code, out, err, doc, junit = _gate_run(capsys, tiny, tmp_path, "--baseline", base)
+    assert code == (0 if passed else 1), err
+    (gate,) = doc["gates"]  # one per model after the first and thread count
+    now = doc["results"][1]["speedup_p50_vs_first"]
+    assert gate["name"] == "baseline" and gate["value"] == pytest.approx(ratio / now)
+    assert gate["threshold"] == DEFAULT_MAX_SLOWDOWN and gate["passed"] is passed
+    assert doc["baseline"] == str(base)
+    if not passed:
+        assert "error: bench gates failed: baseline" in err
+        assert junit.find("testsuite/testcase/failure") is not None
+
+
+def test_baseline_of_a_real_run_and_its_tolerance(tiny, tmp_path):
+    """The stored run of the same models passes with a tolerance no noise can exceed; the
+    gate's value is the baseline ratio over this run's, whatever the CPU."""
+    loose = bench([tiny["small"], tiny["large"]], runs=5, warmup=1,
+                  gates=BenchGates(baseline=tiny["base"], max_slowdown=1e9))  # fmt: skip
+    (gate,) = loose.gates
+    stored = json.loads(tiny["base"].read_text())["results"][1]["speedup_p50_vs_first"]
+    assert gate.value == pytest.approx(stored / loose.results[1].speedup)
+    assert loose.passed and gate.threshold == 1e9
+
+
+def test_baseline_from_another_cpu_warns(tiny, tmp_path, caplog):
+    doc = json.loads(tiny["base"].read_text())
+    doc["machine"]["cpu"] = "Some Other CPU"
+    base = tmp_path / "other.json"
+    base.write_text(json.dumps(_edited(doc, speedup=1e-6)))
+    report = bench(
+        [tiny["small"], tiny["large"]], runs=3, warmup=1, gates=BenchGates(baseline=base)
+    )
+    assert report.passed
+    assert "Some Other CPU" in caplog.text and "differ between CPU kinds" in caplog.text
+
+
+def test_api_gates_without_the_cli(tiny):
+    report = bench([tiny["small"], tiny["large"]], runs=3, warmup=1,
+                   gates=BenchGates(min_speedup=1e6, max_size_mb=1e3))  # fmt: skip
+    assert not report.passed and [g.name for g in report.failed] == ["min-speedup"]
+    assert report.failed[0].value == report.results[1].speedup
+    no_gates = bench([tiny["small"]], runs=3, warmup=1)
+    assert no_gates.passed and no_gates.gates == [] and no_gates.to_dict()["gates"] == []

@@ -12,6 +12,8 @@ examples:
   onnxship bench cnn.onnx cnn-int8.onnx --data test.npz
   onnxship bench enc.onnx enc-int8.onnx --dim seq=128 --threads 1,2,4 --seconds 20 \\
       --json bench.json --plot bench.png
+  onnxship bench cnn.onnx cnn-int8.onnx --data test.npz --runs 1000 \\
+      --min-speedup 1.1 --max-size-mb 1 --baseline main-bench.json --junit bench.xml
 
 Edge defaults: batch 1, --threads 1 (intra-op; a list measures each count), inter-op 1,
 sequential execution, all graph optimizations, CPU. Inputs are the first sample(s) of --data,
@@ -32,7 +34,24 @@ on an edge device) reports the 90th percentile latency: compare p90 with it.
 Peak RSS: all models share one process, so each model's number is the peak resident memory
 while its session was created and warmed up, minus the process's RSS just before — the memory
 that model added at its peak (Linux: the kernel's high-water mark, reset per model; elsewhere
-the RSS after warmup). Sessions of the models measured before it stay loaded.
+the RSS after warmup). It depends on the order of measurement: memory freed earlier in the
+run (an earlier thread count's sessions, model loading) is reused without growing the RSS, so
+later models and thread counts read lower. Compare models by it only in the same position;
+for one model's own footprint, bench it alone at one thread count.
+
+gates (exit 0 when all hold, 1 when any fails, 2 on bad input; like `onnxship validate`):
+  --min-speedup X    every model after the first: p50 of the first / p50 of this one ≥ X,
+                     measured interleaved in this run (at every --threads count)
+  --max-p90-ms MS    every model: p90 latency ≤ MS (an absolute time: set it for the CPU CI
+                     runs on)
+  --max-size-mb MB   every model: file size with external data ≤ MB (10^6 bytes, as the table)
+  --baseline J       compare speed RATIOS (never absolute times) with J, the --json of an
+                     earlier run of the same models in the same order, same inputs and thread
+                     counts: for every model after the first, baseline speedup / this speedup
+                     ≤ --max-slowdown F (a factor, default 1.10: more than 10 % slower fails)
+  A speed ratio still depends on the CPU kind (int8 gains far more with VNNI than with AVX2
+  alone), so record the baseline on the CPU kind CI runs on. --json and --junit (one testcase
+  per gate) are written atomically, also when a gate fails.
 """
 
 
@@ -53,6 +72,16 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not 0 < value < 1e6:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
+def _limit(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number ≥ 0")
     return value
 
 
@@ -91,18 +120,38 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--seed", type=int, default=0, help="seed of the generated inputs (0)")
     p.add_argument("--json", metavar="PATH", help="write every number as JSON")
     p.add_argument("--plot", metavar="PATH.png", help="plot the latency distributions")
+    p.add_argument("--junit", metavar="PATH", help="write JUnit XML, one testcase per gate")
+    g = p.add_argument_group("gates")
+    g.add_argument("--min-speedup", type=_limit, metavar="X", help="speedup vs the first ≥ X")
+    g.add_argument("--max-p90-ms", type=_limit, metavar="MS", help="p90 latency ≤ MS")
+    g.add_argument("--max-size-mb", type=_limit, metavar="MB", help="file size ≤ MB")
+    g.add_argument("--baseline", metavar="J.json", help="a bench --json report to compare with")
+    g.add_argument(
+        "--max-slowdown",
+        type=_limit,
+        metavar="F",
+        help="baseline speedup / this speedup ≤ F (default 1.10)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    from converter.benchmark import bench, check_plot_path, plot_latencies
+    from converter.benchmark import BenchGates, bench, check_plot_path, plot_latencies
+    from converter.gates import check_report_paths, failure
     from converter.inputs import parse_dims
     from converter.onnxio import atomic_write_text, check_output_path
 
-    for out in (args.json, args.plot):
-        if out:
-            check_output_path(out, *args.models, args.data)
+    inputs = (*args.models, args.data, args.baseline)
+    check_report_paths(args.json, args.junit, *inputs)
     if args.plot:
+        check_output_path(args.plot, *inputs, args.json, args.junit)
         check_plot_path(args.plot)
+    gates = BenchGates(
+        min_speedup=args.min_speedup,
+        max_p90_ms=args.max_p90_ms,
+        max_size_mb=args.max_size_mb,
+        baseline=args.baseline,
+        max_slowdown=args.max_slowdown,
+    )
     report = bench(
         args.models,
         threads=args.threads,
@@ -116,11 +165,17 @@ def run(args: argparse.Namespace) -> int:
         inter_op_threads=args.inter_op,
         optimize=args.optimize,
         progress=not args.quiet,
+        gates=gates,
     )
     if not args.quiet:
         print(report.summary())
     if args.json:
         atomic_write_text(args.json, report.to_json())
+    if args.junit:
+        atomic_write_text(args.junit, report.to_junit())
     if args.plot:
         plot_latencies(report, args.plot)
+    if not report.passed:
+        fix = "a model is slower or bigger than the gates allow: see the table above"
+        raise failure("bench gates", report.gates, fix, args.json)
     return 0

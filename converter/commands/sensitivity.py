@@ -26,9 +26,11 @@ samples: optimistic numbers, but the ranking is what matters), and quantizes onc
 node's variant copies that node's Q/DQ nodes into the fp32 model. Node names are those of the
 pre-processed model (the names --exclude matches). Ops onnxruntime only passes int8 data
 through (Reshape, Transpose, MaxPool, ...) are not scored. Time grows with nodes × samples:
-a 6-layer BERT-style encoder (hidden 256, 64 tokens, 64 static nodes) takes about 1.2 s per
-node on one AVX2 thread, dynamic mode 2.5 s (each variant is quantized by onnxruntime), --gain
-adds 3.5 s (tests/benchmarks/bench_sensitivity.py); --samples 32 halves the scoring part.
+a 6-layer BERT-style encoder (hidden 256, 64 tokens, 64 scoring samples) took 1.2-1.5 s per
+node in static mode (64 nodes: 75-98 s, after 10.5-12.6 s of calibration) and 1.3-1.4 s in
+dynamic mode (39 nodes: 52-55 s) on one thread of an AMD EPYC (AVX2, no VNNI), onnxruntime
+1.32.0 (tests/benchmarks/bench_sensitivity.py); --gain adds one quantization per node;
+--samples 32 halves the scoring part.
 """
 # Mirror of converter.sensitivity.DEFAULT_SAMPLES (importing it here would load onnx and numpy
 # for every command; tests/test_sensitivity.py checks they agree).
