@@ -39,8 +39,8 @@ Before quantizing, onnxruntime's quant_pre_process runs (symbolic shape inferenc
 optimization; falls back to ONNX shape inference, then to none, saying so). --exclude and
 --exclude-op keep nodes in fp32; node names are those of the pre-processed model (it keeps
 the names of the nodes it does not fuse). The report lists every quantizable node left in
-fp32 and why. Check accuracy with `onnxship validate`; measured numbers for this machine:
-tests/benchmarks/bench_quantize.py.
+fp32 and why. Check accuracy with `onnxship validate`; measured numbers (and the machine they
+come from): tests/benchmarks/bench_quantize.py and the README's Benchmarks section.
 """
 
 
