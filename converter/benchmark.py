@@ -26,7 +26,6 @@ import gc
 import json
 import logging
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -507,28 +506,12 @@ def _memory_method() -> str:
 
 
 def _machine() -> dict:
+    """provenance.machine() plus the versions that shape latency."""
     import onnxruntime
 
-    return {
-        "cpu": _cpu_name(),
-        "logical_cores": os.cpu_count(),
-        "physical_cores": psutil.cpu_count(logical=False),
-        "system": f"{platform.system()} {platform.release()}",
-        "python": platform.python_version(),
-        "onnxruntime": onnxruntime.__version__,
-        "numpy": np.__version__,
-    }
+    from converter.provenance import machine
 
-
-def _cpu_name() -> str:
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        cpuinfo = ""
-    for line in cpuinfo.splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+    return {**machine(), "onnxruntime": onnxruntime.__version__, "numpy": np.__version__}
 
 
 # ---------------------------------------------------------------- rendering

@@ -48,10 +48,9 @@ def versions(with_torch: bool) -> dict[str, str]:
     return found
 
 
-def machine() -> dict[str, object]:
-    """CPU model, core count and the int8-relevant flags (from /proc/cpuinfo on Linux)."""
-    import os
-
+def cpu_model_and_flags() -> tuple[str, set[str]]:
+    """The CPU's model name and its flags (x86 ``flags``, ARM ``Features``), read from
+    /proc/cpuinfo on Linux; elsewhere what platform knows and no flags."""
     model, flags = platform.processor() or platform.machine(), set()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
@@ -59,12 +58,30 @@ def machine() -> dict[str, object]:
             key, _, value = line.partition(":")
             if key.strip() == "model name" and value.strip():
                 model = value.strip()
-            elif key.strip() == "flags":
+            elif key.strip() in ("flags", "Features") and not flags:
                 flags = set(value.split())
+    return model, flags
+
+
+def machine() -> dict[str, object]:
+    """CPU model, core counts, system and the int8-relevant flags: what every report and
+    manifest records about the machine (one reader of /proc/cpuinfo for all of them)."""
+    import os
+
+    import psutil
+
+    from converter.targets import host_target
+
+    model, flags = cpu_model_and_flags()
     return {
         "cpu": model,
         "cores": os.cpu_count(),
+        "logical_cores": os.cpu_count(),
+        "physical_cores": psutil.cpu_count(logical=False),
         "platform": platform.platform(),
+        "system": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
         "int8_flags": {f: f in flags for f in INT8_FLAGS},
         "vnni": "avx512_vnni" in flags or "avx_vnni" in flags,
+        "target": host_target().name,
     }

@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import platform
 from dataclasses import dataclass
-from pathlib import Path
 
 from converter.errors import BadInputError
 
@@ -81,14 +80,9 @@ TARGET_CHOICES = ("host", *TARGETS)
 
 def host_flags() -> set[str]:
     """The CPU flags this process sees (Linux /proc/cpuinfo; empty elsewhere)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if not cpuinfo.is_file():
-        return set()
-    for line in cpuinfo.read_text(errors="replace").splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return set(value.split())
-    return set()
+    from converter.provenance import cpu_model_and_flags
+
+    return cpu_model_and_flags()[1]
 
 
 def host_target() -> Target:
