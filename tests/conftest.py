@@ -4,6 +4,7 @@ source version (cached under build/test-models/), with their data files."""
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,3 +63,40 @@ def digits_mlp() -> RefModel:
 @pytest.fixture(scope="session")
 def tiny_encoder() -> RefModel:
     return _ref_model("tiny_encoder")
+
+
+# --- the CLI, run in-process ----------------------------------------------------------------
+
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    """Run the CLI in-process: exit code, stdout, and stderr without the progress bar (tqdm
+    draws it with carriage returns)."""
+    from converter.cli import main
+
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as e:  # argparse's usage errors
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err.rsplit("\r", 1)[-1]
+
+
+def one_line_error(capsys) -> str:
+    """The single ``error: ...`` line a bad input prints on stderr (asserted), no traceback."""
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """main() binds the package loggers to the stderr capsys gives that test; undo it so
+    later tests do not log to a closed stream."""
+    names = ("converter", "passes")
+    saved = {n: (logging.getLogger(n).handlers[:], logging.getLogger(n).propagate) for n in names}
+    yield
+    for name, (handlers, propagate) in saved.items():
+        logging.getLogger(name).handlers[:] = handlers
+        logging.getLogger(name).propagate = propagate

@@ -4,11 +4,11 @@ block list, the Cast fix, determinism, and bad inputs through the CLI."""
 from __future__ import annotations
 
 import json
-import logging
 
 import numpy as np
 import onnx
 import pytest
+from conftest import one_line_error
 from onnx import TensorProto, helper, numpy_helper
 
 from converter.cli import main
@@ -19,18 +19,6 @@ from converter.runtime import make_session, run_batches
 from passes import fp16 as fp16_module
 from passes.base import fingerprint
 from passes.fp16 import FP32_OPS, Float16, default_block_list
-
-LOGGERS = ("converter", "passes")
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """main() binds the package loggers to the stderr capsys gives that test; undo it."""
-    saved = {n: (logging.getLogger(n).handlers[:], logging.getLogger(n).propagate) for n in LOGGERS}
-    yield
-    for name, (handlers, propagate) in saved.items():
-        logging.getLogger(name).handlers[:] = handlers
-        logging.getLogger(name).propagate = propagate
 
 
 def elem_types(values) -> dict[str, int]:
@@ -146,13 +134,6 @@ def test_refuses_fp16_and_quantized_models(digits_mlp):
         Float16(block_nodes=["("])
 
 
-def _one_line_error(capsys) -> str:
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
-
-
 def test_cli_converts_and_says_it_is_about_size(tmp_path, capsys, digits_cnn):
     out = tmp_path / "half.onnx"
     assert main(["fp16", str(digits_cnn.onnx), "-o", str(out)]) == 0
@@ -178,5 +159,5 @@ def test_cli_bad_inputs_are_exit_2(tmp_path, capsys, digits_mlp):
     ]
     for argv, words in cases:
         assert main(argv) == 2
-        assert words in _one_line_error(capsys)
+        assert words in one_line_error(capsys)
         assert not out.exists() and half.read_bytes() == data

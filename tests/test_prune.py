@@ -4,11 +4,11 @@ digits models, zeros surviving quantization, and the CLI's bad-input handling.""
 from __future__ import annotations
 
 import json
-import logging
 
 import numpy as np
 import onnx
 import pytest
+from conftest import one_line_error
 from onnx import TensorProto, helper, numpy_helper
 
 from converter.cli import main
@@ -18,20 +18,6 @@ from converter.metrics import accuracy, per_sample_cosine
 from converter.runtime import make_session, run_batches
 from passes.base import PassRunner, fingerprint, make_pass
 from passes.prune import DEFAULT_MIN_PARAMS, DEFAULT_SCOPE, SCOPES, MagnitudePrune
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """main() binds the package loggers to the stderr capsys gives that test; undo it so
-    later tests do not log to a closed stream."""
-    saved = {n: (logging.getLogger(n).handlers[:], logging.getLogger(n).propagate) for n in LOGGERS}
-    yield
-    for name, (handlers, propagate) in saved.items():
-        logging.getLogger(name).handlers[:] = handlers
-        logging.getLogger(name).propagate = propagate
-
-
-LOGGERS = ("converter", "passes")
 
 
 def _init(rng: np.random.Generator, name: str, *shape: int, scale: float = 1.0):
@@ -281,14 +267,6 @@ def test_pruned_weights_stay_exactly_zero_after_quantization(mode, digits_cnn):
 # ----------------------------------------------------------------------- CLI
 
 
-def _one_line_error(capsys) -> str:
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    return lines[0]
-
-
 def _save(model: onnx.ModelProto, path) -> bytes:
     data = model.SerializeToString()
     path.write_bytes(data)
@@ -300,7 +278,7 @@ def test_cli_sparsity_out_of_range_is_exit_2(sparsity, tmp_path, capsys):
     src, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
     data = _save(toy_model(), src)
     assert main(["prune", str(src), "-o", str(out), "--sparsity", sparsity]) == 2
-    assert "sparsity" in _one_line_error(capsys)
+    assert "sparsity" in one_line_error(capsys)
     assert not out.exists() and src.read_bytes() == data
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx"]
 
@@ -316,11 +294,11 @@ def test_cli_bad_inputs_are_exit_2(tmp_path, capsys):
     ]
     for argv, words in cases:
         assert main(argv) == 2
-        assert words in _one_line_error(capsys)
+        assert words in one_line_error(capsys)
         assert not out.exists() and src.read_bytes() == data
     (tmp_path / "junk.onnx").write_bytes(b"not a model")
     assert main(["prune", str(tmp_path / "junk.onnx"), "-o", str(out), "--sparsity", "0.5"]) == 2
-    assert "not a readable ONNX model" in _one_line_error(capsys)
+    assert "not a readable ONNX model" in one_line_error(capsys)
 
 
 def test_cli_refuses_a_quantized_model(tmp_path, capsys, digits_mlp):
@@ -330,7 +308,7 @@ def test_cli_refuses_a_quantized_model(tmp_path, capsys, digits_mlp):
     data = _save(DynamicQuantize()(onnx.load(str(digits_mlp.onnx))).model, src)
     capsys.readouterr()  # the quantize pass's own log line
     assert main(["prune", str(src), "-o", str(out), "--sparsity", "0.5"]) == 2
-    assert "already quantized" in _one_line_error(capsys)
+    assert "already quantized" in one_line_error(capsys)
     assert not out.exists() and src.read_bytes() == data
 
 

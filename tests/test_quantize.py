@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import one_line_error
 from onnx import TensorProto, helper, numpy_helper
 
 from converter.cli import main
@@ -35,17 +36,6 @@ from passes.quantize import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-LOGGERS = ("converter", "passes")
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """main() binds the package loggers to the stderr capsys gives that test; undo it."""
-    saved = {n: (logging.getLogger(n).handlers[:], logging.getLogger(n).propagate) for n in LOGGERS}
-    yield
-    for name, (handlers, propagate) in saved.items():
-        logging.getLogger(name).handlers[:] = handlers
-        logging.getLogger(name).propagate = propagate
 
 
 def evaluate(ref, model: onnx.ModelProto) -> dict[str, float]:
@@ -471,13 +461,6 @@ def test_runner_names_the_failed_pass(digits_cnn):
 # ----------------------------------------------------------------------- CLI
 
 
-def _one_line_error(capsys) -> str:
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
-
-
 @pytest.fixture
 def cnn_copy(tmp_path, digits_cnn):
     src = tmp_path / "cnn.onnx"
@@ -514,7 +497,7 @@ def test_cli_bad_calibration_data_is_exit_2(tmp_path, capsys, cnn_copy):
     for what, (data, words) in cases.items():
         argv = ["quantize", str(cnn_copy), "-o", str(out), "--mode", "static", "--calib", str(data)]
         assert main(argv) == 2, what
-        assert words in _one_line_error(capsys), what
+        assert words in one_line_error(capsys), what
         assert not out.exists() and cnn_copy.read_bytes() == before
     assert not [p for p in tmp_path.iterdir() if p.suffix == ".onnx" and p != cnn_copy]
 
@@ -539,7 +522,7 @@ def test_cli_bad_arguments_are_exit_2(tmp_path, capsys, cnn_copy, digits_cnn):
         except SystemExit as e:  # argparse usage errors
             code = e.code
         assert code == 2, argv
-        assert words in _one_line_error(capsys), argv
+        assert words in one_line_error(capsys), argv
         assert not out.exists() and cnn_copy.read_bytes() == before
 
 
@@ -557,7 +540,7 @@ def test_cli_refuses_quantized_and_fp16_models(tmp_path, capsys, digits_mlp):
         capsys.readouterr()  # the conversion passes' own log lines
         for mode in (["--mode", "dynamic"], ["--mode", "static", "--calib", str(digits_mlp.calib)]):
             assert main(["quantize", str(src), "-o", str(out), *mode]) == 2
-            assert words in _one_line_error(capsys)
+            assert words in one_line_error(capsys)
             assert not out.exists()
 
 
@@ -574,7 +557,7 @@ def test_cli_calibration_error_mid_stream_leaves_nothing(tmp_path, capsys, cnn_c
     out = tmp_path / "out.onnx"
     argv = ["quantize", str(cnn_copy), "-o", str(out), "--mode", "static", "--calib", str(folder)]
     assert main(argv) == 2
-    assert "NaN or Inf (first at sample 47)" in _one_line_error(capsys)
+    assert "NaN or Inf (first at sample 47)" in one_line_error(capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cnn.onnx", "shards"]
 
 

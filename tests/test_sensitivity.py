@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import cli
 from onnx import TensorProto, helper, numpy_helper
 
 from converter import metrics
-from converter.cli import main
 from converter.commands import sensitivity as command
 from converter.errors import BadInputError
 from converter.runtime import make_session
@@ -219,15 +219,6 @@ def test_dynamic_numbers_equal_a_direct_run_of_the_pass(outlier):
 
 
 # ---------------------------------------------------------------- CLI, reports, determinism
-
-
-def cli(capsys, *args) -> tuple[int, str, str]:
-    try:
-        code = main([str(a) for a in args])
-    except SystemExit as e:  # argparse's usage errors
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_json_is_deterministic_across_processes(digits_mlp, tmp_path, capsys):

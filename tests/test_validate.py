@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import cli
 from onnx import TensorProto, helper, numpy_helper
 
 from converter import metrics
@@ -51,16 +52,6 @@ def models(digits_cnn, tmp_path_factory):
         "test": digits_cnn.test,
         "calib": digits_cnn.calib,
     }
-
-
-def cli(capsys, *args) -> tuple[int, str, str]:
-    """Run the CLI in-process; stderr without the progress bar (drawn with carriage returns)."""
-    try:
-        code = main([str(a) for a in args])
-    except SystemExit as e:  # argparse's usage errors
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err.rsplit("\r", 1)[-1]
 
 
 def _outputs(model: Path, data: Path) -> np.ndarray:
