@@ -170,12 +170,6 @@ class Dataset:
             )
         return next(iter(counts.values()), 0)
 
-    def sample_shape(self, name: str) -> tuple[int, ...]:
-        return self._headers[0][name][0][1:]
-
-    def dtype(self, name: str) -> np.dtype:
-        return self._headers[0][name][1]
-
     def check(self, specs: Sequence[InputSpec]) -> None:
         """Raise one DataError naming every mismatch between this data and the inputs."""
         problems = []
