@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from converter.commands import add_command
+from converter.commands import add_command, add_executor_args
 
 HELP = "score a model on data (labels and/or a reference model) and gate it for CI"
 EPILOG = """\
@@ -82,14 +82,21 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     )
     p.add_argument("--json", metavar="PATH", help="write every number as JSON")
     p.add_argument("--junit", metavar="PATH", help="write JUnit XML, one testcase per gate")
+    add_executor_args(
+        p,
+        "the data's shards are scored",
+        "With --executor ray each .npz shard of DATA is one Ray task (a worker that dies has "
+        "its\nshard run again); the shards' results are merged in shard order, so the report "
+        "is the\nsame as in-process. On a cluster, DATA must be at the same path on every node.",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from converter.errors import BadInputError, GateFailed
+    from converter.executor import make_executor
     from converter.onnxio import atomic_write_text, check_output_path
-    from converter.validation import validate
 
     inputs = (args.candidate, args.data, args.reference, args.baseline)
     reports = [(path, kind) for path, kind in ((args.json, "json"), (args.junit, "junit")) if path]
@@ -102,19 +109,8 @@ def run(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size,
         "threads": args.threads,
     }
-    report = validate(
-        args.candidate,
-        args.data,
-        reference=args.reference,
-        metrics=args.metrics,
-        min_score=args.min_score,
-        max_drop=args.max_drop,
-        min_worst=args.min_worst,
-        baseline=args.baseline,
-        output=args.output,
-        progress=not args.quiet,
-        **{k: v for k, v in options.items() if v is not None},
-    )
+    with make_executor(args.executor, args.ray_address) as executor:
+        report = _validate(args, executor, options)
     if not args.quiet:
         print(report.summary())
     for path, kind in reports:
@@ -126,3 +122,23 @@ def run(args: argparse.Namespace) -> int:
             + (f" and {args.json}" if args.json else ""),
         )
     return 0
+
+
+def _validate(args: argparse.Namespace, executor, options: dict):
+    """The validation the flags describe, run by ``executor``."""
+    from converter.validation import validate
+
+    return validate(
+        args.candidate,
+        args.data,
+        reference=args.reference,
+        metrics=args.metrics,
+        min_score=args.min_score,
+        max_drop=args.max_drop,
+        min_worst=args.min_worst,
+        baseline=args.baseline,
+        output=args.output,
+        progress=not args.quiet,
+        executor=executor,
+        **{k: v for k, v in options.items() if v is not None},
+    )

@@ -1,0 +1,193 @@
+"""Scale-out on Ray: every number equals the in-process run's, a worker that dies loses no
+sample, bad data names its shard, and a missing Ray is one clear error.
+
+One local Ray (2 CPUs, no dashboard) is shared by every test here: starting it is most of
+the cost. Executors made in the tests find it running and leave it running.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from converter.cli import main
+from converter.errors import DataError
+from converter.executor import InProcess, RayExecutor
+from converter.validation import validate
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARD_SIZES = (100, 37, 150, 1, 162)  # uneven, one single-sample shard: 450 samples
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def sharded(digits_cnn, tmp_path_factory) -> Path:
+    """digits_cnn's test data cut into uneven shards (with labels)."""
+    folder = tmp_path_factory.mktemp("shards")
+    with np.load(digits_cnn.test) as npz:
+        x, labels = npz["x"], npz["labels"]
+    assert len(x) == sum(SHARD_SIZES)
+    start = 0
+    for i, size in enumerate(SHARD_SIZES):
+        np.savez(
+            folder / f"part-{i:02d}.npz",
+            x=x[start : start + size],
+            labels=labels[start : start + size],
+        )
+        start += size
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pruned(digits_cnn, tmp_path_factory) -> Path:
+    """A candidate that differs from the fp32 model (50 % of the weights pruned)."""
+    from converter.onnxio import load_model, save_model
+    from passes import PassRunner
+    from passes.registry import make_recipe_pass
+
+    model, _ = PassRunner([make_recipe_pass("prune", {"sparsity": 0.5})]).run(
+        load_model(digits_cnn.onnx)
+    )
+    return save_model(model, tmp_path_factory.mktemp("pruned") / "pruned.onnx")
+
+
+def _validate_cli(candidate, reference, data, out: Path, *extra: str) -> tuple[int, str]:
+    code = main(
+        [
+            "-q",
+            "validate",
+            str(candidate),
+            "--data",
+            str(data),
+            "--reference",
+            str(reference),
+            *("--metric accuracy --metric agreement --metric cosine".split()),
+            *("--metric max-abs --metric mean-abs --batch-size 16".split()),
+            *("--min-score 0.5 --max-drop 0.2 --min-worst 0.5".split()),
+            "--json",
+            str(out),
+            *extra,
+        ]
+    )
+    return code, out.read_text(encoding="utf-8")
+
+
+def test_validate_on_ray_writes_the_in_process_report(
+    ray_local, sharded, pruned, digits_cnn, tmp_path
+):
+    code_local, local = _validate_cli(pruned, digits_cnn.onnx, sharded, tmp_path / "local.json")
+    code_ray, on_ray = _validate_cli(
+        pruned, digits_cnn.onnx, sharded, tmp_path / "ray.json", "--executor", "ray"
+    )
+    assert code_ray == code_local
+    assert on_ray == local  # every number: sample count, metrics, worst sample, gates
+    report = json.loads(on_ray)
+    assert report["num_samples"] == sum(SHARD_SIZES)
+    cosine = report["outputs"][report["output"]]["cosine"]
+    assert 0 < cosine["worst_sample"] < sum(SHARD_SIZES)  # an index into the whole data
+    assert cosine["worst"] < cosine["value"] < 1.0  # the pruned model does differ
+    assert [g["name"] for g in report["gates"]] == ["min-score", "max-drop", "min-worst"]
+
+
+def test_the_same_numbers_as_one_pass_over_the_whole_data(sharded, pruned, digits_cnn):
+    """Sharding changes nothing: the shards' merge equals scoring the whole data at once."""
+    from converter import metrics as M
+    from converter.runtime import make_session
+
+    report = validate(pruned, sharded, reference=digits_cnn.onnx, metrics=["cosine", "accuracy"])
+    with np.load(digits_cnn.test) as npz:
+        x, labels = npz["x"], npz["labels"]
+    cand = make_session(pruned).run(None, {"x": x})[0]
+    ref = make_session(digits_cnn.onnx).run(None, {"x": x})[0]
+    cos = M.per_sample_cosine(cand, ref)
+    got = report.outputs[report.output]
+    assert got["cosine"].worst_sample == int(np.argmin(cos))
+    np.testing.assert_allclose(got["cosine"].value, cos.mean(), rtol=1e-12)
+    assert got["accuracy"].value == M.accuracy(cand, labels)
+
+
+def _crash_once(inner, marker: Path, victim: int):
+    """An executor that runs ``inner`` but whose worker process dies (os._exit) the first
+    time it scores shard ``victim``: the marker file records that it happened."""
+
+    class Faulty:
+        name, width = inner.name, inner.width
+
+        def map(self, fn, items, **kwargs):
+            def dies_once(shared, item):
+                if item.index == victim and not marker.exists():
+                    marker.write_text(str(os.getpid()))
+                    os._exit(1)
+                return fn(shared, item)
+
+            return inner.map(dies_once, items, **kwargs)
+
+    return Faulty()
+
+
+def test_a_worker_that_dies_loses_no_sample(ray_local, sharded, pruned, digits_cnn, tmp_path):
+    marker = tmp_path / "died"
+    options = dict(reference=digits_cnn.onnx, metrics=["accuracy", "cosine", "mean-abs"])
+    with RayExecutor() as ray_executor:
+        faulty = _crash_once(ray_executor, marker, victim=2)
+        report = validate(pruned, sharded, executor=faulty, progress=False, **options)
+    assert marker.exists(), "the worker did not die: the test tested nothing"
+    import psutil
+
+    assert not psutil.pid_exists(int(marker.read_text()))
+    local = validate(pruned, sharded, progress=False, **options)
+    assert report.num_samples == local.num_samples == sum(SHARD_SIZES)
+    assert report.to_json() == local.to_json()
+
+
+def test_bad_data_in_a_shard_is_an_error_naming_it(ray_local, sharded, pruned, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for shard in sorted(sharded.glob("*.npz")):
+        (bad / shard.name).write_bytes(shard.read_bytes())
+    with np.load(bad / "part-02.npz") as npz:
+        x, labels = npz["x"].copy(), npz["labels"]
+    x[5, 0, 3, 3] = np.nan
+    np.savez(bad / "part-02.npz", x=x, labels=labels)
+    errors = []
+    for executor in (InProcess(), RayExecutor()):
+        with executor, pytest.raises(DataError) as e:
+            validate(pruned, bad, executor=executor, progress=False)
+        errors.append(str(e.value))
+    assert errors[0] == errors[1]
+    assert "shard part-02.npz (samples 137–286" in errors[1] and "NaN" in errors[1]
+
+
+def test_missing_ray_is_one_clear_error(monkeypatch, capsys, pruned, sharded, tmp_path):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
+    code = main(["validate", str(pruned), "--data", str(sharded), "--executor", "ray"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err == "error: --executor ray needs Ray — pip install 'onnxship[ray]'\n"
+    assert not list(tmp_path.iterdir())
+
+
+def test_in_process_never_imports_ray(pruned, sharded):
+    code = (
+        "import sys\n"
+        "from converter.cli import main\n"
+        f"main(['-q', 'validate', {str(pruned)!r}, '--data', {str(sharded)!r}])\n"
+        "assert 'ray' not in sys.modules, 'ray was imported'\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
