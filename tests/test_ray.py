@@ -7,6 +7,7 @@ the cost. Executors made in the tests find it running and leave it running.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -191,3 +192,102 @@ def test_in_process_never_imports_ray(pruned, sharded):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def _sensitivity_cli(ref, out: Path, *extra: str) -> str:
+    args = ["-q", "sensitivity", str(ref.onnx), "--data", str(ref.test), "--calib", str(ref.calib)]
+    assert main([*args, "--gain", "--samples", "32", "--json", str(out), *extra]) == 0
+    return out.read_text(encoding="utf-8")
+
+
+def test_sensitivity_on_ray_is_the_in_process_report(ray_local, digits_cnn, tmp_path):
+    local = _sensitivity_cli(digits_cnn, tmp_path / "local.json")
+    on_ray = _sensitivity_cli(digits_cnn, tmp_path / "ray.json", "--executor", "ray")
+    assert on_ray == local
+    nodes = json.loads(on_ray)["nodes"]
+    assert len(nodes) >= 2 and all(n["gain"] is not None for n in nodes)
+
+
+# What a candidate is, apart from its timing (measured locally, noisy) and where it is cached.
+_SAME = ("name", "passes", "key", "score", "cosine", "worst", "meets", "error", "size")
+
+
+def _auto(ref, data: Path, out: Path, *extra: str) -> tuple[int, dict]:
+    args = ["--metric", "accuracy", "--bench-runs", "5", *extra, "-o", str(out)]
+    code = main(["-q", "auto", str(ref.onnx), "--data", str(data), *args])
+    return code, json.loads((out / "manifest.json").read_text())
+
+
+def _candidates(manifest: dict, out: Path) -> list[dict]:
+    rows = [{k: c[k] for k in _SAME} for c in manifest["candidates"]]
+    for row, c in zip(rows, manifest["candidates"]):
+        row["sha256"] = c["path"] and hashlib.sha256((out / c["path"]).read_bytes()).hexdigest()
+    return rows
+
+
+@pytest.mark.parametrize(
+    "budget",
+    [
+        ["--max-drop", "0.02", "--sparsity-grid", "0.5"],  # met: pruning tried too
+        ["--max-drop", "0", "--min-worst", "0.9999", "--max-excluded", "3"],  # fp32 nodes kept
+    ],
+    ids=["met", "sensitive-nodes-kept"],
+)
+def test_auto_on_ray_builds_and_scores_the_in_process_candidates(
+    ray_local, digits_cnn, sharded, tmp_path, budget
+):
+    code, local = _auto(digits_cnn, sharded, tmp_path / "local", *budget)
+    code_ray, on_ray = _auto(digits_cnn, sharded, tmp_path / "ray", *budget, "--executor", "ray")
+    assert code_ray == code
+    assert _candidates(on_ray, tmp_path / "ray") == _candidates(local, tmp_path / "local")
+    # The choice reads the candidates and their local bench timings (noisy even between two
+    # in-process runs): given the same timings it is the same model.
+    from converter.auto import Candidate, _choose
+
+    timed = {c["name"]: c["speedup"] for c in local["candidates"]}
+    fields = [*_SAME, "cached"]
+    again = [
+        Candidate(**{k: c[k] for k in fields}, speedup=timed[c["name"]])
+        for c in on_ray["candidates"]
+    ]
+    chosen = _choose(again)
+    assert (chosen.name if chosen else None) == local["chosen"]
+    report = (tmp_path / "ray" / "report.md").read_text()
+    assert "latencies were measured here" in report
+
+
+def _recipe(tmp_path: Path, ref, data: Path, executor: str) -> Path:
+    path = tmp_path / f"recipe-{executor}.toml"
+    path.write_text(
+        f'name = "digits"\nexecutor = "{executor}"\n'
+        f"[model]\nonnx = {str(ref.onnx)!r}\n"
+        f"[data]\nvalidation = {str(data)!r}\n"
+        '[[variants]]\nname = "pruned"\npasses = [{ pass = "prune", sparsity = 0.5 }]\n'
+        "[gates]\nmax_drop = 0.2\n[bench]\nwarmup = 1\nruns = 3\n",
+        encoding="utf-8",
+    )
+    return path
+
+
+def test_recipe_executor_ray_validates_as_in_process(ray_local, digits_cnn, sharded, tmp_path):
+    from converter.pipeline import run_recipe
+
+    runs = {
+        executor: run_recipe(_recipe(tmp_path, digits_cnn, sharded, executor), tmp_path / executor)
+        for executor in ("in-process", "ray")
+    }
+    local, on_ray = ([a.validation.to_json() for a in r.artifacts] for r in runs.values())
+    assert on_ray == local and len(on_ray) == 2
+    assert runs["ray"].manifest.read_text().count('"executor": "ray"') == 1
+
+
+def test_recipe_executor_is_checked_before_anything_runs(monkeypatch, digits_cnn, tmp_path):
+    from converter.errors import BadInputError
+    from converter.recipe import load_recipe
+
+    with pytest.raises(BadInputError, match="executor 'dask' is unknown"):
+        load_recipe(_recipe(tmp_path, digits_cnn, tmp_path, "dask"))
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(BadInputError) as e:
+        load_recipe(_recipe(tmp_path, digits_cnn, tmp_path, "ray"))
+    assert str(e.value) == "--executor ray needs Ray — pip install 'onnxship[ray]'"
