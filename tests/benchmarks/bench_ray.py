@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -25,6 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from converter.executor import InProcess, RayExecutor  # noqa: E402
+from converter.provenance import machine  # noqa: E402
 from converter.validation import validate  # noqa: E402
 
 SHARDS, PER_SHARD = 20, 1000
@@ -139,13 +139,15 @@ def main() -> int:
                     times[name].append(time.perf_counter() - start)
                     reports[name] = report.to_json()
             mapped_ms, trip_ms = per_task_cost(on_ray, ray)
+        load = os.getloadavg()[0]
         ray.shutdown()
     samples = SHARDS * PER_SHARD
     local, dist = (statistics.median(times[n]) for n in ("in-process", "ray"))
-    print(
-        f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores "
-        "(AMD EPYC, AVX2, no VNNI); onnxruntime 1 thread per model per worker"
-    )
+    m = machine()
+    vnni = "VNNI" if m["vnni"] else "no VNNI"
+    print(f"CPU: {m['cpu']}, {m['cores']} cores, {vnni}; onnxruntime 1 thread per worker")
+    print(f"load average during the run: {load:.1f} (other jobs on the machine: the ratio is")
+    print("  only as good as the cores left free; on an idle 2-core machine expect ~2x)")
     print(
         f"validate {samples} samples (CNN 1x28x28 and its reference, {SHARDS} shards), "
         f"median of {REPEATS}, interleaved:"
