@@ -19,6 +19,7 @@ stops it on exit, one that found Ray running (a cluster, a test fixture) leaves 
 from __future__ import annotations
 
 import logging
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
@@ -129,6 +130,8 @@ class RayExecutor:
     def __enter__(self) -> RayExecutor:
         ray = self.ray
         if not ray.is_initialized():
+            if self.address:
+                _check_reachable(self.address)
             options = {"address": self.address} if self.address else {"num_cpus": self.num_cpus}
             try:
                 ray.init(
@@ -178,6 +181,21 @@ class RayExecutor:
                 f"{desc or 'task'} {index}: its Ray worker died {self.max_retries + 1} times",
                 "check the workers' memory and logs (`ray logs`)",
             ) from e
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A HOST:PORT nobody listens on fails here, in seconds: Ray itself retries for minutes.
+    Other forms ("auto", "ray://...") are left to Ray."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "/" in address:
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise BadInputError(
+            f"no Ray cluster answers at {address} ({e.strerror or e})",
+            "start it with `ray start --head` and pass the address it prints to --ray-address",
+        ) from e
 
 
 def make_executor(name: str = "in-process", address: str | None = None) -> Executor:

@@ -314,3 +314,19 @@ def test_recipe_executor_is_checked_before_anything_runs(monkeypatch, digits_cnn
     with pytest.raises(BadInputError) as e:
         load_recipe(_recipe(tmp_path, digits_cnn, tmp_path, "ray"))
     assert str(e.value) == "--executor ray needs Ray — pip install 'onnxship[ray]'"
+
+
+def test_an_address_nobody_answers_is_a_quick_clear_error(capsys, pruned, sharded):
+    import socket
+
+    from converter.errors import BadInputError
+    from converter.executor import _check_reachable
+
+    with socket.socket() as s:  # a port that was free a moment ago: nobody listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(BadInputError, match=f"no Ray cluster answers at 127.0.0.1:{port}"):
+        _check_reachable(f"127.0.0.1:{port}")
+    args = ["validate", str(pruned), "--data", str(sharded), "--ray-address", "127.0.0.1:1"]
+    assert main(args) == 2
+    assert capsys.readouterr().err.startswith("error: a Ray address was given without --executor")

@@ -147,7 +147,7 @@ def main() -> int:
     vnni = "VNNI" if m["vnni"] else "no VNNI"
     print(f"CPU: {m['cpu']}, {m['cores']} cores, {vnni}; onnxruntime 1 thread per worker")
     print(f"load average during the run: {load:.1f} (other jobs on the machine: the ratio is")
-    print("  only as good as the cores left free; on an idle 2-core machine expect ~2x)")
+    print("  only as good as the cores the other jobs leave free)")
     print(
         f"validate {samples} samples (CNN 1x28x28 and its reference, {SHARDS} shards), "
         f"median of {REPEATS}, interleaved:"
