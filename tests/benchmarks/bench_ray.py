@@ -82,6 +82,31 @@ def write_data(folder: Path) -> None:
         np.savez(folder / f"shard-{i:03d}.npz", x=x, labels=labels)
 
 
+def _timed(fn):
+    def run(shared, item):
+        start, cpu = time.perf_counter(), time.process_time()
+        out = fn(shared, item)
+        return out, time.perf_counter() - start, time.process_time() - cpu
+
+    return run
+
+
+class Timed:
+    """An executor that also adds up its tasks' wall and CPU seconds, measured where they
+    ran: how much CPU the work costs on each executor, whatever else the machine runs."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.name, self.width = inner, inner.name, inner.width
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+
+    def map(self, fn, items, **kwargs):
+        results = self.inner.map(_timed(fn), items, **kwargs)
+        self.wall.append(sum(r[1] for r in results))
+        self.cpu.append(sum(r[2] for r in results))
+        return [r[0] for r in results]
+
+
 def _noop(shared, item):
     return item
 
@@ -123,7 +148,7 @@ def main() -> int:
         times: dict[str, list[float]] = {"in-process": [], "ray": []}
         reports = {}
         with RayExecutor() as on_ray:
-            executors = {"in-process": InProcess(), "ray": on_ray}
+            executors = {"in-process": Timed(InProcess()), "ray": Timed(on_ray)}
             on_ray.map(_noop, list(range(2 * WORKERS)))  # workers started before timing
             for _ in range(REPEATS):  # interleaved: the machine's load hits both alike
                 for name, executor in executors.items():
@@ -143,6 +168,8 @@ def main() -> int:
         ray.shutdown()
     samples = SHARDS * PER_SHARD
     local, dist = (statistics.median(times[n]) for n in ("in-process", "ray"))
+    cpu = {n: statistics.median(e.cpu) for n, e in executors.items()}
+    share = statistics.median(c / w for c, w in zip(executors["ray"].cpu, executors["ray"].wall))
     m = machine()
     vnni = "VNNI" if m["vnni"] else "no VNNI"
     print(f"CPU: {m['cpu']}, {m['cores']} cores, {vnni}; onnxruntime 1 thread per worker")
@@ -159,6 +186,14 @@ def main() -> int:
     )
     print(f"  speedup Ray/in-process: {local / dist:.2f}x")
     print(f"  reports identical: {'yes' if reports['ray'] == reports['in-process'] else 'NO'}")
+    print(
+        f"CPU seconds inside the tasks: in-process {cpu['in-process']:.2f}, Ray {cpu['ray']:.2f}"
+        f" ({cpu['ray'] / cpu['in-process'] - 1:+.0%}); a Ray worker got {share:.0%} of a core"
+    )
+    print(
+        f"per worker: {samples / cpu['ray']:.0f} samples per CPU-second (what one worker with a "
+        "core of its own validates per second)"
+    )
     print(f"Ray start-up (local, {WORKERS} CPUs, not in the times above): {startup:.1f} s")
     print(
         f"Ray per-task cost: {mapped_ms:.2f} ms per no-op task mapped 400 at a time, "
