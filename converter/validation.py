@@ -1,9 +1,12 @@
 """``onnxship validate``: score a candidate model on data — against the labels in the data,
 against a reference model, or both — and check gates (the CI use).
 
-One streaming pass: each batch runs through the candidate (and the reference) and the
-metrics accumulate per output, so one batch of outputs is in memory at a time. Every number
-comes from :mod:`converter.metrics`. Gates read one output: the first, or ``output=``.
+One streaming pass per shard: each batch runs through the candidate (and the reference) and
+the metrics accumulate per output, so one batch of outputs is in memory at a time. The shards
+are scored by one pure function mapped over them by an executor (converter.executor: in this
+process, or one Ray task per shard) and their sums are merged in shard order, so the numbers
+do not depend on where the shards ran. Every number comes from :mod:`converter.metrics`. Gates
+read one output: the first, or ``output=``.
 
 A failed gate is not an exception here: :func:`validate` returns the report and
 ``report.passed`` says whether every gate held (a pipeline calling it many times needs the
