@@ -161,12 +161,21 @@ class RayExecutor:
         shared_ref = ray.put(shared)  # once: every task reads it from the object store
         task = ray.remote(max_retries=self.max_retries)(fn)
         futures = [task.remote(shared_ref, item) for item in items]
-        pending = list(futures)
+        position = {future: i for i, future in enumerate(futures)}
+        results, pending = {}, list(futures)
         with _bar(len(futures), desc, unit, progress) as bar:
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
+                try:  # the first failure stops the run, without waiting for the others
+                    for future in done:
+                        i = position[future]
+                        results[i] = self._get(ray, future, i, desc)
+                except BaseException:
+                    for future in pending:
+                        ray.cancel(future)
+                    raise
                 bar.update(len(done))
-        return [self._get(ray, f, i, desc) for i, f in enumerate(futures)]
+        return [results[i] for i in range(len(futures))]
 
     def _get(self, ray, future, index: int, desc: str):
         """One result; a task's own OnnxshipError comes back as itself."""
@@ -178,7 +187,8 @@ class RayExecutor:
             raise
         except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError) as e:
             raise OnnxshipError(
-                f"{desc or 'task'} {index}: its Ray worker died {self.max_retries + 1} times",
+                f"{desc or 'task'} {index}: its Ray worker process died, "
+                f"{self.max_retries + 1} time(s) in a row",
                 "check the workers' memory and logs (`ray logs`)",
             ) from e
 

@@ -186,26 +186,30 @@ def _variant(variant: Variant, recipe: Recipe, out: Path) -> ArtifactResult:
 
 def _validate_all(result: RunResult) -> None:
     from converter.executor import make_executor
+
+    with make_executor(result.recipe.executor, result.recipe.ray_address) as executor:
+        _validate_each(result, executor)
+
+
+def _validate_each(result: RunResult, executor: Any) -> None:
     from converter.validation import validate
 
     gates = result.recipe.gates
     data = result.recipe.data.validation
     reference = result.artifacts[0]
-    recipe = result.recipe
-    with make_executor(recipe.executor, recipe.ray_address) as executor:
-        reference.validation = validate(reference.path, data, progress=False, executor=executor)
-        for artifact in result.artifacts[1:]:
-            artifact.validation = validate(
-                artifact.path,
-                data,
-                reference=reference.path,
-                metrics=_metrics(gates, result),
-                min_score=gates.min_score,
-                max_drop=gates.max_drop,
-                min_worst=gates.min_worst,
-                progress=False,
-                executor=executor,
-            )
+    reference.validation = validate(reference.path, data, progress=False, executor=executor)
+    for artifact in result.artifacts[1:]:
+        artifact.validation = validate(
+            artifact.path,
+            data,
+            reference=reference.path,
+            metrics=_metrics(gates, result),
+            min_score=gates.min_score,
+            max_drop=gates.max_drop,
+            min_worst=gates.min_worst,
+            progress=False,
+            executor=executor,
+        )
 
 
 def _metrics(gates: Any, result: RunResult) -> list[str]:

@@ -330,3 +330,15 @@ def test_an_address_nobody_answers_is_a_quick_clear_error(capsys, pruned, sharde
     args = ["validate", str(pruned), "--data", str(sharded), "--ray-address", "127.0.0.1:1"]
     assert main(args) == 2
     assert capsys.readouterr().err.startswith("error: a Ray address was given without --executor")
+
+
+def test_a_worker_dying_every_time_is_an_error_not_a_short_count(
+    ray_local, sharded, pruned, tmp_path
+):
+    from converter.errors import OnnxshipError
+
+    with RayExecutor(max_retries=0) as no_retry:
+        faulty = _crash_once(no_retry, tmp_path / "died", victim=1)
+        died = r"validate 1: its Ray worker process died, 1 time\(s\) in a row"
+        with pytest.raises(OnnxshipError, match=died):
+            validate(pruned, sharded, executor=faulty, progress=False)
