@@ -32,8 +32,10 @@ from typing import Any
 import numpy as np
 import onnx
 
+from converter.auto_tasks import evaluate_all, notes
 from converter.data import LABELS, Dataset, model_input_specs, open_data
 from converter.errors import BadInputError, GateFailed, OnnxshipError
+from converter.executor import Executor, InProcess
 from converter.onnxio import atomic_path, atomic_write_text, load_model, save_model
 from converter.provenance import sha256_data, sha256_file, versions
 
@@ -323,37 +325,41 @@ def _passes_of(config: dict[str, Any], excluded: list[str]) -> list[dict[str, An
 
 
 def _search(
-    builder: _Builder, sparsity_grid: list[float], max_excluded: int
+    builder: _Builder, sparsity_grid: list[float], max_excluded: int, executor: Executor
 ) -> Iterator[Candidate]:
-    base = []
-    for name, config in _configs(builder.model, builder.target):
-        c = _log(builder.evaluate(Candidate(name, _passes_of(config, []))))
-        base.append((c, config))
-        yield c
+    configs = _configs(builder.model, builder.target)
+    first = [Candidate(name, _passes_of(config, [])) for name, config in configs]
+    base = list(zip(evaluate_all(builder, first, executor), (cfg for _, cfg in configs)))
+    for c, _ in base:
+        yield _log(c)
     for mode in ("quantize-dynamic", "quantize-static"):
         tried = [(c, cfg) for c, cfg in base if cfg["pass"] == mode and c.score is not None]
         if tried and not any(c.meets for c, _ in tried):
             best, config = max(tried, key=lambda t: t[0].score)
-            yield from _exclusions(builder, best, config, max_excluded)
+            yield from _exclusions(builder, best, config, max_excluded, executor)
     if not sparsity_grid:
         return
     scored = [(c, cfg) for c, cfg in base if c.score is not None]
     pool = [(c, cfg) for c, cfg in scored if c.meets] or scored
     best, config = max(pool, key=lambda t: t[0].score)
+    pruned = []
     for sparsity in sparsity_grid:
         prune = {"pass": "prune", "sparsity": sparsity}
-        yield _log(builder.evaluate(Candidate(f"prune{sparsity:g}", [prune])))
-        yield _log(
-            builder.evaluate(
-                Candidate(f"prune{sparsity:g}+{best.name}", [prune, *_passes_of(config, [])])
-            )
-        )
+        pruned.append(Candidate(f"prune{sparsity:g}", [prune]))
+        pruned.append(Candidate(f"prune{sparsity:g}+{best.name}", [prune, *_passes_of(config, [])]))
+    for c in evaluate_all(builder, pruned, executor):
+        yield _log(c)
 
 
 def _exclusions(
-    builder: _Builder, best: Candidate, config: dict[str, Any], max_excluded: int
+    builder: _Builder,
+    best: Candidate,
+    config: dict[str, Any],
+    max_excluded: int,
+    executor: Executor,
 ) -> Iterator[Candidate]:
-    """Keep the most sensitive nodes of ``best``'s mode in fp32, one more at a time."""
+    """Keep the most sensitive nodes of ``best``'s mode in fp32, one more at a time (as many
+    at a time as the executor runs at once; the list ends at the first that meets)."""
     from converter.sensitivity import sensitivity
 
     mode = "static" if config["pass"] == "quantize-static" else "dynamic"
@@ -366,13 +372,18 @@ def _exclusions(
         per_channel=config.get("per_channel", True),
         quant_settings=settings,
         progress=False,
+        executor=executor,
     ).ranked_nodes()
-    for k in range(1, min(max_excluded, len(ranked)) + 1):
-        c = builder.evaluate(Candidate(f"{best.name}_fp32x{k}", _passes_of(config, ranked[:k])))
-        _log(c)
-        yield c
-        if c.meets:
-            return
+    ks = list(range(1, min(max_excluded, len(ranked)) + 1))
+    for i in range(0, len(ks), executor.width):
+        chunk = [
+            Candidate(f"{best.name}_fp32x{k}", _passes_of(config, ranked[:k]))
+            for k in ks[i : i + executor.width]
+        ]
+        for c in evaluate_all(builder, chunk, executor):
+            yield _log(c)
+            if c.meets:
+                return
 
 
 def _log(c: Candidate) -> Candidate:
@@ -406,9 +417,13 @@ def auto(
     bench_runs: int = 50,
     threads: int = 1,
     target: str = "host",
+    executor: Executor | None = None,
 ) -> AutoResult:
     """Search configurations; write the fastest one meeting the budget to OUTDIR/model.onnx.
-    Returns the result; ``result.best`` is None when nothing met the budget."""
+    Returns the result; ``result.best`` is None when nothing met the budget. ``target`` is the
+    CPU kind the int8 candidates are made for (converter.targets). ``executor`` builds and
+    scores the candidates (default: in this process; see converter.auto_tasks); the bench of
+    the candidates always runs here, interleaved on this machine."""
     from converter.targets import resolve_target
 
     budget = _check(metric, min_score, max_drop, min_worst, sparsity_grid)
@@ -443,11 +458,13 @@ def auto(
         builder.reference_score,
         split,
     )
-    candidates = list(_search(builder, sorted(sparsity_grid or []), max_excluded))
+    executor = executor or InProcess()
+    candidates = list(_search(builder, sorted(sparsity_grid or []), max_excluded, executor))
     result = AutoResult(
         out, budget, builder.reference_score, builder.threshold, candidates, None, split
     )
     result.target = resolved
+    result.notes += notes(executor)
     _bench(result, reference, score_path, bench_runs, threads)
     result.best = _choose(candidates)
     if result.best is not None:

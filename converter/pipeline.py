@@ -190,6 +190,13 @@ def _variant(variant: Variant, recipe: Recipe, out: Path) -> ArtifactResult:
 
 
 def _validate_all(result: RunResult) -> None:
+    from converter.executor import make_executor
+
+    with make_executor(result.recipe.executor, result.recipe.ray_address) as executor:
+        _validate_each(result, executor)
+
+
+def _validate_each(result: RunResult, executor: Any) -> None:
     from converter.data import Dataset
     from converter.validation import validate
 
@@ -198,7 +205,7 @@ def _validate_all(result: RunResult) -> None:
     reference = result.artifacts[0]
     result.labelled = Dataset(data).has_labels
     if result.labelled:  # without labels the reference has nothing to be scored against
-        reference.validation = validate(reference.path, data, progress=False)
+        reference.validation = validate(reference.path, data, progress=False, executor=executor)
     for artifact in result.artifacts[1:]:
         artifact.validation = validate(
             artifact.path,
@@ -209,6 +216,7 @@ def _validate_all(result: RunResult) -> None:
             max_drop=gates.max_drop,
             min_worst=gates.min_worst,
             progress=False,
+            executor=executor,
         )
 
 

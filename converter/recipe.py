@@ -18,6 +18,8 @@ paths are relative to the recipe file.
     max_drop = 0.01               # accuracy drop vs fp32, absolute
     [bench]
     threads = [1]
+    # executor = "ray"            # validate on Ray (pip install 'onnxship[ray]'); optional
+    # ray_address = "10.0.0.5:6379"   # an existing cluster; default: a local Ray
 """
 
 from __future__ import annotations
@@ -104,6 +106,8 @@ class Recipe:
     gates: Gates
     bench: BenchSection
     target: str = "host"  # hardware target of every quantize pass that names none
+    executor: str = "in-process"  # where validation's shards are scored: or "ray"
+    ray_address: str | None = None
 
     def resolved(self) -> dict[str, Any]:
         """The recipe with defaults filled and paths absolute: what the manifest records."""
@@ -126,7 +130,7 @@ def to_plain(value: Any) -> Any:
 
 
 _PATH_FIELDS = {"onnx", "weights", "example", "calibration", "validation"}
-_TOP = {"name", "target", "model", "data", "variants", "gates", "bench"}
+_TOP = {"name", "target", "model", "data", "variants", "gates", "bench", "executor", "ray_address"}
 
 
 def _section(cls: type, raw: Any, where: str, base: Path) -> Any:
@@ -201,8 +205,11 @@ def load_recipe(path: str | Path) -> Recipe:
         gates=_section(Gates, raw.get("gates", {}), "gates", base),
         bench=_section(BenchSection, raw.get("bench", {}), "bench", base),
         target=_target(raw.get("target", "host")),
+        executor=str(raw.get("executor", "in-process")),
+        ray_address=None if raw.get("ray_address") is None else str(raw["ray_address"]),
     )
     _check_model(recipe.model, base)
+    _check_executor(recipe)
     return recipe
 
 
@@ -215,6 +222,20 @@ def _target(value: Any) -> str:
         raise BadInputError(f"recipe `target` must be a string, got {value!r}", 'target = "host"')
     resolve_target(value)
     return value
+
+
+def _check_executor(recipe: Recipe) -> None:
+    """A bad ``executor`` (or a missing Ray) fails here, before anything runs."""
+    from converter.executor import EXECUTORS, import_ray
+
+    if recipe.executor not in EXECUTORS:
+        raise BadInputError(
+            f"recipe executor {recipe.executor!r} is unknown", f"use one of {list(EXECUTORS)}"
+        )
+    if recipe.ray_address is not None and recipe.executor != "ray":
+        raise BadInputError("recipe has ray_address but no executor", 'add executor = "ray"')
+    if recipe.executor == "ray":
+        import_ray()
 
 
 def _check_model(model: ModelSection, base: Path) -> None:

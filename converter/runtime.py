@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 
 import numpy as np
 
 from converter.errors import BadInputError, first_line
 
-__all__ = ["make_session", "run_batches", "run_session"]
+__all__ = ["make_session", "cached_session", "run_batches", "run_session"]
 
 
 def make_session(
@@ -40,6 +41,33 @@ def make_session(
             f"onnxruntime cannot load {what}: {first_line(e)}",
             "check that it is a valid ONNX model for the CPU execution provider",
         ) from e
+
+
+class _SessionCache:
+    """The last few sessions made from model bytes, by the bytes' digest: a worker scoring
+    many shards of one model builds its session once (per process, not per task)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.sessions: OrderedDict[tuple[str, int], object] = OrderedDict()
+
+    def get(self, key: str, model: bytes, threads: int):
+        entry = (key, threads)
+        if entry not in self.sessions:
+            self.sessions[entry] = make_session(model, threads=threads)
+            while len(self.sessions) > self.size:
+                self.sessions.popitem(last=False)
+        self.sessions.move_to_end(entry)
+        return self.sessions[entry]
+
+
+_SESSIONS = _SessionCache(size=4)  # a candidate and its reference, for two runs
+
+
+def cached_session(key: str, model: bytes, threads: int = 1):
+    """A session for ``model`` (serialized bytes whose digest is ``key``), reused while it
+    is among the last four this process used."""
+    return _SESSIONS.get(key, model, threads)
 
 
 def run_batches(session, feeds: Iterable[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:

@@ -39,7 +39,6 @@ import json
 import logging
 import math
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -49,11 +48,11 @@ from typing import Any
 
 import numpy as np
 import onnx
-from tqdm import tqdm
 
 from converter import __version__
 from converter.data import model_input_specs, open_data
 from converter.errors import BadInputError
+from converter.executor import Executor, InProcess
 from converter.metrics import per_sample_cosine
 from converter.onnxio import load_model
 from converter.runtime import make_session, run_session
@@ -208,6 +207,7 @@ def sensitivity(
     batch_size: int = DEFAULT_BATCH_SIZE,
     threads: int = 1,
     progress: bool = True,
+    executor: Executor | None = None,
 ) -> SensitivityReport:
     """Rank the quantizable nodes of the fp32 ``model`` by the fidelity lost when each alone
     is quantized, scored on the first ``samples`` samples of ``data``.
@@ -219,7 +219,9 @@ def sensitivity(
     exclude_ops, nodes_to_exclude); excluded nodes stay fp32 in every variant. output: the
     output compared (default the first). gain: also measure each node kept fp32 with all
     others quantized (one more quantization and run per node). ``threads`` = 1 keeps the
-    numbers independent of the machine's core count.
+    numbers independent of the machine's core count. ``executor`` runs the scoring of the
+    nodes (default: in this process; a RayExecutor runs one Ray task per node); the report
+    is the same either way.
     """
     _check_options(mode, metric, samples, batch_size, threads)
     proto = _load(model)
@@ -235,7 +237,16 @@ def sensitivity(
     start = time.perf_counter()
     all_quantized = scorer.fidelity(variants.full.model, "the fully quantized model")
     candidates, not_scored = variants.candidates()
-    entries = _score_nodes(variants, scorer, candidates, not_scored, all_quantized, gain, progress)
+    entries = _score_nodes(
+        variants,
+        scorer,
+        candidates,
+        not_scored,
+        all_quantized,
+        gain,
+        executor or InProcess(),
+        progress,
+    )
     # Stable: ties stay in graph order; a NaN loss (broken output) ranks first.
     entries.sort(key=lambda e: -(e.loss if math.isfinite(e.loss) else math.inf))
     report = SensitivityReport(
@@ -539,6 +550,15 @@ def _passes_quiet() -> Iterator[None]:
         log.setLevel(level)
 
 
+@dataclass(frozen=True)
+class _NodeJob:
+    """What scoring every node shares (put into Ray's object store once)."""
+
+    variants: _Variants
+    scorer: _Scorer
+    gain: bool
+
+
 def _score_nodes(
     variants: _Variants,
     scorer: _Scorer,
@@ -546,34 +566,41 @@ def _score_nodes(
     not_scored: dict[str, str],
     all_quantized: Fidelity,
     gain: bool,
+    executor: Executor,
     progress: bool,
 ) -> list[NodeSensitivity]:
-    bar = tqdm(
-        total=len(candidates) * (2 if gain else 1),
+    """Each node scored by :func:`_score_node` (a map: in this process or as Ray tasks),
+    gathered in graph order."""
+    scored = executor.map(
+        _score_node,
+        list(candidates),
+        shared=_NodeJob(variants, scorer, gain),
         desc="sensitivity",
-        unit="variant",
-        disable=not progress,
-        file=sys.stderr,
-        leave=False,
+        unit="node",
+        progress=progress,
     )
     entries = []
-    with bar, _passes_quiet():
-        for name in candidates:
-            variant = variants.alone(name)
-            if variant is None:
-                not_scored[name] = "inputs not quantized (fused into the node before it)"
-                bar.update(2 if gain else 1)
-                continue
-            alone = scorer.fidelity(variant, f"the model with only {name} quantized")
-            bar.update()
-            kept_gain = None
-            if gain:
-                kept = variants.quantize([name])
-                lost = scorer.fidelity(kept, f"the model with {name} kept in fp32").loss
-                kept_gain = all_quantized.loss - lost
-                bar.update()
-            entries.append(NodeSensitivity(name, variants.op_types[name], alone, kept_gain))
+    for name, (alone, lost) in zip(candidates, scored):
+        if alone is None:
+            not_scored[name] = "inputs not quantized (fused into the node before it)"
+            continue
+        kept_gain = None if lost is None else all_quantized.loss - lost
+        entries.append(NodeSensitivity(name, variants.op_types[name], alone, kept_gain))
     return entries
+
+
+def _score_node(job: _NodeJob, name: str) -> tuple[Fidelity | None, float | None]:
+    """(The fidelity with only ``name`` quantized, or None when it cannot be quantized
+    alone; with gain, the loss with all but ``name`` quantized.)"""
+    with _passes_quiet():
+        variant = job.variants.alone(name)
+        if variant is None:
+            return None, None
+        alone = job.scorer.fidelity(variant, f"the model with only {name} quantized")
+        if not job.gain:
+            return alone, None
+        kept = job.variants.quantize([name])
+        return alone, job.scorer.fidelity(kept, f"the model with {name} kept in fp32").loss
 
 
 # ---------------------------------------------------------------- rendering

@@ -1,9 +1,12 @@
 """``onnxship validate``: score a candidate model on data — against the labels in the data,
 against a reference model, or both — and check gates (the CI use).
 
-One streaming pass: each batch runs through the candidate (and the reference) and the
-metrics accumulate per output, so one batch of outputs is in memory at a time. Every number
-comes from :mod:`converter.metrics`. Gates read one output: the first, or ``output=``.
+One streaming pass per shard: each batch runs through the candidate (and the reference) and
+the metrics accumulate per output, so one batch of outputs is in memory at a time. The shards
+are scored by one pure function mapped over them by an executor (converter.executor: in this
+process, or one Ray task per shard) and their sums are merged in shard order, so the numbers
+do not depend on where the shards ran. Every number comes from :mod:`converter.metrics`. Gates
+read one output: the first, or ``output=``.
 
 A failed gate is not an exception here: :func:`validate` returns the report and
 ``report.passed`` says whether every gate held (a pipeline calling it many times needs the
@@ -13,26 +16,28 @@ numbers); the CLI turns a failure into exit 1.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
+import math
 import os
-import sys
-from collections.abc import Sequence
+import zipfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from converter import __version__
 from converter import metrics as M
 from converter.data import Dataset, InputSpec, model_input_specs, open_data
-from converter.errors import BadInputError, DataError
+from converter.errors import BadInputError, DataError, OnnxshipError
+from converter.executor import Executor, InProcess
 from converter.gates import Gate, gate_lines, junit_xml
 from converter.gates import fmt as _fmt
 from converter.gates import json_number as _num
 from converter.onnxio import load_model
-from converter.runtime import make_session, run_session
+from converter.runtime import cached_session, run_session
 
 __all__ = [
     "validate",
@@ -143,6 +148,7 @@ def validate(
     output: str | None = None,
     threads: int = 1,
     progress: bool = True,
+    executor: Executor | None = None,
 ) -> ValidationReport:
     """Score ``candidate`` on ``data`` and check the gates that are given.
 
@@ -154,6 +160,8 @@ def validate(
     of an earlier run; every score (accuracy, agreement, cosine) also computed now may be
     at most ``baseline_tolerance`` lower. Gates read ``output`` (default: the first).
     ``threads`` = 1 keeps the numbers independent of the machine's core count.
+    ``executor`` runs the scoring of the data's shards (default: in this process; a
+    RayExecutor runs one Ray task per shard); the report is identical either way.
     Bad input raises BadInputError/DataError; failed gates only set ``report.passed``.
     """
     _check_numbers(min_score, max_drop, min_worst, baseline_tolerance, batch_size, threads)
@@ -166,10 +174,11 @@ def validate(
     gated = _gated_output(outputs, output)
     labels = _labels(dataset) if plan.wants_labels else None
     base = _read_baseline(baseline, gated, dataset.num_samples, plan) if baseline else None
-    scored = _score(
+    num_samples, scored = _score(
         _Run(candidate, reference, dataset, cand_specs, ref_specs, labels, plan, gated),
         dataset.batch_size_for(cand_specs, batch_size),
         threads,
+        executor or InProcess(),
         progress,
     )
     results = {name: scored[name].result() for name in outputs}
@@ -179,7 +188,7 @@ def validate(
     report = ValidationReport(
         candidate=str(candidate),
         data=str(data),
-        num_samples=dataset.num_samples,
+        num_samples=num_samples,
         metrics=plan.chosen,
         output=gated,
         outputs=results,
@@ -385,14 +394,29 @@ def _read_baseline(path, output: str, num_samples: int, plan: _Plan) -> dict[str
 
 class _Running:
     """The metric sums of one output over the batches seen so far: exact hit counts for
-    accuracy/agreement, per-sample cosines, per-batch max and size-weighted mean abs error."""
+    accuracy/agreement, per-sample cosines, per-batch max and size-weighted mean abs error.
+    Shards are scored into one each and :meth:`merged` in shard order: counts add exactly,
+    lists concatenate, so the result is the same however the shards were run."""
 
     def __init__(self) -> None:
         self.hits: dict[str, list[int]] = {}  # metric -> [hits, positions]
         self.cosines: list[np.ndarray] = []
         self.max_abs: list[float] = []
-        self.abs_sum = 0.0
+        self.abs_terms: list[float] = []  # per batch: mean abs error × elements
         self.abs_size = 0
+
+    @classmethod
+    def merged(cls, parts: Sequence[_Running]) -> _Running:
+        out = cls()
+        for part in parts:
+            for key, (hits, n) in part.hits.items():
+                entry = out.hits.setdefault(key, [0, 0])
+                entry[0], entry[1] = entry[0] + hits, entry[1] + n
+            out.cosines += part.cosines
+            out.max_abs += part.max_abs
+            out.abs_terms += part.abs_terms
+            out.abs_size += part.abs_size
+        return out
 
     def count(self, key: str, hits: np.ndarray) -> None:
         entry = self.hits.setdefault(key, [0, 0])
@@ -407,7 +431,7 @@ class _Running:
         if "max-abs" in computed:
             self.max_abs.append(M.max_abs_error(cand, ref))
         if "mean-abs" in computed:
-            self.abs_sum += M.mean_abs_error(cand, ref) * cand.size
+            self.abs_terms.append(M.mean_abs_error(cand, ref) * cand.size)
             self.abs_size += cand.size
 
     def result(self) -> dict[str, MetricValue]:
@@ -419,7 +443,7 @@ class _Running:
         if self.max_abs:
             out["max-abs"] = MetricValue(float(np.max(self.max_abs)))
         if self.abs_size:
-            out["mean-abs"] = MetricValue(self.abs_sum / self.abs_size)
+            out["mean-abs"] = MetricValue(math.fsum(self.abs_terms) / self.abs_size)
         return {m: out[m] for m in METRICS if m in out}
 
     def reference_result(self) -> dict[str, MetricValue]:
@@ -445,42 +469,144 @@ class _Run:
         return int(self.labels.max()) if self.labels is not None and self.labels.size else -1
 
 
-def _score(run: _Run, batch_size: int, threads: int, progress: bool) -> dict[str, _Running]:
-    cand = make_session(run.candidate, threads=threads)
-    ref = None if run.reference is None else make_session(run.reference, threads=threads)
+@dataclass(frozen=True)
+class _Model:
+    """A model as the bytes that travel to the workers, with their digest (the key of the
+    worker's session cache) and its path (for messages)."""
+
+    path: str
+    data: bytes
+    key: str
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> _Model:
+        data = Path(path).read_bytes()
+        return cls(str(path), data, hashlib.sha256(data).hexdigest())
+
+
+@dataclass(frozen=True)
+class _ShardJob:
+    """What the scoring of every shard shares (put into Ray's object store once)."""
+
+    data: str
+    candidate: _Model
+    reference: _Model | None
+    specs: list[InputSpec]
+    ref_specs: list[InputSpec] | None
+    computed: frozenset[str]
+    gated: str
+    label_max: int
+    batch_size: int
+    threads: int
+
+
+@dataclass(frozen=True)
+class _Shard:
+    """One .npz shard: its place in the data and its slice of the labels."""
+
+    index: int
+    path: Path
+    start: int  # the index of its first sample in the whole data
+    size: int
+    labels: np.ndarray | None
+
+    def describe(self, data: str) -> str:
+        last = self.start + self.size - 1
+        return f"shard {self.path.name} (samples {self.start}–{last} of {data})"
+
+
+@dataclass
+class _ShardScore:
+    index: int
+    samples: int
+    running: dict[str, _Running]
+
+
+def _score(
+    run: _Run, batch_size: int, threads: int, executor: Executor, progress: bool
+) -> tuple[int, dict[str, _Running]]:
+    """Score every shard (a map of :func:`_score_shard`), merged in shard order: (the number
+    of samples scored, the sums per output)."""
+    job = _ShardJob(
+        data=str(run.dataset.path),
+        candidate=_Model.read(run.candidate),
+        reference=None if run.reference is None else _Model.read(run.reference),
+        specs=run.specs,
+        ref_specs=run.ref_specs,
+        computed=frozenset(run.plan.computed),
+        gated=run.gated,
+        label_max=run.label_max,
+        batch_size=batch_size,
+        threads=threads,
+    )
+    shards, start = [], 0
+    for i, (path, size) in enumerate(zip(run.dataset.shards, run.dataset.shard_sizes)):
+        labels = None if run.labels is None else run.labels[start : start + size]
+        shards.append(_Shard(i, path, start, size, labels))
+        start += size
+    scores = executor.map(
+        _score_shard, shards, shared=job, desc="validate", unit="shard", progress=progress
+    )
+    return _merge(scores, run.dataset)
+
+
+def _merge(scores: list[_ShardScore], dataset: Dataset) -> tuple[int, dict[str, _Running]]:
+    """The shards' sums in shard order, after checking each shard was scored once, whole."""
+    indices, counts = [s.index for s in scores], [s.samples for s in scores]
+    if indices != list(range(len(dataset.shards))) or counts != dataset.shard_sizes:
+        raise OnnxshipError(
+            f"scored shards {indices} with {counts} samples, the data {dataset.path} has "
+            f"{dataset.shard_sizes}",
+            "run again; the data must not change while it is validated",
+        )
+    names = list(scores[0].running)
+    return sum(counts), {n: _Running.merged([s.running[n] for s in scores]) for n in names}
+
+
+def _score_shard(job: _ShardJob, shard: _Shard) -> _ShardScore:
+    """Score one shard: pure, so it may run anywhere (a Ray worker) and run again."""
+    cand = cached_session(job.candidate.key, job.candidate.data, job.threads)
+    ref = None
+    if job.reference is not None:
+        ref = cached_session(job.reference.key, job.reference.data, job.threads)
     names = [o.name for o in cand.get_outputs()]
     running = {name: _Running() for name in names}
-    ref_dtypes = {s.name: s.dtype for s in run.ref_specs or []}
-    start = 0
-    bar = tqdm(
-        total=run.dataset.num_samples,
-        desc="validate",
-        unit="sample",
-        disable=not progress,
-        file=sys.stderr,
-        leave=False,
-    )
-    with bar:
-        for feed in run.dataset.batches(run.specs, batch_size, check_finite=True):
-            span = f"{run.candidate} (samples {start}–{start + len(next(iter(feed.values())))})"
-            outs = run_session(cand, feed, what=span)
-            ref_outs = None
-            if ref is not None:
-                ref_feed = {
-                    n: a.astype(ref_dtypes.get(n, a.dtype), copy=False) for n, a in feed.items()
-                }
-                ref_outs = run_session(ref, ref_feed, what=f"reference {run.reference}")
-            labels = None if run.labels is None else run.labels[start : start + len(outs[0])]
-            _accumulate(running, names, outs, ref_outs, labels, run, first=start == 0)
-            start += len(outs[0])
-            bar.update(len(outs[0]))
-    return running
+    ref_dtypes = {s.name: s.dtype for s in job.ref_specs or []}
+    done = 0
+    for feed in _shard_batches(job, shard):
+        n = len(next(iter(feed.values())))
+        start = shard.start + done
+        outs = run_session(cand, feed, what=f"{job.candidate.path} (samples {start}–{start + n})")
+        ref_outs = None
+        if ref is not None:
+            ref_feed = {
+                k: a.astype(ref_dtypes.get(k, a.dtype), copy=False) for k, a in feed.items()
+            }
+            ref_outs = run_session(ref, ref_feed, what=f"reference {job.reference.path}")
+        labels = None if shard.labels is None else shard.labels[done : done + n]
+        _accumulate(running, names, outs, ref_outs, labels, job, first=start == 0)
+        done += n
+    return _ShardScore(shard.index, done, running)
 
 
-def _accumulate(running, names, outs, ref_outs, labels, run: _Run, first: bool) -> None:
+def _shard_batches(job: _ShardJob, shard: _Shard) -> Iterator[dict[str, np.ndarray]]:
+    """The shard's batches; anything wrong with its data is a DataError naming the shard."""
+    try:
+        data = Dataset(shard.path)
+        yield from data.batches(job.specs, job.batch_size, check_finite=True)
+    except DataError as e:
+        raise DataError(f"{shard.describe(job.data)}: {e.what}", e.fix) from e
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise DataError(
+            f"{shard.describe(job.data)} cannot be read ({str(e)[:200]})",
+            "write it again with numpy.savez(path, **arrays)",
+        ) from e
+
+
+def _accumulate(running, names, outs, ref_outs, labels, job: _ShardJob, first: bool) -> None:
     for i, name in enumerate(names):
         cand = np.asarray(outs[i])
-        if labels is not None and _labels_fit(cand, labels, run.label_max, name, run.gated, first):
+        if labels is not None and _labels_fit(cand, labels, job.label_max, name, job.gated, first):
             running[name].count("accuracy", M.correct(cand, labels))
             if ref_outs is not None:
                 running[name].count("reference/accuracy", M.correct(ref_outs[i], labels))
@@ -492,7 +618,7 @@ def _accumulate(running, names, outs, ref_outs, labels, run: _Run, first: bool) 
                     "the reference",
                     "compare models whose outputs have the same shapes",
                 )
-            running[name].add_reference(cand, ref, run.plan.computed)
+            running[name].add_reference(cand, ref, job.computed)
 
 
 def _labels_fit(

@@ -38,3 +38,20 @@ TARGET_HELP = (
 def add_target_argument(group: argparse._ActionsContainer) -> None:
     """``--target``, validated (with its aliases) by converter.targets when the command runs."""
     group.add_argument("--target", default="host", metavar="TARGET", help=TARGET_HELP)
+
+
+def add_executor_args(parser: argparse.ArgumentParser, what: str, note: str = "") -> None:
+    """``--executor`` and ``--ray-address``, the same for every verb that can scale out."""
+    group = parser.add_argument_group("scale-out (pip install 'onnxship[ray]')", note or None)
+    group.add_argument(
+        "--executor",
+        choices=("in-process", "ray"),
+        default="in-process",
+        help=f"where {what} run: here (default) or as Ray tasks; the results are identical",
+    )
+    group.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="an existing Ray cluster (the address `ray start --head` prints); "
+        "default: start a local Ray with this machine's cores",
+    )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from converter.commands import add_command, add_target_argument
+from converter.commands import add_command, add_executor_args, add_target_argument
 
 HELP = "search int8/pruning configurations for the fastest model within an accuracy budget"
 EPILOG = """\
@@ -59,12 +59,36 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--bench-runs", type=int, default=50, help="timed runs per candidate")
     add_target_argument(p)
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR")
+    add_executor_args(
+        p,
+        "the candidates are built and scored",
+        "With --executor ray each candidate is built, scored and cached in a Ray task (the "
+        "sensitivity\nranking too); the candidates and the chosen model are the same as "
+        "in-process. The bench\nstays local: latency is measured on this machine, every "
+        "candidate interleaved with fp32 in\none process, because a speedup describes the "
+        "machine it was measured on (the report says\nso). On a cluster, OUTDIR and the data "
+        "must be on a file system every node sees.",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    from converter.auto import auto, check_result
+    from converter.auto import check_result
+    from converter.executor import make_executor
 
-    result = auto(
+    with make_executor(args.executor, args.ray_address) as executor:
+        result = _auto(args, executor)
+    if not args.quiet:
+        print(result.report_md.read_text(encoding="utf-8"))
+        print(f"report: {result.report_md}\nmanifest: {result.manifest}")
+    check_result(result)
+    return 0
+
+
+def _auto(args: argparse.Namespace, executor):
+    """The search the flags describe, its candidates built and scored by ``executor``."""
+    from converter.auto import auto
+
+    return auto(
         args.model,
         args.data,
         args.output,
@@ -77,9 +101,5 @@ def run(args: argparse.Namespace) -> int:
         max_excluded=args.max_excluded,
         bench_runs=args.bench_runs,
         target=args.target,
+        executor=executor,
     )
-    if not args.quiet:
-        print(result.report_md.read_text(encoding="utf-8"))
-        print(f"report: {result.report_md}\nmanifest: {result.manifest}")
-    check_result(result)
-    return 0

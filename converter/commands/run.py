@@ -16,6 +16,10 @@ manifest.json (sha256 and size of every artifact, the resolved recipe, versions,
 every metric and timing), report.md and report.html (with plots). Model files are
 deterministic: the same recipe and inputs give the same bytes. Exit 1 when a gate of the
 recipe fails (the report is still written), 2 on a bad recipe.
+
+A top-level `executor = "ray"` in the recipe scores the validation data's shards as Ray tasks
+(`ray_address = "ADDR"` for an existing cluster; default a local Ray); the numbers are the
+same as in-process. The bench always runs on this machine.
 """
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from converter.commands import add_command, add_target_argument
+from converter.commands import add_command, add_executor_args, add_target_argument
 from converter.commands.quantize import CALIB_METHODS, QUANT_TYPES
 
 HELP = "rank the nodes by the fidelity lost when each alone is quantized to int8"
@@ -56,6 +56,12 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--top", type=int, default=20, metavar="K", help="rows shown (20; 0 = all)")
     p.add_argument("--json", metavar="PATH", help="write every node's numbers as JSON")
     p.add_argument("--threads", type=int, default=1, metavar="N", help="intra-op threads (1)")
+    add_executor_args(
+        p,
+        "the nodes are scored",
+        "With --executor ray each node's variants are built and scored in one Ray task; the "
+        "ranking\nand every number are the same as in-process.",
+    )
     static = p.add_argument_group("static mode")
     static.add_argument("--calib", metavar="DATA", help="calibration data (default: --data)")
     static.add_argument("--calib-method", choices=CALIB_METHODS, help="(default minmax)")
@@ -116,15 +122,28 @@ def _quant_settings(args: argparse.Namespace) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from converter.errors import BadInputError
+    from converter.executor import make_executor
     from converter.onnxio import atomic_write_text, check_output_path
-    from converter.sensitivity import sensitivity
 
     settings = _quant_settings(args)
     if args.top < 0:
         raise BadInputError(f"--top {args.top} is negative", "give K ≥ 1, or 0 for all rows")
     if args.json:
         check_output_path(args.json, args.model, args.data, args.calib)
-    report = sensitivity(
+    with make_executor(args.executor, args.ray_address) as executor:
+        report = _sensitivity(args, settings, executor)
+    if not args.quiet:
+        print(report.summary(top=args.top or None))
+    if args.json:
+        atomic_write_text(args.json, report.to_json())
+    return 0
+
+
+def _sensitivity(args: argparse.Namespace, settings: dict, executor):
+    """The sensitivity run the flags describe, its nodes scored by ``executor``."""
+    from converter.sensitivity import sensitivity
+
+    return sensitivity(
         args.model,
         args.data,
         mode=args.mode,
@@ -136,9 +155,5 @@ def run(args: argparse.Namespace) -> int:
         quant_settings=settings,
         threads=args.threads,
         progress=not args.quiet,
+        executor=executor,
     )
-    if not args.quiet:
-        print(report.summary(top=args.top or None))
-    if args.json:
-        atomic_write_text(args.json, report.to_json())
-    return 0

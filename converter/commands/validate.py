@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from converter.commands import add_command
+from converter.commands import add_command, add_executor_args
 
 HELP = "score a model on data (labels and/or a reference model) and gate it for CI"
 EPILOG = """\
@@ -84,12 +84,19 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     )
     p.add_argument("--json", metavar="PATH", help="write every number as JSON")
     p.add_argument("--junit", metavar="PATH", help="write JUnit XML, one testcase per gate")
+    add_executor_args(
+        p,
+        "the data's shards are scored",
+        "With --executor ray each .npz shard of DATA is one Ray task (a worker that dies has "
+        "its\nshard run again); the shards' results are merged in shard order, so the report "
+        "is the\nsame as in-process. On a cluster, DATA must be at the same path on every node.",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
+    from converter.executor import make_executor
     from converter.gates import check_report_paths, failure
     from converter.onnxio import atomic_write_text
-    from converter.validation import validate
 
     check_report_paths(
         args.json, args.junit, args.candidate, args.data, args.reference, args.baseline
@@ -100,19 +107,8 @@ def run(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size,
         "threads": args.threads,
     }
-    report = validate(
-        args.candidate,
-        args.data,
-        reference=args.reference,
-        metrics=args.metrics,
-        min_score=args.min_score,
-        max_drop=args.max_drop,
-        min_worst=args.min_worst,
-        baseline=args.baseline,
-        output=args.output,
-        progress=not args.quiet,
-        **{k: v for k, v in options.items() if v is not None},
-    )
+    with make_executor(args.executor, args.ray_address) as executor:
+        report = _validate(args, executor, options)
     if not args.quiet:
         print(report.summary())
     for path, kind in reports:
@@ -125,3 +121,23 @@ def run(args: argparse.Namespace) -> int:
             args.json,
         )
     return 0
+
+
+def _validate(args: argparse.Namespace, executor, options: dict):
+    """The validation the flags describe, run by ``executor``."""
+    from converter.validation import validate
+
+    return validate(
+        args.candidate,
+        args.data,
+        reference=args.reference,
+        metrics=args.metrics,
+        min_score=args.min_score,
+        max_drop=args.max_drop,
+        min_worst=args.min_worst,
+        baseline=args.baseline,
+        output=args.output,
+        progress=not args.quiet,
+        executor=executor,
+        **{k: v for k, v in options.items() if v is not None},
+    )
