@@ -22,6 +22,7 @@ from converter.commands import (
     quantize,
     run,
     sensitivity,
+    shrink,
     validate,
 )
 from converter.errors import OnnxshipError
@@ -29,7 +30,7 @@ from converter.errors import OnnxshipError
 __all__ = ["main", "build_parser"]
 
 # Explicit list, in the order `--help` shows them. Each module has register() and run().
-COMMANDS = [export, prune, quantize, fp16, validate, bench, sensitivity, run, auto]
+COMMANDS = [export, prune, quantize, fp16, validate, bench, sensitivity, run, auto, shrink]
 
 
 class _Parser(argparse.ArgumentParser):
