@@ -89,10 +89,13 @@ class ShrinkReport:
 
 
 class ShrinkResult(NamedTuple):
-    """``path, report = converter.shrink(...)``; both None on torchrun ranks other than 0."""
+    """``path, report, model = converter.shrink(...)``: the ONNX file, every number, and the
+    pruned and distilled torch module; path and report are None on torchrun ranks other
+    than 0 (rank 0 writes)."""
 
     path: Path | None
     report: ShrinkReport | None
+    model: Any = None
 
 
 def shrink(
@@ -120,11 +123,12 @@ def shrink(
     if weights is not None:
         mods.torchload.load_weights(model, weights)
     _check_forward_arity(model, specs)
+    mods.structured.ignored_layers(model, prune)  # a bad --ignore fails before any work
     train, held = _load_split(data, specs, options.held_out, distill.seed)
     where = mods.distill.world()
     state = _shrink_model(model, specs, train, held, prune, distill, options, where)
     if not where.main:
-        return ShrinkResult(None, None)
+        return ShrinkResult(None, None, state.student)
     return _export_and_measure(state, out, specs, data, prune, distill, options)
 
 
@@ -206,7 +210,7 @@ def _load_split(data, specs, held_out: float, seed: int) -> tuple[dict, dict]:
         tensors[LABELS] = tensors[LABELS].long()
     held = {k: v[order[:cut]] for k, v in tensors.items()}
     train = {k: v[order[cut:]] for k, v in tensors.items()}
-    logger.info("%d training samples, %d held out", len(order) - cut, cut)
+    logger.debug("%d training samples, %d held out", len(order) - cut, cut)
     return train, held
 
 
@@ -323,7 +327,7 @@ def _export_and_measure(state: _State, out: Path, specs, data, prune, distill, o
             export=report,
         )
         exporter._move_into_place(after_path, out)
-    return ShrinkResult(out, result)
+    return ShrinkResult(out, result, state.student)
 
 
 def _export_checked(model, folder: Path, feeds, specs, names, options) -> Path:

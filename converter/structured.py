@@ -90,7 +90,8 @@ def _flatten(obj) -> list:
     return [obj]
 
 
-def _ignored(model: nn.Module, settings: PruneSettings, outputs: list[nn.Module]) -> list:
+def ignored_layers(model: nn.Module, settings: PruneSettings) -> list[nn.Module]:
+    """The modules matched by ``settings.ignore``; a regex matching nothing is an error."""
     patterns = [re.compile(p) for p in settings.ignore]
     chosen = [m for n, m in model.named_modules() if n and any(p.search(n) for p in patterns)]
     unmatched = [
@@ -101,7 +102,7 @@ def _ignored(model: nn.Module, settings: PruneSettings, outputs: list[nn.Module]
             f"--ignore {unmatched} match no layer of the model",
             "use regexes over qualified names such as features.0 or blocks.1.qkv",
         )
-    return outputs + [m for m in chosen if m not in outputs]
+    return chosen
 
 
 def _importance(name: str):
@@ -125,7 +126,7 @@ def prune_structured(
 
     names = _names(model)
     outputs = output_layers(model, example)
-    ignored = _ignored(model, settings, outputs)
+    ignored = outputs + [m for m in ignored_layers(model, settings) if m not in outputs]
     before = _widths(model)
     pruner = tp.pruner.MetaPruner(
         model,
@@ -181,11 +182,18 @@ def _check_runs(model: nn.Module, example: Sequence[torch.Tensor], names: dict) 
         raise BadInputError(
             f"torch-pruning cannot prune {culprit}: the pruned model fails in the forward of "
             f"{broke or 'the model'} ({str(e).splitlines()[0][:160]})",
-            f"keep that layer whole with --ignore '{re.escape(culprit)}$'",
+            f"keep that layer whole with --ignore '{_pattern(culprit)}'",
         ) from e
     finally:
         for h in hooks:
             h.remove()
+
+
+def _pattern(name: str) -> str:
+    """A regex for ``name`` and its siblings in repeated blocks: blocks.0.qkv →
+    blocks\\.\\d+\\.qkv$ (torch-pruning fails alike in every copy of a block)."""
+    parts = [r"\d+" if p.isdigit() else re.escape(p) for p in name.split(".")]
+    return r"\.".join(parts) + "$"
 
 
 def count(model: nn.Module, example: Sequence[torch.Tensor]) -> tuple[int, int]:

@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         bench_runs=args.bench_runs,
         progress=not args.quiet,
     )
-    path, report = shrink(
+    _, report, _ = shrink(
         args.spec,
         args.output,
         args.input,
