@@ -25,7 +25,15 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-__all__ = ["kd_loss", "DistillSettings", "DistillHistory", "distill", "World", "world"]
+__all__ = [
+    "kd_loss",
+    "DistillSettings",
+    "DistillHistory",
+    "distill",
+    "predict",
+    "World",
+    "world",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +102,13 @@ class World:
     def main(self) -> bool:
         return self.rank == 0
 
+    def close(self) -> None:
+        """Leave the process group (after training; only rank 0 goes on to export)."""
+        if self.size > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
 
 def world() -> World:
     """Read torchrun's contract (WORLD_SIZE, RANK) and join the gloo process group."""
@@ -118,6 +133,19 @@ def _forward(model: nn.Module, batch: Batch, inputs: list[str]) -> torch.Tensor:
     return _logits(model(*(batch[n] for n in inputs)))
 
 
+def predict(model: nn.Module, data: Batch, inputs: list[str], chunk: int = 256) -> torch.Tensor:
+    """The model's logits on every sample of ``data``, ``chunk`` samples at a time (eval
+    mode, no gradients), so memory does not grow with the sample count."""
+    model.eval()
+    samples = len(data[inputs[0]])
+    with torch.no_grad():
+        parts = [
+            _forward(model, {n: data[n][lo : lo + chunk] for n in inputs}, inputs)
+            for lo in range(0, samples, chunk)
+        ]
+    return torch.cat(parts)
+
+
 def _take(tensors: Batch, idx: torch.Tensor) -> Batch:
     return {k: v[idx] for k, v in tensors.items()}
 
@@ -131,9 +159,8 @@ def held_out_loss(
 ) -> float:
     """kd_loss of the student on the held-out samples (eval mode, no gradients)."""
     was_training = student.training
-    student.eval()
+    logits = predict(student, data, inputs)
     with torch.no_grad():
-        logits = _forward(student, data, inputs)
         loss = kd_loss(
             logits, teacher_logits, settings.temperature, data.get("labels"), settings.alpha
         )
@@ -169,10 +196,8 @@ def distill(
     ``labels``); returns the loss curve. The student ends in eval mode holding the weights
     of its best held-out score."""
     torch.manual_seed(settings.seed)
-    teacher.eval()
-    with torch.no_grad():
-        teacher_train = _forward(teacher, train, inputs)
-        teacher_held = _forward(teacher, held_out, inputs)
+    teacher_train = predict(teacher, train, inputs)
+    teacher_held = predict(teacher, held_out, inputs)
     samples = len(teacher_train)
     batch = min(settings.batch_size, samples)
     total, every = _schedule(samples, settings)

@@ -126,7 +126,12 @@ def shrink(
     mods.structured.ignored_layers(model, prune)  # a bad --ignore fails before any work
     train, held = _load_split(data, specs, options.held_out, distill.seed)
     where = mods.distill.world()
-    state = _shrink_model(model, specs, train, held, prune, distill, options, where)
+    if not where.main:  # rank 0 speaks for the job
+        logging.getLogger("converter").setLevel(logging.WARNING)
+    try:
+        state = _shrink_model(model, specs, train, held, prune, distill, options, where)
+    finally:
+        where.close()
     if not where.main:
         return ShrinkResult(None, None, state.student)
     return _export_and_measure(state, out, specs, data, prune, distill, options)
@@ -284,11 +289,9 @@ def _score(model, teacher, held: dict, names: list[str]) -> dict:
     """Held-out metrics of ``model``: accuracy (with labels), agreement and mean cosine with
     the unpruned model; the numbers come from converter.metrics."""
     from converter import metrics
-    from converter.distill import _logits
+    from converter.distill import predict
 
-    with _no_grad():
-        got = _logits(model.eval()(*(held[n] for n in names))).numpy()
-        want = _logits(teacher(*(held[n] for n in names))).numpy()
+    got, want = predict(model, held, names).numpy(), predict(teacher, held, names).numpy()
     out = {
         "agreement": metrics.agreement(got, want),
         "cosine": float(np.mean(metrics.per_sample_cosine(got, want))),

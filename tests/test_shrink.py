@@ -348,7 +348,8 @@ def test_torchrun_two_processes_matches_one(nets, data, tmp_path):
     float rounding of the gradient all-reduce (BatchNorm-free: on CPU, BN statistics are
     per rank, as PyTorch's SyncBatchNorm needs a GPU)."""
     args = ["shrink", f"{nets}:plain", "--input", "x:batch,1,8,8", "--data", str(data),
-            "--steps", "4", "--batch-size", "16", "--bench-runs", "0", "-q", "--exporter", "torchscript"]  # fmt: skip
+            "--steps", "4", "--batch-size", "16", "--bench-runs", "0", "-q",
+            "--exporter", "torchscript"]  # fmt: skip
     one, two = tmp_path / "one.onnx", tmp_path / "two.onnx"
     assert main([*args, "-o", str(one)]) == 0
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -360,3 +361,22 @@ def test_torchrun_two_processes_matches_one(nets, data, tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     x = np.random.default_rng(1).standard_normal((8, 1, 8, 8)).astype(np.float32)
     np.testing.assert_allclose(_ort(two, {"x": x}), _ort(one, {"x": x}), atol=1e-4, rtol=1e-3)
+
+
+def test_early_stopping_keeps_the_best_weights():
+    """A student equal to its teacher cannot improve on step 0; a huge learning rate makes
+    every step worse, so training stops after `patience` scores and restores step 0."""
+    from converter.distill import distill
+
+    torch.manual_seed(0)
+    teacher = torch.nn.Linear(6, 4)
+    student = torch.nn.Linear(6, 4)
+    student.load_state_dict(teacher.state_dict())
+    x = torch.randn(64, 6)
+    train, held = {"x": x[:48]}, {"x": x[48:]}
+    settings = DistillSettings(steps=50, batch_size=8, lr=10.0, patience=2)
+    history = distill(student, teacher, train, held, ["x"], settings, progress=False)
+    assert history.stopped_early and history.best_step == 0
+    assert len(history.train_loss) < 50 and len(history.eval_loss) == 1 + settings.patience
+    for got, want in zip(student.parameters(), teacher.parameters()):
+        assert torch.equal(got, want)

@@ -1,0 +1,182 @@
+"""shrink on this CPU: accuracy kept by distillation, and the speed structured pruning buys.
+
+1. digits_cnn and tiny_encoder at --keep 0.5, trained on the digits training split (with
+   labels): test accuracy (onnxruntime, the 450 held-out test digits) of the unpruned model,
+   of the pruned model before distillation (torch, the same pruning) and of the shrunk model.
+2. A ResNet-18-shaped CNN (tests/benchmarks/bench_quantize.py:resnet18, random weights,
+   224x224) at --keep 0.5: unpruned fp32, shrunk fp32 and shrunk + static int8
+   (passes.quantize.StaticQuantize, U8/S8 QDQ) timed interleaved by converter.benchmark.bench,
+   batch 1, one thread. Its distillation runs a couple of steps on random images: only the
+   speed is measured here, the weights are random.
+
+Time to shrink (prune + distill + export + verify) is printed for each model.
+Run: .venv/bin/python tests/benchmarks/bench_shrink.py   (about 6-8 minutes here)
+Writes the table to /work/notes/bench_shrink.txt as well when that folder exists.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "models"))
+NOTES = Path("/work/notes/bench_shrink.txt")
+TARGETS = {"fp32": 3.0, "int8": 6.5, "drop": 0.01}
+
+DIGITS = {
+    # name: (inputs, --ignore, distillation settings)
+    "digits_cnn": (["x:batch,1,8,8:float32"], (), dict(epochs=15, lr=3e-3)),
+    "tiny_encoder": (
+        ["input_ids:batch,seq:int64", "attention_mask:batch,seq:int64"],
+        (r"qkv$",),  # hand-written attention reshapes qkv to a fixed head width
+        dict(epochs=6, lr=3e-3),
+    ),
+}
+
+
+def _load(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "models" / name / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _ort_accuracy(path: Path, test: Path) -> float:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    with np.load(test) as data:
+        feeds = {i.name: data[i.name] for i in session.get_inputs()}
+        return float(np.mean(session.run(None, feeds)[0].argmax(-1) == data["labels"]))
+
+
+def _pruned_only_accuracy(module, prune, example: list[torch.Tensor]) -> float:
+    """Test accuracy of the same pruning with no recovery (torch)."""
+    from converter.structured import prune_structured
+
+    model = copy.deepcopy(module.trained())
+    prune_structured(model, example, prune)
+    return module.test_accuracy(model.eval())
+
+
+def digits_rows(folder: Path) -> list[str]:
+    import _shared
+
+    from converter.distill import DistillSettings
+    from converter.exporter import export
+    from converter.shrink import ShrinkOptions, shrink
+    from converter.structured import PruneSettings
+
+    rows = []
+    for name, (inputs, ignore, settings) in DIGITS.items():
+        module = _load(name)
+        module.trained()
+        x_tr, y_tr, _, _ = _shared.digits_split()
+        train = folder / f"{name}-train.npz"
+        arrays = module._inputs(x_tr)
+        np.savez(train, **arrays, labels=y_tr)
+        test = ROOT / "build" / "models" / name / "test.npz"
+        spec = f"{ROOT}/models/{name}/model.py:trained"
+        ref = folder / f"{name}.onnx"
+        export(spec, ref, inputs, dims={"seq": 16})
+        prune = PruneSettings(keep=0.5, ignore=ignore)
+        started = time.perf_counter()
+        out, report, _ = shrink(
+            spec,
+            folder / f"{name}-shrunk.onnx",
+            inputs,
+            train,
+            prune=prune,
+            distill=DistillSettings(**settings),
+            options=ShrinkOptions(bench_runs=300, progress=False),
+        )
+        seconds = time.perf_counter() - started
+        example = [torch.from_numpy(a[:2]) for a in arrays.values()]
+        base, shrunk = _ort_accuracy(ref, test), _ort_accuracy(out, test)
+        pruned = _pruned_only_accuracy(module, prune, example)
+        rows.append(
+            f"{name:<14} {base:>9.4f} {pruned:>9.4f} ({base - pruned:+.4f}) {shrunk:>9.4f} "
+            f"({base - shrunk:+.4f}) {report.params['after'] / report.params['before']:>6.2f} "
+            f"{report.macs['after'] / report.macs['before']:>6.2f} "
+            f"{report.latency_ms['speedup']:>7.2f}x {len(report.history.train_loss):>6} "
+            f"{seconds:>7.1f} s"
+        )
+    return rows
+
+
+def resnet_rows(folder: Path) -> list[str]:
+    from converter.benchmark import bench
+    from converter.distill import DistillSettings
+    from converter.exporter import export
+    from converter.onnxio import save_model
+    from converter.shrink import ShrinkOptions, shrink
+    from passes.quantize import StaticQuantize
+
+    images = np.random.default_rng(0).standard_normal((24, 3, 224, 224)).astype(np.float32)
+    data = folder / "images.npz"
+    np.savez(data, x=images)
+    spec, inputs = f"{HERE}/bench_quantize.py:resnet18", ["x:batch,3,224,224:float32"]
+    ref = folder / "resnet18.onnx"
+    export(spec, ref, inputs)
+    started = time.perf_counter()
+    out, report, _ = shrink(
+        spec,
+        folder / "resnet18-shrunk.onnx",
+        inputs,
+        data,
+        distill=DistillSettings(steps=2, batch_size=4),
+        options=ShrinkOptions(bench_runs=0, progress=False),
+    )
+    seconds = time.perf_counter() - started
+    import onnx
+
+    int8 = folder / "resnet18-shrunk-int8.onnx"
+    quantized = StaticQuantize(calibration=data, progress=False)(onnx.load(str(out))).model
+    save_model(quantized, int8)
+    result = bench([ref, out, int8], threads=(1,), runs=40, data=data)
+    p50 = [result.get(i, 1).latency.p50_ms for i in range(3)]
+    macs = report.macs["after"] / report.macs["before"]
+    return [
+        f"resnet18 fp32 unpruned     {p50[0]:8.2f} ms  1.00x",
+        f"resnet18 fp32 shrunk       {p50[1]:8.2f} ms  {p50[0] / p50[1]:.2f}x  (target "
+        f"≥ {TARGETS['fp32']}x; MACs {macs:.2f}x, params "
+        f"{report.params['after'] / report.params['before']:.2f}x)",
+        f"resnet18 shrunk + int8     {p50[2]:8.2f} ms  {p50[0] / p50[2]:.2f}x  (target "
+        f"≥ {TARGETS['int8']}x)",
+        f"time to shrink resnet18 (prune, 2 distillation steps, export, verify): {seconds:.1f} s",
+    ]
+
+
+def main() -> int:
+    started = time.perf_counter()
+    lines = [
+        "shrink --keep 0.5, this CPU (AMD EPYC, AVX2, no VNNI), onnxruntime "
+        f"{ort.__version__}, batch 1, one thread, interleaved",
+        "",
+        "model          unpruned  pruned (drop)       shrunk (drop)  params   MACs  speedup  "
+        "steps  shrink time",
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        lines += digits_rows(Path(tmp))
+        lines.append("")
+        lines += resnet_rows(Path(tmp))
+    lines.append(f"\nbenchmark wall time {time.perf_counter() - started:.0f} s")
+    text = "\n".join(lines)
+    print(text)
+    if NOTES.parent.is_dir():
+        NOTES.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
