@@ -29,7 +29,8 @@ from converter.shrink import ShrinkOptions, shrink  # noqa: E402
 from converter.structured import PruneSettings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-FAST = ShrinkOptions(bench_runs=0, progress=False)
+# torchscript exports in a fraction of dynamo's time; the first test below uses the default
+FAST = ShrinkOptions(bench_runs=0, progress=False, exporter="torchscript")
 
 NETS = '''
 import torch
@@ -158,7 +159,7 @@ def test_shrink_prunes_to_multiples_of_8_and_onnx_equals_torch(nets, data, tmp_p
         ["x:batch,1,8,8:float32"],
         data,
         distill=DistillSettings(steps=4, batch_size=16),
-        options=FAST,
+        options=ShrinkOptions(bench_runs=0, progress=False),
     )
     widths = _conv_widths(path)
     convs = [shape for shape in widths.values() if len(shape) == 4]
@@ -205,7 +206,7 @@ def test_cli_writes_model_json_and_plot(nets, data, tmp_path, capsys):
     code = main(
         ["shrink", f"{nets}:build", "--input", "x:batch,1,8,8", "--data", str(data), "-o",
          str(out), "--steps", "3", "--batch-size", "8", "--bench-runs", "5", "--json", str(js),
-         "--plot", str(plot)]
+         "--plot", str(plot), "--exporter", "torchscript"]
     )  # fmt: skip
     assert code == 0
     report = json.loads(js.read_text())

@@ -35,7 +35,7 @@ TARGETS = {"fp32": 3.0, "int8": 6.5, "drop": 0.01}
 
 DIGITS = {
     # name: (inputs, --ignore, distillation settings)
-    "digits_cnn": (["x:batch,1,8,8:float32"], (), dict(epochs=15, lr=3e-3)),
+    "digits_cnn": (["x:batch,1,8,8:float32"], (), dict(epochs=10, lr=3e-3)),
     "tiny_encoder": (
         ["input_ids:batch,seq:int64", "attention_mask:batch,seq:int64"],
         (r"qkv$",),  # hand-written attention reshapes qkv to a fixed head width
@@ -143,7 +143,7 @@ def resnet_rows(folder: Path) -> list[str]:
     int8 = folder / "resnet18-shrunk-int8.onnx"
     quantized = StaticQuantize(calibration=data, progress=False)(onnx.load(str(out))).model
     save_model(quantized, int8)
-    result = bench([ref, out, int8], threads=(1,), runs=40, data=data)
+    result = bench([ref, out, int8], threads=(1,), runs=60, data=data)
     p50 = [result.get(i, 1).latency.p50_ms for i in range(3)]
     macs = report.macs["after"] / report.macs["before"]
     return [
