@@ -10,6 +10,9 @@
    speed is measured here, the weights are random.
 
 Time to shrink (prune + distill + export + verify) is printed for each model.
+`--half-width` adds a ResNet-18 built at exactly half width (and its int8) to the ResNet
+timing, to tell what shrink's output costs apart from what the machine gives;
+`--resnet-only` skips the digits models.
 Run: .venv/bin/python tests/benchmarks/bench_shrink.py   (about 6-8 minutes here)
 Writes the table to /work/notes/bench_shrink.txt as well when that folder exists.
 """
@@ -114,13 +117,39 @@ def digits_rows(folder: Path) -> list[str]:
     return rows
 
 
-def resnet_rows(folder: Path) -> list[str]:
+def half_width():
+    """ResNet-18 built at exactly half width (stem and blocks 32..256 channels, fc 256 → 1000),
+    for --half-width: what shrink's output should match."""
+    import bench_quantize as bq
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = bq.ResNet18()
+    model.stem[0], model.stem[1] = nn.Conv2d(3, 32, 7, 2, 3, bias=False), nn.BatchNorm2d(32)
+    layers, cin = [], 32
+    for cout, stride in ((32, 1), (64, 2), (128, 2), (256, 2)):
+        layers += [bq.BasicBlock(cin, cout, stride), bq.BasicBlock(cout, cout, 1)]
+        cin = cout
+    model.layers, model.fc = nn.Sequential(*layers), nn.Linear(256, 1000)
+    return model.eval()
+
+
+def _int8(path: Path, data: Path) -> Path:
+    import onnx
+
+    from converter.onnxio import save_model
+    from passes.quantize import StaticQuantize
+
+    out = path.with_name(path.stem + "-int8.onnx")
+    save_model(StaticQuantize(calibration=data, progress=False)(onnx.load(str(path))).model, out)
+    return out
+
+
+def resnet_rows(folder: Path, with_half_width: bool = False) -> list[str]:
     from converter.benchmark import bench
     from converter.distill import DistillSettings
     from converter.exporter import export
-    from converter.onnxio import save_model
     from converter.shrink import ShrinkOptions, shrink
-    from passes.quantize import StaticQuantize
 
     images = np.random.default_rng(0).standard_normal((24, 3, 224, 224)).astype(np.float32)
     data = folder / "images.npz"
@@ -138,14 +167,18 @@ def resnet_rows(folder: Path) -> list[str]:
         options=ShrinkOptions(bench_runs=0, progress=False),
     )
     seconds = time.perf_counter() - started
-    import onnx
-
-    int8 = folder / "resnet18-shrunk-int8.onnx"
-    quantized = StaticQuantize(calibration=data, progress=False)(onnx.load(str(out))).model
-    save_model(quantized, int8)
-    result = bench([ref, out, int8], threads=(1,), runs=60, data=data)
-    p50 = [result.get(i, 1).latency.p50_ms for i in range(3)]
+    models = [ref, out, _int8(out, data)]
+    if with_half_width:
+        half = folder / "resnet18-half.onnx"
+        export(f"{__file__}:half_width", half, inputs)
+        models += [half, _int8(half, data)]
+    result = bench(models, threads=(1,), runs=60, data=data)
+    p50 = [result.get(i, 1).latency.p50_ms for i in range(len(models))]
     macs = report.macs["after"] / report.macs["before"]
+    extra = [
+        f"resnet18 built half width  {p50[3]:8.2f} ms  {p50[0] / p50[3]:.2f}x",
+        f"half width + int8          {p50[4]:8.2f} ms  {p50[0] / p50[4]:.2f}x",
+    ]
     return [
         f"resnet18 fp32 unpruned     {p50[0]:8.2f} ms  1.00x",
         f"resnet18 fp32 shrunk       {p50[1]:8.2f} ms  {p50[0] / p50[1]:.2f}x  (target "
@@ -153,30 +186,35 @@ def resnet_rows(folder: Path) -> list[str]:
         f"{report.params['after'] / report.params['before']:.2f}x)",
         f"resnet18 shrunk + int8     {p50[2]:8.2f} ms  {p50[0] / p50[2]:.2f}x  (target "
         f"≥ {TARGETS['int8']}x)",
+        *(extra if with_half_width else []),
         f"time to shrink resnet18 (prune, 2 distillation steps, export, verify): {seconds:.1f} s",
     ]
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
+    only_resnet = "--resnet-only" in argv
     started = time.perf_counter()
     lines = [
         "shrink --keep 0.5, this CPU (AMD EPYC, AVX2, no VNNI), onnxruntime "
         f"{ort.__version__}, batch 1, one thread, interleaved",
         "",
-        "model          unpruned  pruned (drop)       shrunk (drop)  params   MACs  speedup  "
-        "steps  shrink time",
     ]
     with tempfile.TemporaryDirectory() as tmp:
-        lines += digits_rows(Path(tmp))
-        lines.append("")
-        lines += resnet_rows(Path(tmp))
+        if not only_resnet:
+            lines.append(
+                "model          unpruned  pruned (drop)       shrunk (drop)  params   MACs  "
+                "speedup  steps  shrink time"
+            )
+            lines += digits_rows(Path(tmp))
+            lines.append("")
+        lines += resnet_rows(Path(tmp), with_half_width="--half-width" in argv)
     lines.append(f"\nbenchmark wall time {time.perf_counter() - started:.0f} s")
     text = "\n".join(lines)
     print(text)
-    if NOTES.parent.is_dir():
+    if NOTES.parent.is_dir() and not argv:
         NOTES.write_text(text + "\n")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
