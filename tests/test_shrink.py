@@ -381,3 +381,15 @@ def test_early_stopping_keeps_the_best_weights():
     assert len(history.train_loss) < 50 and len(history.eval_loss) == 1 + settings.patience
     for got, want in zip(student.parameters(), teacher.parameters()):
         assert torch.equal(got, want)
+
+
+def test_without_torch_names_the_extra(tmp_path):
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from converter.cli import main\n"
+        f"sys.exit(main(['shrink', 'm.py:build', '--input', 'x:1,4', '--data', 'd.npz', "
+        f"'-o', {str(tmp_path / 'o.onnx')!r}]))"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.count("\n") == 1 and "pip install 'onnxship[torch,shrink]'" in run.stderr
