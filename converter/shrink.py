@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -29,7 +29,11 @@ from converter.defaults import DEFAULT_OPSET, EXPORT_ATOL, EXPORT_RTOL
 from converter.errors import BadInputError, DataError, VerificationFailed
 from converter.onnxio import atomic_path, atomic_write_text, check_output_path
 
-__all__ = ["shrink", "ShrinkResult", "ShrinkReport", "ShrinkOptions", "plot_loss"]
+if TYPE_CHECKING:  # torch-side classes: imported at run time only when shrink runs
+    from converter.distill import DistillSettings
+    from converter.structured import PruneSettings
+
+__all__ = ["shrink", "ShrinkResult", "ShrinkReport", "ShrinkOptions", "plot_loss", "write_json"]
 
 logger = logging.getLogger(__name__)
 
@@ -105,8 +109,8 @@ def shrink(
     data: str | os.PathLike,
     *,
     weights: str | os.PathLike | None = None,
-    prune: Any = None,
-    distill: Any = None,
+    prune: PruneSettings | None = None,
+    distill: DistillSettings | None = None,
     options: ShrinkOptions | None = None,
 ) -> ShrinkResult:
     """Prune ``file.py:callable`` to ``prune.keep`` of its channels, distill it back from
