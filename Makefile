@@ -11,7 +11,7 @@ DEMO := build/demo
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) "$(TORCH)" -e ".[torch,dev,ray]"
+	$(PIP) "$(TORCH)" -e ".[torch,shrink,dev,ray]"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -23,6 +23,7 @@ from converter.commands import (
     quantize,
     run,
     sensitivity,
+    shrink,
     validate,
 )
 from converter.errors import OnnxshipError, first_line
@@ -32,7 +33,7 @@ __all__ = ["main", "build_parser", "INTERNAL_ERROR"]
 INTERNAL_ERROR = 3
 
 # Explicit list, in the order `--help` shows them. Each module has register() and run().
-COMMANDS = [export, prune, quantize, fp16, validate, bench, sensitivity, run, auto]
+COMMANDS = [export, prune, quantize, fp16, validate, bench, sensitivity, run, auto, shrink]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -31,7 +31,7 @@ from converter.inputs import generate_inputs, resized_dims, symbols
 from converter.onnxio import check_output_path, save_model
 from converter.verify import Comparison, compare_outputs
 
-__all__ = ["export", "ExportReport", "ExportResult"]
+__all__ = ["export", "export_module", "ExportSettings", "ExportReport", "ExportResult"]
 
 logger = logging.getLogger(__name__)
 
@@ -116,18 +116,48 @@ def export(
     if weights is not None:
         torchload.load_weights(model, weights)
     feeds, dims = _example_inputs(specs, dims or {}, example, seed)
+    settings = ExportSettings(exporter, opset, atol, rtol, verify, seed, accept_traced_branches)
+    return export_module(model, out, specs, feeds, dims, settings, output_names)
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    """How a module is exported and verified (the options of ``export``)."""
+
+    exporter: str = "auto"
+    opset: int = DEFAULT_OPSET
+    atol: float = EXPORT_ATOL
+    rtol: float = EXPORT_RTOL
+    verify: bool = True
+    seed: int = 0
+    accept_traced_branches: bool = False
+
+
+def export_module(
+    model: Any,
+    out: Path,
+    specs: Sequence[InputSpec],
+    feeds: Mapping[str, np.ndarray],
+    dims: Mapping[str, int],
+    settings: ExportSettings,
+    output_names: Sequence[str] | None = None,
+) -> ExportResult:
+    """Export an ``nn.Module`` already built (e.g. by ``shrink``) to ``out``: exporter, checker
+    and shape inference, then verification on the inputs of :func:`_verification_inputs`;
+    ``out`` is written only when everything passed."""
+    s = settings
     names = _output_names(model, feeds, output_names)
     with tempfile.TemporaryDirectory(prefix=".onnxship-", dir=out.parent) as tmp:
         onnx_path, used, notes, risks = _export_any(
-            model, feeds, specs, names, opset, exporter, tmp
+            model, feeds, specs, names, s.opset, s.exporter, tmp
         )
-        notes += _traced_branches(risks, accept_traced_branches)
+        notes += _traced_branches(risks, s.accept_traced_branches)
         final = Path(tmp) / "final.onnx"
         _check_and_save(onnx_path, final, data_name=out.name + ".data")
         report = ExportReport(
             path=out,
             exporter=used,
-            opset=opset,
+            opset=s.opset,
             inputs=[_describe_io(v) for v in _graph_inputs(final)],
             outputs=[
                 _describe_io(v)
@@ -136,23 +166,27 @@ def export(
             file_size=final.stat().st_size,
             parameters=sum(p.numel() for p in model.parameters()),
             notes=notes,
-            verified=verify,
+            verified=s.verify,
         )
-        if verify:
-            report.comparisons = _verify(model, final, specs, feeds, dims, names, atol, rtol, seed)
-            failures = [f for c in report.comparisons for f in c.failures()]
-            if failures:
-                error = VerificationFailed(
-                    "ONNX outputs differ from PyTorch: " + "; ".join(failures),
-                    "look for ops that behave differently in ONNX (try --exporter torchscript), "
-                    "or loosen --atol/--rtol if the differences are acceptable",
-                )
-                error.report = report
-                raise error
+        if s.verify:
+            _verify_or_raise(model, final, specs, feeds, dims, names, s, report)
         else:
             logger.warning("warning: --no-verify: the ONNX model was NOT compared with PyTorch")
         _move_into_place(final, out)
     return ExportResult(out, report)
+
+
+def _verify_or_raise(model, final, specs, feeds, dims, names, s: ExportSettings, report) -> None:
+    report.comparisons = _verify(model, final, specs, feeds, dims, names, s.atol, s.rtol, s.seed)
+    failures = [f for c in report.comparisons for f in c.failures()]
+    if failures:
+        error = VerificationFailed(
+            "ONNX outputs differ from PyTorch: " + "; ".join(failures),
+            "look for ops that behave differently in ONNX (try --exporter torchscript), "
+            "or loosen --atol/--rtol if the differences are acceptable",
+        )
+        error.report = report
+        raise error
 
 
 def _check_options(
