@@ -18,6 +18,7 @@ from converter.commands import (
     bench,
     export,
     fp16,
+    pack,
     prune,
     quantize,
     run,
@@ -29,7 +30,7 @@ from converter.errors import OnnxshipError
 __all__ = ["main", "build_parser"]
 
 # Explicit list, in the order `--help` shows them. Each module has register() and run().
-COMMANDS = [export, prune, quantize, fp16, validate, bench, sensitivity, run, auto]
+COMMANDS = [export, prune, quantize, fp16, pack, validate, bench, sensitivity, run, auto]
 
 
 class _Parser(argparse.ArgumentParser):

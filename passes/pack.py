@@ -152,7 +152,9 @@ def check_chunk(c: Chunk, weight: str) -> None:
     elif n % 8 and int(c.mask[-1]) & ((1 << (8 - n % 8)) - 1):
         problem = "mask has bits set past the tensor's end"
     elif int(np.unpackbits(c.mask).sum()) != c.values.size - 1:
-        problem = f"mask marks {int(np.unpackbits(c.mask).sum())} values, {c.values.size - 1} stored"
+        problem = (
+            f"mask marks {int(np.unpackbits(c.mask).sum())} values, {c.values.size - 1} stored"
+        )
     elif c.values.size and _bit_view(c.values[:1])[0] != 0:
         problem = "the values do not start with a zero"
     if problem:
@@ -379,7 +381,12 @@ class Pack(Pass):
                 plans[t.name] = (nodes, inits)
             else:
                 row["bytes_after"] = row["bytes_before"]
-                row["reason"] = f"would save {t.ByteSize() - after} bytes"
+                saving = t.ByteSize() - after
+                row["reason"] = (
+                    f"packing would add {-saving} bytes"
+                    if saving <= 0
+                    else f"packing would save only {saving} bytes (< {self.min_saved_bytes})"
+                )
             tensors.append(row)
         return plans, tensors
 
@@ -450,7 +457,9 @@ class Unpack(Pass):
         nodes = [n for n in out.graph.node if not (set(n.output) & set(dense))]
         nodes = _live(nodes, {o.name for o in out.graph.output})
         used = {i for n in nodes for i in n.input}
-        inits = [t for t in out.graph.initializer if not t.name.startswith(PREFIX) or t.name in used]
+        inits = [
+            t for t in out.graph.initializer if not t.name.startswith(PREFIX) or t.name in used
+        ]
         inits += [numpy_helper.from_array(a, name) for name, a in dense.items()]
         del out.graph.node[:]
         out.graph.node.extend(nodes)
@@ -470,9 +479,7 @@ def _live(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto
     """``nodes`` without the decoder nodes (outputs named PREFIX...) nothing reads any more."""
     while True:
         read = outputs | {i for n in nodes for i in n.input}
-        dead = [
-            n for n in nodes if all(o.startswith(PREFIX) and o not in read for o in n.output)
-        ]
+        dead = [n for n in nodes if all(o.startswith(PREFIX) and o not in read for o in n.output)]
         if not dead:
             return nodes
         gone = {id(n) for n in dead}
