@@ -17,13 +17,23 @@ values in order)::
     index = Mul(CumSum(bits), bits)                         # k-th nonzero -> k, zeros -> 0
     chunk = Reshape(GatherElements(values, index), shape)   # (Slice to n when n % 8 != 0)
 
-and a Concat of the chunks along axis 0 gives the weight. Why this layout (measured on this
-AMD EPYC, AVX2, 2 cores, onnxruntime 1.32, a 10 M-element fp32 weight, 50 % zeros): each
-full-size intermediate tensor costs ORT more in fresh memory than in compute, so the weight
-is decoded in chunks of ~1 M elements (row blocks of axis 0) whose buffers malloc reuses:
-session creation +0.67 s unchunked vs about +0.11 s chunked; int32 indices, not int64
-(+2.6 s with int64 in one piece); GatherElements, not Gather (15 ms vs 100 ms for 10 M
-elements); a lookup table instead of BitShift/BitwiseAnd (one op instead of three).
+and a Concat of the chunks along axis 0 gives the weight; the LUT (byte -> its 8 bits) is
+itself computed by four folded nodes. Why this layout — measured on this AMD EPYC (AVX2, no
+VNNI, 2 busy cores), onnxruntime 1.32, session creation time added to a model whose only
+weight is 10 M fp32 values, 50 % zero (dense: 0.06-0.2 s):
+
+- Every full-size intermediate of the fold costs more than its compute: ORT allocates it,
+  copies it into an initializer and back out for the next node, and a fresh multi-MB buffer
+  is a fresh mmap whose pages fault in. Decoding row blocks of ``CHUNK`` elements lets malloc
+  reuse small buffers: one piece +0.67 s, 1 M-element chunks +0.11 s here; on the ResNet-18
+  of tests/benchmarks/bench_pack.py, 256 K-512 K chunks added about half the time of 1 M
+  ones or one piece (with glibc's mmap disabled all sizes cost the same: that is the effect);
+  128 K chunks were slower again (more nodes).
+- int32 running sums, not int64: +1.2 s vs +2.6 s (one piece).
+- GatherElements, not Gather, for the values: 15 ms vs 100 ms for 10 M elements (kernel).
+- A lookup table instead of BitShift/BitwiseAnd: one op instead of three, same time.
+- Not NonZero + ScatterElements (fewer bytes per element): ORT does not fold NonZero, so that
+  graph would decode on every run and MatMul would lose its prepacked constant weight.
 
 ``Unpack`` reverses it byte for byte. Each packed weight's decoder records its chunks in the
 doc_string of its last node (JSON), so unpacking never guesses from names; the masks are
@@ -61,7 +71,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 PACKABLE = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.INT8, TensorProto.UINT8)
-CHUNK = 1 << 20  # elements decoded per chunk (see the module docstring)
+CHUNK = 1 << 19  # elements decoded per chunk (see the module docstring)
 MAX_BYTES = 2**31 - 1  # protobuf's limit; larger models keep their weights in external data
 MIN_OPSET = 11  # CumSum and GatherElements
 PREFIX = "pack/"  # every tensor the decoders add is named PREFIX + something

@@ -1,0 +1,194 @@
+"""`pack` on a ResNet-18-shaped CNN: file size vs fp32 dense, bit-identical outputs, latency
+and cold start (session creation) vs the same model unpacked.
+
+The CNN is torchvision's resnet18 layout built with onnx.helper (BatchNorm folded into conv
+biases, random He-initialised weights, 224x224, 11.7 M parameters); no torch needed. Variants,
+made with the project's own passes: 50 % pruned fp32 (MagnitudePrune, global), 50 % and 80 %
+pruned + static int8 (StaticQuantize, QDQ, calibrated on 16 random images). Each is packed
+(passes/pack.py) and compared with its unpacked self: outputs on 4 inputs must be equal bit
+for bit; latency (batch 1, one thread) is timed interleaved by converter.benchmark.bench;
+session creation is timed interleaved too (median of 7), and the time added by packing is
+given per 10 M packed values.
+
+Run: .venv/bin/python tests/benchmarks/bench_pack.py   (about 2-3 minutes)
+Writes the table to /work/notes/bench_pack.txt as well (when that folder exists).
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from converter.benchmark import bench  # noqa: E402
+from converter.runtime import make_session  # noqa: E402
+from passes.pack import Pack  # noqa: E402
+from passes.prune import MagnitudePrune  # noqa: E402
+from passes.quantize import StaticQuantize  # noqa: E402
+
+NOTES = Path("/work/notes/bench_pack.txt")
+TARGETS = {"pruned50 fp32": 1.8, "pruned50 int8": 6.0, "pruned80 int8": 10.0}  # x smaller
+LATENCY_FLOOR = 0.95  # packed speed / unpacked speed
+COLD_START_GOAL = 0.1  # seconds added per 10 M packed values
+
+
+class _Builder:
+    """Collects nodes and initializers of a conv net (BatchNorm folded into the biases)."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+
+    def conv(self, x: str, cin: int, cout: int, k: int, stride: int, name: str) -> str:
+        w = self.rng.standard_normal((cout, cin, k, k)) * np.sqrt(2 / (cin * k * k))
+        b = self.rng.standard_normal(cout) * 0.01
+        self.inits += [
+            numpy_helper.from_array(w.astype(np.float32), f"{name}.weight"),
+            numpy_helper.from_array(b.astype(np.float32), f"{name}.bias"),
+        ]
+        pads = [k // 2] * 4
+        self.nodes.append(
+            helper.make_node(
+                "Conv", [x, f"{name}.weight", f"{name}.bias"], [name], pads=pads, strides=[stride] * 2
+            )
+        )
+        return name
+
+    def op(self, op: str, inputs: list[str], name: str, **attrs) -> str:
+        self.nodes.append(helper.make_node(op, inputs, [name], **attrs))
+        return name
+
+    def block(self, x: str, cin: int, cout: int, stride: int, name: str) -> str:
+        y = self.op("Relu", [self.conv(x, cin, cout, 3, stride, f"{name}.conv1")], f"{name}.relu1")
+        y = self.conv(y, cout, cout, 3, 1, f"{name}.conv2")
+        if stride != 1 or cin != cout:
+            x = self.conv(x, cin, cout, 1, stride, f"{name}.down")
+        return self.op("Relu", [self.op("Add", [y, x], f"{name}.add")], f"{name}.out")
+
+
+def resnet18(classes: int = 1000) -> onnx.ModelProto:
+    """torchvision's resnet18 layout (conv 7x7/2, max pool, 4 stages of 2 basic blocks)."""
+    b = _Builder()
+    x = b.op("Relu", [b.conv("x", 3, 64, 7, 2, "stem")], "stem.relu")
+    x = b.op("MaxPool", [x], "pool", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
+    cin = 64
+    for stage, cout in enumerate((64, 128, 256, 512), start=1):
+        for i in range(2):
+            stride = 2 if stage > 1 and i == 0 else 1
+            x = b.block(x, cin, cout, stride, f"layer{stage}.{i}")
+            cin = cout
+    x = b.op("Flatten", [b.op("GlobalAveragePool", [x], "gap")], "flat")
+    fc = b.rng.standard_normal((classes, 512)) * np.sqrt(1 / 512)
+    b.inits += [
+        numpy_helper.from_array(fc.astype(np.float32), "fc.weight"),
+        numpy_helper.from_array(np.zeros(classes, np.float32), "fc.bias"),
+    ]
+    b.op("Gemm", [x, "fc.weight", "fc.bias"], "logits", transB=1)
+    graph = helper.make_graph(
+        b.nodes,
+        "resnet18",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 224, 224])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, classes])],
+        b.inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _session_seconds(paths: list[Path], repeats: int = 7) -> list[float]:
+    """Median session creation time of each model (one thread), timed interleaved."""
+    times: list[list[float]] = [[] for _ in paths]
+    for _ in range(repeats):
+        for i, path in enumerate(paths):
+            start = time.perf_counter()
+            make_session(path)
+            times[i].append(time.perf_counter() - start)
+    return [float(np.median(t)) for t in times]
+
+
+def _identical(a: Path, b: Path, images: np.ndarray) -> bool:
+    sa, sb = make_session(a), make_session(b)
+    return all(
+        np.array_equal(sa.run(None, {"x": x[None]})[0], sb.run(None, {"x": x[None]})[0])
+        for x in images
+    )
+
+
+def _variants(folder: Path, calib: Path) -> dict[str, tuple[Path, Path, int]]:
+    """name -> (unpacked path, packed path, packed values)."""
+    dense = resnet18()
+    onnx.save(dense, folder / "fp32.onnx")
+    out = {}
+    for sparsity in (0.5, 0.8):
+        pruned = MagnitudePrune(sparsity)(dense).model
+        models = {"int8": StaticQuantize(calibration=calib, progress=False)(pruned).model}
+        if sparsity == 0.5:
+            models["fp32"] = pruned
+        for kind, model in models.items():
+            name = f"pruned{round(sparsity * 100)} {kind}"
+            plain, packed = folder / f"{name}.onnx", folder / f"{name} packed.onnx"
+            plain.write_bytes(model.SerializeToString())
+            start = time.perf_counter()
+            result = Pack()(model)
+            print(f"  packed {name} in {time.perf_counter() - start:.1f} s", flush=True)
+            packed.write_bytes(result.model.SerializeToString())
+            out[name] = (plain, packed, result.stats["params_packed"])
+    return out
+
+
+def main() -> int:
+    rng = np.random.default_rng(0)
+    lines = [
+        f"bench_pack: ResNet-18 shape (11.7 M params, 224x224), batch 1, 1 thread; "
+        f"{platform.processor() or platform.machine()}, onnxruntime {ort.__version__}",
+        f"{'model':<16} {'size MB':>8} {'x smaller':>10} {'target':>7} {'identical':>9} "
+        f"{'speed vs unpacked':>18} {'session s (unpacked)':>21} {'+s per 10M':>11}",
+    ]
+    failed = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        calib = folder / "calib.npz"
+        np.savez(calib, x=rng.standard_normal((16, 3, 224, 224)).astype(np.float32))
+        variants = _variants(folder, calib)
+        fp32_size = (folder / "fp32.onnx").stat().st_size
+        images = rng.standard_normal((4, 3, 224, 224)).astype(np.float32)
+        for name, (plain, packed, values) in variants.items():
+            ratio = fp32_size / packed.stat().st_size
+            same = _identical(plain, packed, images)
+            timed = bench([plain, packed], threads=[1], warmup=5, runs=40)
+            speed = timed.get(1, 1).speedup
+            s_plain, s_packed = _session_seconds([plain, packed])
+            per_10m = (s_packed - s_plain) / values * 1e7
+            lines.append(
+                f"{name:<16} {packed.stat().st_size / 1e6:>8.2f} {ratio:>9.2f}x "
+                f"{TARGETS[name]:>6.1f}x {str(same):>9} {speed:>17.2f}x "
+                f"{s_packed:>8.3f} ({s_plain:.3f}) {per_10m:>+10.3f}"
+            )
+            if ratio < TARGETS[name] or not same or speed < LATENCY_FLOOR:
+                failed.append(name)
+    lines.append(f"fp32 dense: {fp32_size / 1e6:.2f} MB")
+    lines.append(
+        f"targets: size as listed, outputs identical, speed >= {LATENCY_FLOOR}x; cold start "
+        f"goal <= +{COLD_START_GOAL} s per 10 M packed values (reported, not gated: noisy)"
+    )
+    if failed:
+        lines.append(f"FAILED: {', '.join(failed)}")
+    text = "\n".join(lines)
+    print(text)
+    if NOTES.parent.is_dir():
+        NOTES.write_text(text + "\n")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
