@@ -57,12 +57,9 @@ class _Builder:
             numpy_helper.from_array(w.astype(np.float32), f"{name}.weight"),
             numpy_helper.from_array(b.astype(np.float32), f"{name}.bias"),
         ]
-        pads = [k // 2] * 4
-        self.nodes.append(
-            helper.make_node(
-                "Conv", [x, f"{name}.weight", f"{name}.bias"], [name], pads=pads, strides=[stride] * 2
-            )
-        )
+        inputs = [x, f"{name}.weight", f"{name}.bias"]
+        conv = helper.make_node("Conv", inputs, [name], pads=[k // 2] * 4, strides=[stride] * 2)
+        self.nodes.append(conv)
         return name
 
     def op(self, op: str, inputs: list[str], name: str, **attrs) -> str:
