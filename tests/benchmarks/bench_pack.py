@@ -6,9 +6,11 @@ biases, random He-initialised weights, 224x224, 11.7 M parameters); no torch nee
 made with the project's own passes: 50 % pruned fp32 (MagnitudePrune, global), 50 % and 80 %
 pruned + static int8 (StaticQuantize, QDQ, calibrated on 16 random images). Each is packed
 (passes/pack.py) and compared with its unpacked self: outputs on 4 inputs must be equal bit
-for bit; latency (batch 1, one thread) is timed interleaved by converter.benchmark.bench;
+for bit and the graph onnxruntime runs after folding and fusions the same op for op
+("identical" column: QLinearConv etc. kept for int8); latency (batch 1, one thread) is
+timed interleaved by converter.benchmark.bench;
 session creation is timed interleaved too (median of 7), and the time added by packing is
-given per 10 M packed values.
+given per 10 M packed values, also for the alternative of decoding each weight in one piece.
 
 Run: .venv/bin/python tests/benchmarks/bench_pack.py   (about 2-3 minutes)
 Writes the table to /work/notes/bench_pack.txt as well (when that folder exists).
@@ -32,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from converter.benchmark import bench  # noqa: E402
 from converter.runtime import make_session  # noqa: E402
-from passes.pack import Pack  # noqa: E402
+from passes.pack import CHUNK, Pack  # noqa: E402
 from passes.prune import MagnitudePrune  # noqa: E402
 from passes.quantize import StaticQuantize  # noqa: E402
 
@@ -121,6 +123,16 @@ def _identical(a: Path, b: Path, images: np.ndarray) -> bool:
     )
 
 
+def _fused_ops(path: Path, folder: Path) -> list[str]:
+    """The op types of the graph onnxruntime runs (after folding and fusions)."""
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(folder / f"{path.stem} optimized.onnx")
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    opts.log_severity_level = 3
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
+
+
 def _variants(folder: Path, calib: Path) -> dict[str, tuple[Path, Path, int]]:
     """name -> (unpacked path, packed path, packed values)."""
     dense = resnet18()
@@ -140,6 +152,9 @@ def _variants(folder: Path, calib: Path) -> dict[str, tuple[Path, Path, int]]:
             print(f"  packed {name} in {time.perf_counter() - start:.1f} s", flush=True)
             packed.write_bytes(result.model.SerializeToString())
             out[name] = (plain, packed, result.stats["params_packed"])
+            if name == "pruned50 fp32":  # the alternative the chunks replace: one piece each
+                whole = folder / f"{name} one piece.onnx"
+                whole.write_bytes(Pack(chunk=2**40)(model).model.SerializeToString())
     return out
 
 
@@ -162,7 +177,8 @@ def main() -> int:
         for name, (plain, packed, values) in variants.items():
             ratio = fp32_size / packed.stat().st_size
             same = _identical(plain, packed, images)
-            timed = bench([plain, packed], threads=[1], warmup=5, runs=40)
+            same &= _fused_ops(plain, folder) == _fused_ops(packed, folder)
+            timed = bench([plain, packed], threads=[1], warmup=10, runs=100)
             speed = timed.get(1, 1).speedup
             s_plain, s_packed = _session_seconds([plain, packed])
             per_10m = (s_packed - s_plain) / values * 1e7
@@ -173,6 +189,14 @@ def main() -> int:
             )
             if ratio < TARGETS[name] or not same or speed < LATENCY_FLOOR:
                 failed.append(name)
+        plain, packed, values = variants["pruned50 fp32"]
+        one_piece = folder / "pruned50 fp32 one piece.onnx"
+        s_plain, s_chunks, s_whole = _session_seconds([plain, packed, one_piece])
+        lines.append(
+            f"cold start, pruned50 fp32, seconds added per 10 M packed values: "
+            f"{(s_chunks - s_plain) / values * 1e7:+.3f} in {CHUNK:,}-value chunks, "
+            f"{(s_whole - s_plain) / values * 1e7:+.3f} decoding each weight in one piece"
+        )
     lines.append(f"fp32 dense: {fp32_size / 1e6:.2f} MB")
     lines.append(
         f"targets: size as listed, outputs identical, speed >= {LATENCY_FLOOR}x; cold start "
