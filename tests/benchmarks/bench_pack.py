@@ -9,8 +9,9 @@ pruned + static int8 (StaticQuantize, QDQ, calibrated on 16 random images). Each
 for bit and the graph onnxruntime runs after folding and fusions the same op for op
 ("identical" column: QLinearConv etc. kept for int8); latency (batch 1, one thread) is
 timed interleaved by converter.benchmark.bench;
-session creation is timed interleaved too (median of 7), and the time added by packing is
-given per 10 M packed values, also for the alternative of decoding each weight in one piece.
+session creation (the cold start) is timed in fresh processes, interleaved, median of 7, wall
+and CPU time; the time packing adds is given per 10 M packed values, also for the
+alternative of decoding each weight in one piece.
 
 Run: .venv/bin/python tests/benchmarks/bench_pack.py   (about 2-3 minutes)
 Writes the table to /work/notes/bench_pack.txt as well (when that folder exists).
@@ -19,6 +20,7 @@ Writes the table to /work/notes/bench_pack.txt as well (when that folder exists)
 from __future__ import annotations
 
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -104,15 +106,33 @@ def resnet18(classes: int = 1000) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def _session_seconds(paths: list[Path], repeats: int = 7) -> list[float]:
-    """Median session creation time of each model (one thread), timed interleaved."""
-    times: list[list[float]] = [[] for _ in paths]
+_COLD_START = """
+import resource, sys, time
+import onnxruntime as ort
+opts = ort.SessionOptions()
+opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+opts.log_severity_level = 3
+wall, cpu = time.perf_counter(), time.process_time()
+ort.InferenceSession(sys.argv[1], opts, providers=["CPUExecutionProvider"])
+print(time.perf_counter() - wall, time.process_time() - cpu)
+"""
+
+
+def _session_seconds(paths: list[Path], repeats: int = 7) -> list[tuple[float, float]]:
+    """(wall, CPU) seconds to create a session of each model (one thread) in a fresh process:
+    a real cold start. Medians of ``repeats``, interleaved; CPU time is less disturbed by
+    other processes on a busy machine than wall time."""
+    times: list[list[list[float]]] = [[] for _ in paths]
     for _ in range(repeats):
         for i, path in enumerate(paths):
-            start = time.perf_counter()
-            make_session(path)
-            times[i].append(time.perf_counter() - start)
-    return [float(np.median(t)) for t in times]
+            run = subprocess.run(
+                [sys.executable, "-c", _COLD_START, str(path)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            times[i].append([float(v) for v in run.stdout.split()])
+    return [tuple(float(v) for v in np.median(np.array(t), axis=0)) for t in times]
 
 
 def _identical(a: Path, b: Path, images: np.ndarray) -> bool:
@@ -164,7 +184,8 @@ def main() -> int:
         f"bench_pack: ResNet-18 shape (11.7 M params, 224x224), batch 1, 1 thread; "
         f"{platform.processor() or platform.machine()}, onnxruntime {ort.__version__}",
         f"{'model':<16} {'size MB':>8} {'x smaller':>10} {'target':>7} {'identical':>9} "
-        f"{'speed vs unpacked':>18} {'session s (unpacked)':>21} {'+s per 10M':>11}",
+        f"{'speed vs unpacked':>18} {'session s (unpacked)':>21} "
+        f"{'+s/10M':>9} {'+cpu s/10M':>9}",
     ]
     failed = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -180,22 +201,24 @@ def main() -> int:
             same &= _fused_ops(plain, folder) == _fused_ops(packed, folder)
             timed = bench([plain, packed], threads=[1], warmup=10, runs=100)
             speed = timed.get(1, 1).speedup
-            s_plain, s_packed = _session_seconds([plain, packed])
-            per_10m = (s_packed - s_plain) / values * 1e7
+            (w_plain, c_plain), (w_packed, c_packed) = _session_seconds([plain, packed])
             lines.append(
                 f"{name:<16} {packed.stat().st_size / 1e6:>8.2f} {ratio:>9.2f}x "
                 f"{TARGETS[name]:>6.1f}x {str(same):>9} {speed:>17.2f}x "
-                f"{s_packed:>8.3f} ({s_plain:.3f}) {per_10m:>+10.3f}"
+                f"{w_packed:>8.3f} ({w_plain:.3f}) {(w_packed - w_plain) / values * 1e7:>+9.3f} "
+                f"{(c_packed - c_plain) / values * 1e7:>+9.3f}"
             )
             if ratio < TARGETS[name] or not same or speed < LATENCY_FLOOR:
                 failed.append(name)
         plain, packed, values = variants["pruned50 fp32"]
         one_piece = folder / "pruned50 fp32 one piece.onnx"
-        s_plain, s_chunks, s_whole = _session_seconds([plain, packed, one_piece])
+        plain_s, chunks_s, whole_s = (
+            cpu for _, cpu in _session_seconds([plain, packed, one_piece])
+        )
         lines.append(
-            f"cold start, pruned50 fp32, seconds added per 10 M packed values: "
-            f"{(s_chunks - s_plain) / values * 1e7:+.3f} in {CHUNK:,}-value chunks, "
-            f"{(s_whole - s_plain) / values * 1e7:+.3f} decoding each weight in one piece"
+            f"cold start, pruned50 fp32, CPU seconds added per 10 M packed values: "
+            f"{(chunks_s - plain_s) / values * 1e7:+.3f} in {CHUNK:,}-value chunks, "
+            f"{(whole_s - plain_s) / values * 1e7:+.3f} decoding each weight in one piece"
         )
     lines.append(f"fp32 dense: {fp32_size / 1e6:.2f} MB")
     lines.append(
