@@ -48,13 +48,15 @@ def cnn(seed: int = 0, opset: int = 17) -> onnx.ModelProto:
     node = helper.make_node
     graph = helper.make_graph(
         [
-            node("Conv", ["x", "c1.w", "c1.b"], ["c1"], pads=[1, 1, 1, 1]),
-            node("Relu", ["c1"], ["r1"]),
-            node("Conv", ["r1", "c2.w", "c2.b"], ["c2"], pads=[1, 1, 1, 1], strides=[2, 2]),
-            node("Relu", ["c2"], ["r2"]),
-            node("GlobalAveragePool", ["r2"], ["g"]),
-            node("Flatten", ["g"], ["f"]),
-            node("MatMul", ["f", "fc.w"], ["y"]),
+            node("Conv", ["x", "c1.w", "c1.b"], ["c1"], "conv1", pads=[1, 1, 1, 1]),
+            node("Relu", ["c1"], ["r1"], "relu1"),
+            node(
+                "Conv", ["r1", "c2.w", "c2.b"], ["c2"], "conv2", pads=[1, 1, 1, 1], strides=[2, 2]
+            ),
+            node("Relu", ["c2"], ["r2"], "relu2"),
+            node("GlobalAveragePool", ["r2"], ["g"], "pool"),
+            node("Flatten", ["g"], ["f"], "flatten"),
+            node("MatMul", ["f", "fc.w"], ["y"], "fc"),
         ],
         "cnn",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 12, 12])],
@@ -305,3 +307,15 @@ def test_validate_bench_and_auto_size_take_packed_models(qdq, tmp_path):
     assert timed.get(1, 1).latency.p50_ms > 0
     assert packed_size(dense) == Pack()(qdq).model.ByteSize() < dense.stat().st_size
     assert packed_size(packed) == packed.stat().st_size
+
+
+def test_sensitivity_of_a_packed_model_equals_the_dense_one(pruned, tmp_path):
+    from converter.sensitivity import sensitivity
+
+    dense, packed, data = tmp_path / "d.onnx", tmp_path / "p.onnx", tmp_path / "x.npz"
+    dense.write_bytes(pruned.SerializeToString())
+    packed.write_bytes(Pack()(pruned).model.SerializeToString())
+    np.savez(data, x=inputs(seed=4, n=16))
+    reports = [sensitivity(m, data, samples=16, progress=False) for m in (dense, packed)]
+    losses = [[(n.name, n.alone.loss) for n in r.nodes] for r in reports]
+    assert losses[0] == losses[1] and len(losses[0]) == 3
