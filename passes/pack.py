@@ -28,7 +28,8 @@ weight is 10 M fp32 values, 50 % zero (dense: 0.06-0.2 s):
   reuse small buffers: one piece +0.67 s, 1 M-element chunks +0.11 s here; on the ResNet-18
   of tests/benchmarks/bench_pack.py, 256 K-512 K chunks added about half the time of 1 M
   ones or one piece (with glibc's mmap disabled all sizes cost the same: that is the effect);
-  128 K chunks were slower again (more nodes).
+  128 K chunks were slower again (more nodes). That holds in a process that has created
+  sessions before; in a fresh one chunks gain nothing (+0.27 vs +0.23 s CPU per 10 M).
 - int32 running sums, not int64: +1.2 s vs +2.6 s (one piece).
 - GatherElements, not Gather, for the values: 15 ms vs 100 ms for 10 M elements (kernel).
 - A lookup table instead of BitShift/BitwiseAnd: one op instead of three, same time; a uint8
