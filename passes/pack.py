@@ -309,7 +309,7 @@ def _opset(model: onnx.ModelProto) -> int:
 def _check_size(model: onnx.ModelProto) -> None:
     """Refuse models whose weights live in external data or exceed protobuf's 2 GB."""
     external = [t.name for t in model.graph.initializer if t.data_location == TensorProto.EXTERNAL]
-    total = sum(len(t.raw_data) for t in model.graph.initializer)
+    total = sum(t.ByteSize() for t in model.graph.initializer)
     if external or total > MAX_BYTES:
         what = f"{len(external)} external tensors" if external else f"{total / 1e9:.2f} GB"
         raise BadInputError(
