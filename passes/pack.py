@@ -337,7 +337,7 @@ class Pack(Pass):
     """Store each constant weight with enough zeros as a bit mask and its nonzero values.
 
     ``min_saved_bytes``: a weight is packed only when that saves at least this many bytes
-    (each packed weight adds about 8 nodes per million elements that ORT folds at load time).
+    (each packed weight adds about 8 nodes per ``chunk`` values, which ORT folds at load).
     ``chunk``: elements decoded per chunk (``CHUNK``; tests use small ones).
     """
 
@@ -361,7 +361,8 @@ class Pack(Pass):
         saved = sum(t["bytes_before"] - t["bytes_after"] for t in tensors if t["packed"])
         if plans and saved <= _size(shared) + _size(_lut_nodes()):
             for t in tensors:
-                t["packed"], t["reason"] = False, "total saving below the shared lookup table"
+                t["packed"], t["bytes_after"] = False, t["bytes_before"]
+                t["reason"] = "the total saving does not pay for the shared bit table"
             plans = {}
         if plans and _opset(model) < MIN_OPSET:
             raise BadInputError(
