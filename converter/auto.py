@@ -38,6 +38,7 @@ from converter.errors import BadInputError, GateFailed, OnnxshipError
 from converter.executor import Executor, InProcess
 from converter.onnxio import atomic_path, atomic_write_text, load_model, save_model
 from converter.provenance import sha256_data, sha256_file, versions
+from passes.pack import dense_model, packed_size
 
 __all__ = ["auto", "AutoResult", "Budget", "Candidate", "METRICS"]
 
@@ -429,7 +430,7 @@ def auto(
     budget = _check(metric, min_score, max_drop, min_worst, sparsity_grid)
     resolved = resolve_target(target).name
     out = Path(outdir)
-    fp32 = load_model(model)
+    fp32 = dense_model(load_model(model))  # a packed input is searched on its dense weights
     _refuse_quantized(fp32, model)
     specs = model_input_specs(fp32)
     dataset = open_data(data, specs)
@@ -537,7 +538,7 @@ def _bench(result: AutoResult, reference: Path, score: Path, runs: int, threads:
     for i, c in enumerate(built, start=1):
         m = result.bench.get(i, threads)
         c.p50_ms, c.p90_ms, c.speedup = m.latency.p50_ms, m.latency.p90_ms, m.speedup
-        c.size = c.path.stat().st_size
+        c.size = packed_size(c.path)  # what shipping it costs: pruned zeros pack away
 
 
 def check_result(result: AutoResult) -> None:

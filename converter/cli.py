@@ -19,6 +19,7 @@ from converter.commands import (
     bench,
     export,
     fp16,
+    pack,
     prune,
     quantize,
     run,
@@ -33,7 +34,7 @@ __all__ = ["main", "build_parser", "INTERNAL_ERROR"]
 INTERNAL_ERROR = 3
 
 # Explicit list, in the order `--help` shows them. Each module has register() and run().
-COMMANDS = [export, prune, quantize, fp16, validate, bench, sensitivity, run, auto, shrink]
+COMMANDS = [export, shrink, prune, quantize, fp16, pack, validate, bench, sensitivity, run, auto]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -57,6 +57,7 @@ from converter.metrics import per_sample_cosine
 from converter.onnxio import load_model
 from converter.runtime import make_session, run_session
 from passes.base import make_pass
+from passes.pack import dense_model
 from passes.quantize import (
     CalibrationRanges,
     DynamicQuantize,
@@ -301,7 +302,7 @@ def _own_settings_absent(quant_settings: Mapping[str, Any] | None) -> dict[str, 
 
 
 def _load(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
-    proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
+    proto = dense_model(model if isinstance(model, onnx.ModelProto) else load_model(model))
     if is_quantized(proto):
         found = quantized_nodes(proto)
         raise BadInputError(

@@ -58,6 +58,8 @@ class Pass:
     ``requires`` (preconditions on the input) and ``ensures`` (postconditions)."""
 
     name = "pass"
+    # Reads weights as initializers: the runner unpacks packed weights (passes/pack.py) first.
+    dense_weights = True
 
     def requires(self, model: onnx.ModelProto) -> None:
         """Raise an OnnxshipError when ``model`` cannot go through this pass."""
@@ -114,6 +116,10 @@ class PassRunner:
         results: list[PassResult] = []
         for p in self.passes:
             try:
+                if p.dense_weights:
+                    from passes.pack import dense_model
+
+                    model = dense_model(model)
                 result = p(model)
             except OnnxshipError as e:
                 done = ", ".join(q.name for q in self.passes[: len(results)]) or "none"

@@ -9,6 +9,7 @@ from typing import Any
 from converter.errors import BadInputError
 from passes.base import Pass, make_pass
 from passes.fp16 import Float16
+from passes.pack import Pack, Unpack
 from passes.prune import MagnitudePrune
 from passes.quantize import DynamicQuantize, StaticQuantize
 from passes.smooth import SmoothQuant
@@ -21,6 +22,8 @@ PASS_TYPES: dict[str, type[Pass]] = {
     "quantize-static": StaticQuantize,
     "fp16": Float16,
     "smooth": SmoothQuant,
+    "pack": Pack,
+    "unpack": Unpack,
 }
 _CALIBRATED = (StaticQuantize, SmoothQuant)
 _MODES = {"dynamic": "quantize-dynamic", "static": "quantize-static"}

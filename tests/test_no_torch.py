@@ -16,6 +16,8 @@ def test_passes_and_search_run_without_torch(digits_mlp, tmp_path: Path) -> None
     m, calib, test = digits_mlp.onnx, digits_mlp.calib, digits_mlp.test
     calls = [
         ["prune", m, "-o", tmp_path / "p.onnx", "--sparsity", "0.5"],
+        ["pack", tmp_path / "p.onnx", "-o", tmp_path / "pk.onnx"],
+        ["unpack", tmp_path / "pk.onnx", "-o", tmp_path / "u.onnx"],
         ["quantize", m, "-o", tmp_path / "q.onnx", "--mode", "static", "--calib", calib],
         ["fp16", m, "-o", tmp_path / "f.onnx"],
         ["sensitivity", m, "--data", test, "--top", "3"],
@@ -41,6 +43,8 @@ def test_passes_and_search_run_without_torch(digits_mlp, tmp_path: Path) -> None
     assert proc.returncode == 0, proc.stderr[-2000:]
     x = np.load(test)["x"][:20]
     want = make_session(m).run(None, {"x": x})[0]
+    packed = make_session(tmp_path / "pk.onnx").run(None, {"x": x})[0]
+    assert np.array_equal(packed, make_session(tmp_path / "p.onnx").run(None, {"x": x})[0])
     for name in ("q.onnx", "a/model.onnx"):
         got = make_session(tmp_path / name).run(None, {"x": x})[0]
         assert (got.argmax(1) == want.argmax(1)).mean() >= 0.9
