@@ -36,6 +36,7 @@ from converter.auto_tasks import evaluate_all, notes
 from converter.data import LABELS, Dataset, model_input_specs, open_data
 from converter.errors import BadInputError, GateFailed, OnnxshipError
 from converter.executor import Executor, InProcess
+from converter.gates import failure
 from converter.onnxio import atomic_path, atomic_write_text, load_model, save_model
 from converter.provenance import sha256_data, sha256_file, versions
 from passes.pack import dense_model, packed_size
@@ -71,6 +72,22 @@ class Budget:
     def describe(self, reference_score: float) -> str:
         text = f"{self.metric} ≥ {self.threshold(reference_score):.4f}"
         return text + (f", worst cosine ≥ {self.min_worst:g}" if self.min_worst is not None else "")
+
+    def gates(self, reference_score: float, score: float | None, worst: float | None) -> list:
+        """This budget as the gates ``validate`` checks (converter.gates)."""
+        from converter.gates import fmt, score_gates
+
+        drop = None if score is None else reference_score - score
+        detail = f"reference {fmt(reference_score)}, candidate {fmt(score)}"
+        return score_gates(
+            "output",
+            self.min_score,
+            self.max_drop,
+            self.min_worst,
+            score=(self.metric, score),
+            drop=(self.metric, drop, detail),
+            worst=(worst, ""),
+        )
 
 
 @dataclass
@@ -237,9 +254,7 @@ class _Builder:
 
     def _judge(self, c: Candidate) -> Candidate:
         """Whether ``c`` meets this run's budget (cached numbers may come from another)."""
-        c.meets = c.score >= self.threshold and (
-            self.budget.min_worst is None or c.worst >= self.budget.min_worst
-        )
+        c.meets = all(g.passed for g in self.budget.gates(self.reference_score, c.score, c.worst))
         return c
 
     def _build(self, passes: list[dict[str, Any]]) -> onnx.ModelProto:
@@ -548,9 +563,13 @@ def check_result(result: AutoResult) -> None:
     closest = result.closest()
     if closest is None:
         raise GateFailed("no candidate could be built", f"see {result.report_md}")
-    raise GateFailed(
+    gates = result.budget.gates(result.reference_score, closest.score, closest.worst)
+    short = max(0.0, result.threshold - closest.score)
+    raise failure(
         f"no candidate meets {result.budget.describe(result.reference_score)}; closest: "
         f"{closest.name} with {result.budget.metric} {closest.score:.4f} (short by "
-        f"{result.threshold - closest.score:.4f}), worst cosine {closest.worst:.4f}",
+        f"{short:.4f}), worst cosine {closest.worst:.4f}; its gates",
+        gates,
         f"relax the budget, add --calib data closer to real use, or see {result.report_md}",
+        None,
     )

@@ -41,7 +41,7 @@ from converter import __version__
 from converter.bench_gates import BenchGates
 from converter.data import InputSpec, model_input_specs, open_data
 from converter.errors import BadInputError, DataError, first_line
-from converter.gates import Gate, gate_lines, junit_xml
+from converter.gates import Gate, Gated, gate_lines, junit_xml
 from converter.inputs import generate_inputs
 from converter.metrics import speedup
 from converter.onnxio import atomic_path, load_model
@@ -116,7 +116,7 @@ class Measurement:
 
 
 @dataclass
-class BenchReport:
+class BenchReport(Gated):
     """Every measurement, and the gates checked on them (``passed`` is True without gates)."""
 
     models: list[ModelInfo]
@@ -129,14 +129,6 @@ class BenchReport:
 
     def get(self, model: int, threads: int) -> Measurement:
         return next(r for r in self.results if r.model == model and r.threads == threads)
-
-    @property
-    def passed(self) -> bool:
-        return all(g.passed for g in self.gates)
-
-    @property
-    def failed(self) -> list[Gate]:
-        return [g for g in self.gates if not g.passed]
 
     def to_dict(self) -> dict:
         return {

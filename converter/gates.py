@@ -19,6 +19,8 @@ from converter.errors import BadInputError, GateFailed
 
 __all__ = [
     "Gate",
+    "Gated",
+    "score_gates",
     "gate_lines",
     "junit_xml",
     "failure",
@@ -81,6 +83,49 @@ class Gate:
         }
 
 
+class Gated:
+    """What every gated report (validation, bench) answers from its ``gates`` list."""
+
+    gates: list[Gate]
+
+    @property
+    def passed(self) -> bool:
+        return all(g.passed for g in self.gates)
+
+    @property
+    def failed(self) -> list[Gate]:
+        return [g for g in self.gates if not g.passed]
+
+
+def score_gates(
+    output: str,
+    min_score: float | None,
+    max_drop: float | None,
+    min_worst: float | None,
+    score: tuple[str, float | None],
+    drop: tuple[str, float | None, str],
+    worst: tuple[float | None, str],
+) -> list[Gate]:
+    """The accuracy/fidelity gates of ``validate``, ``run`` and ``auto``, decided here only:
+    ``score`` = (metric, value) must reach ``min_score``; ``drop`` = (metric, how far below
+    the reference, detail) at most ``max_drop``; ``worst`` = (worst-sample cosine, detail) at
+    least ``min_worst``. A limit that is None is no gate."""
+    gates = []
+    if min_score is not None:
+        gates.append(Gate.check("min-score", score[0], output, ">=", min_score, score[1]))
+    if max_drop is not None:
+        metric, value, detail = drop
+        gates.append(
+            Gate.check("max-drop", f"{metric} drop", output, "<=", max_drop, value, detail)
+        )
+    if min_worst is not None:
+        value, detail = worst
+        gates.append(
+            Gate.check("min-worst", "cosine worst", output, ">=", min_worst, value, detail)
+        )
+    return gates
+
+
 def gate_lines(gates: Sequence[Gate], label: bool = False) -> list[str]:
     """``PASS``/``FAIL`` per gate, then ``PASSED`` or ``FAILED: n of m gates``. ``label``
     adds what each gate reads (when gates read different things, as in bench)."""
@@ -137,10 +182,12 @@ def junit_xml(
     )
 
 
-def failure(what: str, gates: Sequence[Gate], fix: str, json_path: str | None) -> GateFailed:
+def failure(
+    what: str, gates: Sequence[Gate], fix: str, json_path: str | None, label: bool | None = None
+) -> GateFailed:
     """The exit-1 error for failed gates: ``<what> failed: <gate> <value, threshold>; ...``,
-    naming what each gate read when the gates read more than one thing."""
-    label = len({g.output for g in gates}) > 1
+    naming what each gate read when ``label`` (default: when they read more than one thing)."""
+    label = len({g.output for g in gates}) > 1 if label is None else label
     failed = [
         f"{g.name} {g.output + ': ' if label else ''}{g.describe()}" for g in gates if not g.passed
     ]

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from converter.errors import BadInputError, GateFailed, OnnxshipError
+from converter.errors import BadInputError, OnnxshipError
 from converter.onnxio import atomic_path, atomic_write_text, load_model, save_model
 from converter.recipe import Recipe, Variant, load_recipe, to_plain
 
@@ -260,10 +260,23 @@ def _write_outputs(result: RunResult) -> None:
 
 
 def check_gates(result: RunResult) -> None:
-    """Raise GateFailed naming every failed gate (after the report is written)."""
-    failed = result.failed_gates()
-    if failed:
-        raise GateFailed(
-            "gates failed: " + "; ".join(failed),
+    """Raise GateFailed naming every failed gate of every variant (after the report is
+    written)."""
+    from dataclasses import replace
+
+    from converter.gates import failure
+
+    gates = [
+        replace(g, output=f"{a.name}.{g.output}")
+        for a in result.artifacts
+        if a.validation is not None
+        for g in a.validation.gates
+    ]
+    if not all(g.passed for g in gates):
+        raise failure(
+            "gates",
+            gates,
             f"see {result.report_md} for the numbers; relax [gates] or change the variants",
+            None,
+            label=True,
         )

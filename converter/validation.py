@@ -33,7 +33,7 @@ from converter import metrics as M
 from converter.data import Dataset, InputSpec, model_input_specs, open_data
 from converter.errors import BadInputError, DataError, OnnxshipError
 from converter.executor import Executor, InProcess
-from converter.gates import Gate, gate_lines, junit_xml
+from converter.gates import Gate, Gated, gate_lines, junit_xml, score_gates
 from converter.gates import fmt as _fmt
 from converter.gates import json_number as _num
 from converter.onnxio import load_model
@@ -80,7 +80,7 @@ class MetricValue:
 
 
 @dataclass
-class ValidationReport:
+class ValidationReport(Gated):
     """Every number of one validation. ``outputs[name][metric]`` for the candidate,
     ``reference_outputs[name]["accuracy"]`` for the reference (when it has labels to score)."""
 
@@ -95,14 +95,6 @@ class ValidationReport:
     gates: list[Gate] = field(default_factory=list)
     baseline: str | None = None
     baseline_tolerance: float | None = None
-
-    @property
-    def passed(self) -> bool:
-        return all(g.passed for g in self.gates)
-
-    @property
-    def failed(self) -> list[Gate]:
-        return [g for g in self.gates if not g.passed]
 
     def to_dict(self) -> dict:
         return {
@@ -660,18 +652,18 @@ class _Thresholds:
 
 
 def _gates(res, ref_res, gated, plan: _Plan, t: _Thresholds, base) -> list[Gate]:
-    gates = []
-    if t.min_score is not None:
-        metric = plan.chosen[0]
-        gates.append(Gate.check("min-score", metric, gated, ">=", t.min_score, _value(res, metric)))
-    if t.max_drop is not None:
-        gates.append(_drop_gate(res, ref_res, gated, plan.drop_metric, t.max_drop))
-    if t.min_worst is not None:
-        cos = res.get("cosine")
-        worst, detail = (cos.worst, f"sample {cos.worst_sample}") if cos else (None, "")
-        gates.append(
-            Gate.check("min-worst", "cosine worst", gated, ">=", t.min_worst, worst, detail)
-        )
+    cos = res.get("cosine")
+    worst = (cos.worst, f"sample {cos.worst_sample}") if cos else (None, "")
+    metric = plan.chosen[0] if plan.chosen else ""
+    gates = score_gates(
+        gated,
+        t.min_score,
+        t.max_drop,
+        t.min_worst,
+        score=(metric, _value(res, metric)),
+        drop=_drop(res, ref_res, plan.drop_metric),
+        worst=worst,
+    )
     for metric, old in sorted((base or {}).items(), key=lambda kv: METRICS.index(kv[0])):
         if metric in res:
             detail = f"baseline {old:.6g} − tolerance {t.baseline_tolerance:g}"
@@ -682,16 +674,16 @@ def _gates(res, ref_res, gated, plan: _Plan, t: _Thresholds, base) -> list[Gate]
     return gates
 
 
-def _drop_gate(res, ref_res, gated: str, metric: str, max_drop: float) -> Gate:
+def _drop(res, ref_res, metric: str) -> tuple[str, float | None, str]:
+    """How far the candidate falls below the reference: accuracy difference, or (without
+    labels) 1 − agreement."""
     if metric == "agreement":
         agreement = _value(res, "agreement")
         drop = None if agreement is None else 1.0 - agreement
-        detail = "1 − agreement with the reference"
-    else:
-        cand, ref = _value(res, "accuracy"), _value(ref_res, "accuracy")
-        drop = None if cand is None or ref is None else ref - cand
-        detail = f"reference {_fmt(ref)}, candidate {_fmt(cand)}"
-    return Gate.check("max-drop", f"{metric} drop", gated, "<=", max_drop, drop, detail)
+        return metric, drop, "1 − agreement with the reference"
+    cand, ref = _value(res, "accuracy"), _value(ref_res, "accuracy")
+    drop = None if cand is None or ref is None else ref - cand
+    return metric, drop, f"reference {_fmt(ref)}, candidate {_fmt(cand)}"
 
 
 def _value(results: dict[str, MetricValue], metric: str) -> float | None:
