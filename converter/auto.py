@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from converter import defaults
 from converter.auto_tasks import evaluate_all, notes
 from converter.data import LABELS, Dataset, model_input_specs, open_data
 from converter.errors import BadInputError, GateFailed, OnnxshipError
@@ -45,10 +46,10 @@ __all__ = ["auto", "AutoResult", "Budget", "Candidate", "METRICS"]
 
 logger = logging.getLogger(__name__)
 
-METRICS = ("accuracy", "agreement", "cosine")
+METRICS = defaults.SCORES
 CALIB_SAMPLES = 256
 CALIB_EVERY = 4
-MAX_EXCLUDED = 8
+MAX_EXCLUDED = defaults.AUTO_MAX_EXCLUDED
 SPEED_TIE = 0.05  # speedups within 5 % of the fastest are timing noise on a shared machine
 
 
@@ -430,7 +431,7 @@ def auto(
     sparsity_grid: list[float] | None = None,
     max_excluded: int = MAX_EXCLUDED,
     max_score_samples: int = 2000,
-    bench_runs: int = 50,
+    bench_runs: int = defaults.AUTO_BENCH_RUNS,
     threads: int = 1,
     target: str = "host",
     executor: Executor | None = None,

@@ -37,7 +37,7 @@ import onnx
 import psutil
 from tqdm import tqdm
 
-from converter import __version__
+from converter import __version__, defaults
 from converter.bench_gates import BenchGates
 from converter.data import InputSpec, model_input_specs, open_data
 from converter.errors import BadInputError, DataError, first_line
@@ -63,8 +63,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_WARMUP = 10
-DEFAULT_RUNS = 100
+DEFAULT_WARMUP = defaults.DEFAULT_WARMUP
+DEFAULT_RUNS = defaults.DEFAULT_RUNS
 MB = 2**20
 TOOL = "onnxship bench"
 

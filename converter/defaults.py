@@ -1,8 +1,39 @@
-"""User-visible defaults shared by the Python API and the CLI (no heavy imports here)."""
+"""User-visible defaults and choices, in one place: the Python API, the CLI (which imports
+this module without loading onnx, numpy or torch) and recipes all read them from here."""
 
-# Opset 18: the dynamo exporter's own default in torch 2.13, written natively by both
-# exporters and run by every onnxruntime since 1.14.
+# --- export: opset 18 is the dynamo exporter's own default in torch 2.13, written natively by
+# both exporters and run by every onnxruntime since 1.14.
 DEFAULT_OPSET = 18
 EXPORTERS = ("auto", "dynamo", "torchscript")
 EXPORT_ATOL = 1e-4
 EXPORT_RTOL = 1e-3
+
+# --- prune
+PRUNE_SCOPES = ("global", "layer")
+DEFAULT_PRUNE_SCOPE = "global"  # measured on the trained digits models: beats per-layer
+DEFAULT_MIN_PARAMS = 1024  # smaller tensors (biases of small layers, norms) are left whole
+
+# --- quantize
+CALIB_METHODS = ("minmax", "entropy", "percentile", "distribution")
+QUANT_FORMATS = ("qdq", "qoperator")
+QUANT_TYPES = ("uint8", "int8")
+DEFAULT_CALIB_BATCH = 16
+
+# --- validate, and the budgets of auto and the gates of run
+METRICS = ("accuracy", "agreement", "cosine", "max-abs", "mean-abs")
+SCORES = ("accuracy", "agreement", "cosine")  # higher is better; max-abs/mean-abs are errors
+DEFAULT_VALIDATE_BATCH = 64
+DEFAULT_BASELINE_TOLERANCE = 0.005
+
+# --- bench
+DEFAULT_WARMUP = 10
+DEFAULT_RUNS = 100
+
+# --- sensitivity
+SENSITIVITY_MODES = ("static", "dynamic")
+DEFAULT_SENSITIVITY_SAMPLES = 64
+DEFAULT_SENSITIVITY_BATCH = 32
+
+# --- auto
+AUTO_MAX_EXCLUDED = 8
+AUTO_BENCH_RUNS = 50

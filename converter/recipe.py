@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from converter import defaults
 from converter.errors import BadInputError
 
 if sys.version_info >= (3, 11):
@@ -90,8 +91,8 @@ class Gates:
 @dataclass
 class BenchSection:
     threads: list[int] = field(default_factory=lambda: [1])
-    warmup: int = 10
-    runs: int = 100
+    warmup: int = defaults.DEFAULT_WARMUP
+    runs: int = defaults.DEFAULT_RUNS
     seconds: float | None = None
     dims: dict[str, int] = field(default_factory=dict)
 

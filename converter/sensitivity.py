@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from converter import __version__
+from converter import __version__, defaults
 from converter.data import model_input_specs, open_data
 from converter.errors import BadInputError
 from converter.executor import Executor, InProcess
@@ -80,13 +80,13 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-MODES = ("static", "dynamic")
+MODES = defaults.SENSITIVITY_MODES
 METRICS = ("cosine",)
 # 64 samples: the ranking of the 6-layer encoder benchmark matches 256 samples' (Spearman
 # 0.9996, same top 10; tests/benchmarks/bench_sensitivity.py --stability), the trained
 # tiny_encoder's matches 450 samples' (static 0.998, same top 5; with 32 samples 0.986, 4 of 5).
-DEFAULT_SAMPLES = 64
-DEFAULT_BATCH_SIZE = 32
+DEFAULT_SAMPLES = defaults.DEFAULT_SENSITIVITY_SAMPLES
+DEFAULT_BATCH_SIZE = defaults.DEFAULT_SENSITIVITY_BATCH
 TOOL = "onnxship sensitivity"
 # Settings sensitivity() sets itself (its own parameters), not through quant_settings.
 _OWN_SETTINGS = ("calibration", "ranges", "per_channel", "progress")

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from converter import __version__
+from converter import __version__, defaults
 from converter import metrics as M
 from converter.data import Dataset, InputSpec, model_input_specs, open_data
 from converter.errors import BadInputError, DataError, OnnxshipError
@@ -52,13 +52,13 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-METRICS = ("accuracy", "agreement", "cosine", "max-abs", "mean-abs")
-SCORES = ("accuracy", "agreement", "cosine")  # higher is better; max-abs/mean-abs are errors
+METRICS = defaults.METRICS
+SCORES = defaults.SCORES
 NEEDS_REFERENCE = ("agreement", "cosine", "max-abs", "mean-abs")
-DEFAULT_BATCH_SIZE = 64
+DEFAULT_BATCH_SIZE = defaults.DEFAULT_VALIDATE_BATCH
 # One sample in 200: re-running the same model on another machine can flip a borderline
 # argmax; a real regression moves more than that.
-DEFAULT_BASELINE_TOLERANCE = 0.005
+DEFAULT_BASELINE_TOLERANCE = defaults.DEFAULT_BASELINE_TOLERANCE
 TOOL = "onnxship validate"
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from converter import defaults
 from converter.errors import BadInputError
 from passes.base import Pass, PassResult
 
@@ -40,13 +41,13 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SCOPES = ("global", "layer")
+SCOPES = defaults.PRUNE_SCOPES
 # Measured on the trained digits models (test accuracy after pruning; fp32: CNN 98.0%, MLP
 # 97.6%, encoder 90.7%): at 80% sparsity global gives CNN 97.8 / MLP 91.6 / encoder 56.4%,
 # per-layer 91.1 / 88.9 / 52.2%; at 90% global 96.0 / 75.1 / 26.7%, per-layer 77.6 / 37.1 /
 # 25.8%. Layers differ in how many small weights they can spare; one threshold finds that.
-DEFAULT_SCOPE = "global"
-DEFAULT_MIN_PARAMS = 1024
+DEFAULT_SCOPE = defaults.DEFAULT_PRUNE_SCOPE
+DEFAULT_MIN_PARAMS = defaults.DEFAULT_MIN_PARAMS
 # A tensor pruned (by the global threshold) to this sparsity or more gets a warning.
 NEARLY_EMPTY = 0.99
 

@@ -56,6 +56,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from converter import defaults
 from converter.errors import BadInputError, DataError, PassError, first_line
 from passes.base import Pass, PassResult, fingerprint
 
@@ -95,10 +96,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-CALIB_METHODS = ("minmax", "entropy", "percentile", "distribution")
-FORMATS = ("qdq", "qoperator")
-QUANT_TYPES = ("uint8", "int8")
-DEFAULT_CALIB_BATCH = 16
+CALIB_METHODS = defaults.CALIB_METHODS
+FORMATS = defaults.QUANT_FORMATS
+QUANT_TYPES = defaults.QUANT_TYPES
+DEFAULT_CALIB_BATCH = defaults.DEFAULT_CALIB_BATCH
 # Share of Conv multiply-accumulates above which dynamic int8 is slower than fp32 (ConvInteger
 # has no fast kernel on CPU: measured ~4x slower on a ResNet-18).
 CONV_DOMINATED = 0.5

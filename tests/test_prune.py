@@ -17,7 +17,7 @@ from converter.errors import BadInputError
 from converter.metrics import accuracy, per_sample_cosine
 from converter.runtime import make_session, run_batches
 from passes.base import PassRunner, fingerprint, make_pass
-from passes.prune import DEFAULT_MIN_PARAMS, DEFAULT_SCOPE, SCOPES, MagnitudePrune
+from passes.prune import SCOPES, MagnitudePrune
 
 
 def _init(rng: np.random.Generator, name: str, *shape: int, scale: float = 1.0):
@@ -199,14 +199,6 @@ def test_bad_settings_are_rejected():
         MagnitudePrune(0.5, min_params=-1)
     with pytest.raises(BadInputError, match="unknown setting"):
         make_pass(MagnitudePrune, {"sparsity": 0.5, "granularity": "row"})
-
-
-def test_cli_defaults_mirror_the_pass():
-    from converter.commands import prune as command
-
-    assert command.SCOPES == SCOPES
-    assert command.DEFAULT_SCOPE == DEFAULT_SCOPE
-    assert command.DEFAULT_MIN_PARAMS == DEFAULT_MIN_PARAMS
 
 
 # ----------------------------------------------------------------------- trained models

@@ -24,10 +24,6 @@ from converter.metrics import accuracy, agreement, per_sample_cosine
 from converter.runtime import make_session, run_batches
 from passes.base import PassRunner, fingerprint, make_pass
 from passes.quantize import (
-    CALIB_METHODS,
-    DEFAULT_CALIB_BATCH,
-    FORMATS,
-    QUANT_TYPES,
     CalibrationRanges,
     DynamicQuantize,
     StaticQuantize,
@@ -438,14 +434,6 @@ def test_bad_settings_are_rejected(digits_cnn):
             StaticQuantize(calibration=digits_cnn.calib, **settings)
     with pytest.raises(BadInputError, match="unknown setting"):
         make_pass(DynamicQuantize, {"symmetric": True})
-
-
-def test_cli_defaults_mirror_the_pass():
-    from converter.commands import quantize as command
-
-    assert command.CALIB_METHODS == CALIB_METHODS and command.FORMATS == FORMATS
-    assert command.QUANT_TYPES == QUANT_TYPES
-    assert command.DEFAULT_CALIB_BATCH == DEFAULT_CALIB_BATCH
 
 
 def test_runner_names_the_failed_pass(digits_cnn):

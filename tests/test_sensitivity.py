@@ -16,7 +16,6 @@ from conftest import cli
 from onnx import TensorProto, helper, numpy_helper
 
 from converter import metrics
-from converter.commands import sensitivity as command
 from converter.errors import BadInputError
 from converter.runtime import make_session
 from converter.sensitivity import DEFAULT_BATCH_SIZE, DEFAULT_SAMPLES, sensitivity
@@ -242,10 +241,6 @@ def test_json_is_deterministic_across_processes(digits_mlp, tmp_path, capsys):
     assert f"scored on {digits_mlp.test} ({DEFAULT_SAMPLES} samples)" in out
     assert f"  1  {doc['nodes'][0]['name']}" in out
     assert f"... {len(losses) - 2} more" in out
-
-
-def test_cli_default_mirror():
-    assert command.DEFAULT_SAMPLES == DEFAULT_SAMPLES
 
 
 @pytest.fixture(scope="module")

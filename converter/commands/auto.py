@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from converter import defaults
 from converter.commands import add_command, add_executor_args, add_target_argument
 
 HELP = "search int8/pruning configurations for the fastest model within an accuracy budget"
@@ -36,7 +37,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p = add_command(sub, common, "auto", HELP, EPILOG, run)
     p.add_argument("model", metavar="MODEL.onnx", help="the fp32 model")
     p.add_argument("--data", required=True, help="scoring data (.npz or folder of shards)")
-    p.add_argument("--metric", default="accuracy", choices=("accuracy", "agreement", "cosine"))
+    p.add_argument("--metric", default="accuracy", choices=defaults.SCORES)
     p.add_argument("--min-score", type=float, help="the metric's mean must reach this")
     p.add_argument(
         "--max-drop", type=float, help="at most this much below the fp32 model's score (absolute)"
@@ -53,10 +54,15 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument(
         "--max-excluded",
         type=int,
-        default=8,
+        default=defaults.AUTO_MAX_EXCLUDED,
         help="most nodes kept in fp32 by the sensitivity search (default 8)",
     )
-    p.add_argument("--bench-runs", type=int, default=50, help="timed runs per candidate")
+    p.add_argument(
+        "--bench-runs",
+        type=int,
+        default=defaults.AUTO_BENCH_RUNS,
+        help=f"timed runs per candidate ({defaults.AUTO_BENCH_RUNS})",
+    )
     add_target_argument(p)
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR")
     add_executor_args(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from converter import defaults
 from converter.commands import add_command
 
 HELP = "measure edge-style latency (batch 1, one thread) of one or more models, interleaved"
@@ -102,9 +103,17 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         action="store_false",
         help="turn onnxruntime's graph optimizations off (default: all on)",
     )
-    p.add_argument("--warmup", type=int, default=10, metavar="N", help="untimed runs (10)")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=defaults.DEFAULT_WARMUP,
+        metavar="N",
+        help=f"untimed runs ({defaults.DEFAULT_WARMUP})",
+    )
     how_long = p.add_mutually_exclusive_group()
-    how_long.add_argument("--runs", type=int, metavar="N", help="timed runs per model (100)")
+    how_long.add_argument(
+        "--runs", type=int, metavar="N", help=f"timed runs per model ({defaults.DEFAULT_RUNS})"
+    )
     how_long.add_argument(
         "--seconds", type=_seconds, metavar="T", help="time all models together for T seconds"
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from converter import defaults
 from converter.commands import add_command
 
 HELP = "zero the smallest-magnitude weights of Conv, Gemm and MatMul"
@@ -32,11 +33,9 @@ not make dense CPU inference faster by themselves. Check accuracy with `onnxship
 """
 
 
-# Mirrors of passes.prune's constants (importing it here would load onnx and numpy for
-# every command; tests/test_prune.py checks they agree).
-SCOPES = ("global", "layer")
-DEFAULT_SCOPE = "global"
-DEFAULT_MIN_PARAMS = 1024
+SCOPES = defaults.PRUNE_SCOPES
+DEFAULT_SCOPE = defaults.DEFAULT_PRUNE_SCOPE
+DEFAULT_MIN_PARAMS = defaults.DEFAULT_MIN_PARAMS
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:

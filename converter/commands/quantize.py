@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from converter import defaults
 from converter.commands import add_command, add_target_argument
 
 HELP = "int8 quantization with onnxruntime: dynamic, or static with calibration data"
@@ -44,12 +45,10 @@ come from): tests/benchmarks/bench_quantize.py and the README's Benchmarks secti
 """
 
 
-# Mirrors of passes.quantize's constants (importing it here would load onnx and numpy for
-# every command; tests/test_quantize.py checks they agree).
-CALIB_METHODS = ("minmax", "entropy", "percentile", "distribution")
-FORMATS = ("qdq", "qoperator")
-QUANT_TYPES = ("uint8", "int8")
-DEFAULT_CALIB_BATCH = 16
+CALIB_METHODS = defaults.CALIB_METHODS
+FORMATS = defaults.QUANT_FORMATS
+QUANT_TYPES = defaults.QUANT_TYPES
+DEFAULT_CALIB_BATCH = defaults.DEFAULT_CALIB_BATCH
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:

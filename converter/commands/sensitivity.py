@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from converter import defaults
 from converter.commands import add_command, add_executor_args, add_target_argument
 from converter.commands.quantize import CALIB_METHODS, QUANT_TYPES
 
@@ -32,9 +33,7 @@ dynamic mode (39 nodes: 52-55 s) on one thread of an AMD EPYC (AVX2, no VNNI), o
 1.32.0 (tests/benchmarks/bench_sensitivity.py); --gain adds one quantization per node;
 --samples 32 halves the scoring part.
 """
-# Mirror of converter.sensitivity.DEFAULT_SAMPLES (importing it here would load onnx and numpy
-# for every command; tests/test_sensitivity.py checks they agree).
-DEFAULT_SAMPLES = 64
+DEFAULT_SAMPLES = defaults.DEFAULT_SENSITIVITY_SAMPLES
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:

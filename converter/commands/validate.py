@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from converter import defaults
 from converter.commands import add_command, add_executor_args
 
 HELP = "score a model on data (labels and/or a reference model) and gate it for CI"
@@ -59,7 +60,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         "--metric",
         action="append",
         dest="metrics",
-        choices=("accuracy", "agreement", "cosine", "max-abs", "mean-abs"),
+        choices=defaults.METRICS,
         help="repeatable; the first is the one --min-score reads",
     )
     p.add_argument("--min-score", type=_fraction, metavar="F", help="first metric ≥ F")
@@ -70,10 +71,16 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         "--baseline-tolerance",
         type=_fraction,
         metavar="F",
-        help="how much lower than the baseline a score may be (absolute, default 0.005)",
+        help="how much lower than the baseline a score may be (absolute, default "
+        f"{defaults.DEFAULT_BASELINE_TOLERANCE})",
     )
     p.add_argument("--output", metavar="NAME", help="the model output the gates read")
-    p.add_argument("--batch-size", type=int, metavar="N", help="samples per run (default 64)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        metavar="N",
+        help=f"samples per run (default {defaults.DEFAULT_VALIDATE_BATCH})",
+    )
     p.add_argument(
         "--threads",
         type=int,
