@@ -18,7 +18,6 @@ and a manifest. The calibration data is ``calib`` or, without it, every fourth s
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -40,6 +39,7 @@ from converter.executor import Executor, InProcess
 from converter.gates import failure
 from converter.onnxio import atomic_path, atomic_write_text, load_model, save_model
 from converter.provenance import sha256_data, sha256_file, versions
+from passes.base import quiet_passes
 from passes.pack import dense_model, packed_size
 
 __all__ = ["auto", "AutoResult", "Budget", "Candidate", "METRICS"]
@@ -241,7 +241,7 @@ class _Builder:
             candidate.__dict__.update(numbers, path=path, cached=True)
             return self._judge(candidate)
         try:
-            with _quiet_passes():
+            with quiet_passes():
                 save_model(self._build(candidate.passes), path)
         except OnnxshipError as e:
             candidate.error = e.message
@@ -319,19 +319,6 @@ def _cached(path: Path, record: Path) -> dict[str, float] | None:
         logger.warning("warning: cache entry %s is corrupt (%s); recomputing it", record, e)
         return None
     return numbers
-
-
-@contextlib.contextmanager
-def _quiet_passes() -> Iterator[None]:
-    """The passes' own info and warning lines (one per candidate) would drown the search's;
-    what they say is in each candidate's stats."""
-    log = logging.getLogger("passes")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        log.setLevel(level)
 
 
 def _passes_of(config: dict[str, Any], excluded: list[str]) -> list[dict[str, Any]]:

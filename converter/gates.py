@@ -38,7 +38,9 @@ def json_number(x) -> float | int | None:
 
 
 def fmt(x: float | None) -> str:
-    if x is None:
+    """A score for people: 5 decimals, small values in scientific notation, "n/a" when
+    missing or not a number."""
+    if x is None or not math.isfinite(x):
         return "n/a"
     return f"{x:.5f}" if abs(x) >= 1e-3 or x == 0 else f"{x:.3e}"
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
 from converter.errors import BadInputError, first_line
 
-__all__ = ["make_session", "cached_session", "run_batches", "run_session"]
+__all__ = ["make_session", "cached_session", "run_session"]
 
 
 def make_session(
@@ -68,16 +68,6 @@ def cached_session(key: str, model: bytes, threads: int = 1):
     """A session for ``model`` (serialized bytes whose digest is ``key``), reused while it
     is among the last four this process used."""
     return _SESSIONS.get(key, model, threads)
-
-
-def run_batches(session, feeds: Iterable[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Run every feed and concatenate each output along the first (sample) axis."""
-    names = [o.name for o in session.get_outputs()]
-    parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    for feed in feeds:
-        for name, value in zip(names, session.run(names, dict(feed))):
-            parts[name].append(value)
-    return {n: np.concatenate(v) if v else np.empty(0) for n, v in parts.items()}
 
 
 def run_session(

@@ -33,7 +33,6 @@ Node names are those of the pre-processed model: the names ``nodes_to_exclude`` 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -41,7 +40,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,10 +52,12 @@ from converter import __version__, defaults
 from converter.data import model_input_specs, open_data
 from converter.errors import BadInputError
 from converter.executor import Executor, InProcess
+from converter.gates import fmt as _fmt
+from converter.gates import json_number as _num
 from converter.metrics import per_sample_cosine
 from converter.onnxio import load_model
 from converter.runtime import make_session, run_session
-from passes.base import make_pass
+from passes.base import make_pass, quiet_passes
 from passes.pack import dense_model
 from passes.quantize import (
     CalibrationRanges,
@@ -538,19 +539,6 @@ def _pass_through_ops(mode: str) -> frozenset[str]:
     return frozenset(op for op, cls in registry.items() if issubclass(cls, kinds))
 
 
-@contextlib.contextmanager
-def _passes_quiet() -> Iterator[None]:
-    """Silence the passes' per-call info lines (and repeated warnings) for the variants; the
-    full quantization before them has logged normally."""
-    log = logging.getLogger("passes")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        log.setLevel(level)
-
-
 @dataclass(frozen=True)
 class _NodeJob:
     """What scoring every node shares (put into Ray's object store once)."""
@@ -593,7 +581,7 @@ def _score_nodes(
 def _score_node(job: _NodeJob, name: str) -> tuple[Fidelity | None, float | None]:
     """(The fidelity with only ``name`` quantized, or None when it cannot be quantized
     alone; with gain, the loss with all but ``name`` quantized.)"""
-    with _passes_quiet():
+    with quiet_passes():
         variant = job.variants.alone(name)
         if variant is None:
             return None, None
@@ -605,17 +593,6 @@ def _score_node(job: _NodeJob, name: str) -> tuple[Fidelity | None, float | None
 
 
 # ---------------------------------------------------------------- rendering
-
-
-def _num(x: float | None) -> float | None:
-    """A JSON-safe number: NaN and infinities become null."""
-    return None if x is None or not math.isfinite(x) else x
-
-
-def _fmt(x: float | None) -> str:
-    if x is None or not math.isfinite(x):
-        return "n/a"
-    return f"{x:.5f}" if abs(x) >= 1e-3 or x == 0 else f"{x:.3e}"
 
 
 def _describe_quantization(r: SensitivityReport) -> str:

@@ -9,11 +9,12 @@ every byte under --debug).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +22,15 @@ import onnx
 
 from converter.errors import BadInputError, OnnxshipError, PassError, first_line
 
-__all__ = ["Pass", "PassResult", "PassRunner", "make_pass", "fingerprint", "apply_to_file"]
+__all__ = [
+    "Pass",
+    "PassResult",
+    "PassRunner",
+    "make_pass",
+    "fingerprint",
+    "apply_to_file",
+    "quiet_passes",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +100,20 @@ class Pass:
         """The settings this pass was made with (for manifests and cache keys)."""
         params = inspect.signature(type(self).__init__).parameters
         return {k: getattr(self, k) for k in params if k != "self" and hasattr(self, k)}
+
+
+@contextlib.contextmanager
+def quiet_passes() -> Iterator[None]:
+    """Only errors from the passes' loggers for the duration: a search that runs a pass many
+    times (sensitivity's variants, auto's candidates) keeps its own lines readable; what
+    each call would have said is in its stats."""
+    log = logging.getLogger("passes")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def make_pass(kind: type[Pass], settings: Mapping[str, Any]) -> Pass:

@@ -100,3 +100,16 @@ def _restore_logging():
     for name, (handlers, propagate) in saved.items():
         logging.getLogger(name).handlers[:] = handlers
         logging.getLogger(name).propagate = propagate
+
+
+def run_batches(session, feeds) -> dict:
+    """Run every feed through an onnxruntime session; each output concatenated over the
+    sample axis."""
+    import numpy as np
+
+    names = [o.name for o in session.get_outputs()]
+    parts: dict[str, list] = {n: [] for n in names}
+    for feed in feeds:
+        for name, value in zip(names, session.run(names, dict(feed))):
+            parts[name].append(value)
+    return {n: np.concatenate(v) if v else np.empty(0) for n, v in parts.items()}

@@ -8,14 +8,14 @@ import json
 import numpy as np
 import onnx
 import pytest
-from conftest import one_line_error
+from conftest import one_line_error, run_batches
 from onnx import TensorProto, helper, numpy_helper
 
 from converter.cli import main
 from converter.data import model_input_specs, open_data
 from converter.errors import BadInputError, PassError
 from converter.metrics import accuracy, per_sample_cosine
-from converter.runtime import make_session, run_batches
+from converter.runtime import make_session
 from passes import fp16 as fp16_module
 from passes.base import fingerprint
 from passes.fp16 import FP32_OPS, Float16, default_block_list

@@ -14,14 +14,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import one_line_error
+from conftest import one_line_error, run_batches
 from onnx import TensorProto, helper, numpy_helper
 
 from converter.cli import main
 from converter.data import model_input_specs, open_data
 from converter.errors import BadInputError, DataError
 from converter.metrics import accuracy, agreement, per_sample_cosine
-from converter.runtime import make_session, run_batches
+from converter.runtime import make_session
 from passes.base import PassRunner, fingerprint, make_pass
 from passes.quantize import (
     CalibrationRanges,
