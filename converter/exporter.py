@@ -454,28 +454,24 @@ def _export_dynamo(model, feeds, specs, names, opset, path: Path) -> list[str]:
     dynamic = tuple(
         {axis: dim_objs[d] for axis, d in _symbolic_axes(spec).items()} or None for spec in specs
     )
-    with _quiet_exporter():
-        torch.onnx.export(
-            model,
-            _torch_feeds(feeds),
-            str(path),
-            input_names=[s.name for s in specs],
-            output_names=names,
-            opset_version=opset,
-            dynamo=True,
-            dynamic_shapes=dynamic,
-            external_data=True,
-            verbose=False,
-        )
+    options = {"dynamic_shapes": dynamic, "external_data": True, "verbose": False}
+    _torch_export(model, feeds, specs, names, opset, path, dynamo=True, **options)
     return []
 
 
 def _export_torchscript(model, feeds, specs, names, opset, path: Path) -> list[str]:
     """Export by tracing; returns the tracer's warnings (each with the user's line)."""
+    axes = {spec.name: _symbolic_axes(spec) for spec in specs}
+    options = {"dynamic_axes": {k: v for k, v in axes.items() if v}, "do_constant_folding": True}
+    risks: list[str] = []
+    _torch_export(model, feeds, specs, names, opset, path, risks, dynamo=False, **options)
+    return risks
+
+
+def _torch_export(model, feeds, specs, names, opset, path, risks=None, **options) -> None:
+    """torch.onnx.export with what both exporters share, quietly (see _quiet_exporter)."""
     import torch
 
-    axes = {spec.name: _symbolic_axes(spec) for spec in specs}
-    risks: list[str] = []
     with _quiet_exporter(risks):
         torch.onnx.export(
             model,
@@ -484,11 +480,8 @@ def _export_torchscript(model, feeds, specs, names, opset, path: Path) -> list[s
             input_names=[s.name for s in specs],
             output_names=names,
             opset_version=opset,
-            dynamo=False,
-            dynamic_axes={k: v for k, v in axes.items() if v},
-            do_constant_folding=True,
+            **options,
         )
-    return risks
 
 
 _EXPORTERS = {"dynamo": _export_dynamo, "torchscript": _export_torchscript}

@@ -26,10 +26,8 @@ namedtuple's fields (else output, output_0, ...); --output-name (repeatable) ove
 """
 
 
-def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    from converter.defaults import DEFAULT_OPSET, EXPORT_ATOL, EXPORT_RTOL, EXPORTERS
-
-    p = add_command(sub, common, "export", HELP, EPILOG, run)
+def add_module_args(p: argparse.ArgumentParser) -> None:
+    """SPEC, -o and --input: how `export` and `shrink` are told which module to load."""
     p.add_argument("spec", metavar="SPEC", help="path/to/file.py:callable returning an nn.Module")
     p.add_argument("-o", "--output", required=True, help="the .onnx file to write")
     p.add_argument(
@@ -40,6 +38,13 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         help="one per forward() argument, in order; DTYPE one of float32 float16 int64 int32 "
         "bool (default float32)",
     )
+
+
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    from converter.defaults import DEFAULT_OPSET, EXPORT_ATOL, EXPORT_RTOL, EXPORTERS
+
+    p = add_command(sub, common, "export", HELP, EPILOG, run)
+    add_module_args(p)
     p.add_argument(
         "--dim",
         action="append",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from converter.commands import add_command
+from converter.commands.export import add_module_args
 
 HELP = "structured pruning + distillation recovery: a smaller and faster model, exported"
 EPILOG = """\
@@ -31,15 +32,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     from converter.defaults import DEFAULT_OPSET, EXPORTERS
 
     p = add_command(sub, common, "shrink", HELP, EPILOG, run)
-    p.add_argument("spec", metavar="SPEC", help="path/to/file.py:callable returning an nn.Module")
-    p.add_argument("-o", "--output", required=True, help="the .onnx file to write")
-    p.add_argument(
-        "--input",
-        action="append",
-        required=True,
-        metavar="NAME:DIMS:DTYPE",
-        help="one per forward() argument, in order (as for export)",
-    )
+    add_module_args(p)
     p.add_argument("--weights", help="state_dict checkpoint (.pt/.pth, or .safetensors)")
     p.add_argument(
         "--data",
