@@ -3,7 +3,6 @@ fidelity vs speedup, and the chosen model's hash."""
 
 from __future__ import annotations
 
-import base64
 import html
 import json
 import logging
@@ -11,8 +10,17 @@ from pathlib import Path
 from typing import Any
 
 from converter import __version__
-from converter.onnxio import atomic_path, atomic_write_text
+from converter.onnxio import atomic_write_text
 from converter.provenance import machine, versions
+from converter.render import (
+    cell,
+    embedded_png,
+    figure,
+    html_page,
+    html_table,
+    markdown_table,
+    save_figure,
+)
 from converter.report import artifact_entry
 from converter.targets import host_target, resolve_target, target_summary
 
@@ -24,13 +32,13 @@ _HEADER = [
     "candidate",
     "passes",
     "score",
-    "cosine mean",
-    "cosine worst",
+    "cosine to fp32, mean",
+    "cosine to fp32, worst",
     "meets budget",
-    "p50 ms",
-    "p90 ms",
-    "speedup",
-    "size MB",
+    "p50 (ms)",
+    "p90 (ms)",
+    "speedup (× fp32, p50)",
+    "size (MB, packed)",
 ]
 
 
@@ -47,50 +55,45 @@ def _describe_passes(passes: list[dict[str, Any]]) -> str:
 
 
 def _cells(c: Any) -> list[str]:
-    def num(v: float | None, fmt: str) -> str:
-        return "—" if v is None else format(v, fmt)
-
     return [
         c.name + (" ◀ chosen" if getattr(c, "chosen", False) else ""),
         _describe_passes(c.passes) if not c.error else f"failed: {c.error}",
-        num(c.score, ".4f"),
-        num(c.cosine, ".5f"),
-        num(c.worst, ".5f"),
+        cell(c.score, ".4f"),
+        cell(c.cosine, ".5f"),
+        cell(c.worst, ".5f"),
         "yes" if c.meets else "no",
-        num(c.p50_ms, ".3f"),
-        num(c.p90_ms, ".3f"),
-        "—" if c.speedup is None else f"{c.speedup:.2f}x",
-        "—" if c.size is None else f"{c.size / 1e6:.3f}",
+        cell(c.p50_ms, ".3f"),
+        cell(c.p90_ms, ".3f"),
+        cell(c.speedup, ".2f", "x"),
+        cell(None if c.size is None else c.size / 1e6, ".3f"),
     ]
 
 
+_MARKERS = "osD^vP*Xph<>"
+
+
 def _pareto_plot(result: Any) -> Path | None:
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        logger.warning(
-            "warning: matplotlib is not installed: no Pareto plot (pip install 'onnxship[plot]')"
-        )
+    """Score vs speedup, one marker per candidate named in a legend beside the axes (names
+    written next to close points would overlap); the chosen one ringed."""
+    fig = figure((8.5, 4.5), "Pareto plot")
+    if fig is None:
         return None
-    fig = Figure(figsize=(7, 4.5), layout="constrained")
     ax = fig.subplots()
     shown = [c for c in result.candidates if c.speedup is not None and c.score is not None]
-    for c in shown:
+    for i, c in enumerate(shown):
         color = "C2" if c is result.best else ("C0" if c.meets else "C3")
-        ax.scatter(c.speedup, c.score, color=color)
-        ax.annotate(
-            c.name, (c.speedup, c.score), fontsize=7, xytext=(3, 3), textcoords="offset points"
-        )
-    ax.axhline(result.threshold, color="grey", linestyle="--", label="budget")
-    ax.axvline(1.0, color="grey", linestyle=":", label="fp32 speed")
-    ax.set_xlabel("speedup vs fp32 (p50, batch 1)")
-    ax.set_ylabel(result.budget.metric)
-    ax.set_title("candidates: fidelity vs speedup (green = chosen, red = misses budget)")
-    ax.legend(fontsize="small")
-    path = result.outdir / "pareto.png"
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    return path
+        marker = _MARKERS[i % len(_MARKERS)]
+        ax.scatter(c.speedup, c.score, color=color, marker=marker, s=50, label=c.name)
+        if c is result.best:
+            ax.scatter(c.speedup, c.score, s=220, facecolors="none", edgecolors="C2")
+    ax.axhline(result.threshold, color="grey", linestyle="--")
+    ax.axvline(1.0, color="grey", linestyle=":")
+    ax.set_xlabel("speedup vs fp32 (p50, batch 1) — right is faster; dotted: fp32 speed")
+    ax.set_ylabel(f"{result.budget.metric} — dashed: budget")
+    ax.set_title("candidates (green = chosen, blue = meets the budget, red = misses)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=7, frameon=False)
+    return save_figure(fig, result.outdir / "pareto.png")
 
 
 def _summary_line(result: Any) -> str:
@@ -129,10 +132,8 @@ def _markdown(result: Any, mach: dict, plot: Path | None) -> str:
         "interleaved with fp32 in one process.",
         _target_line(result),
         "",
-        "| " + " | ".join(_HEADER) + " |",
-        "|" + "---|" * len(_HEADER),
+        *markdown_table(_HEADER, [_cells(c) for c in result.candidates]),
     ]
-    lines += ["| " + " | ".join(_cells(c)) + " |" for c in result.candidates]
     lines += [""] + [f"Note: {n}" for n in result.notes]
     if plot is not None:
         lines += ["", f"![pareto]({plot.name})"]
@@ -141,30 +142,18 @@ def _markdown(result: Any, mach: dict, plot: Path | None) -> str:
 
 def _html(result: Any, mach: dict, plot: Path | None) -> str:
     esc = html.escape
-    head = "".join(f"<th>{esc(h)}</th>" for h in _HEADER)
-    rows = "".join(
-        "<tr>" + "".join(f"<td>{esc(x)}</td>" for x in _cells(c)) + "</tr>"
-        for c in result.candidates
-    )
-    img = (
-        ""
-        if plot is None
-        else (
-            f'<img alt="pareto" src="data:image/png;base64,'
-            f'{base64.b64encode(plot.read_bytes()).decode()}">'
-        )
-    )
     summary = esc(_summary_line(result)).replace("**", "")
-    return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>onnxship auto</title>
-<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:.3em .6em}}</style></head><body>
-<h1>onnxship auto</h1><p>{summary}</p><p>Data: {esc(result.split)}.</p>
-<p>Machine: {esc(str(mach["cpu"]))}, VNNI: {"yes" if mach["vnni"] else "no"}.
+    verdict = "ship" if result.best is not None else "noship"
+    highlight = next((i for i, c in enumerate(result.candidates) if c is result.best), None)
+    notes = "".join(f'<p class="meta">Note: {esc(n)}</p>' for n in result.notes)
+    body = f"""<div class="{verdict}">{summary}</div>
+<p class="meta">Data: {esc(result.split)}.</p>
+<p class="meta">Machine: {esc(str(mach["cpu"]))}, VNNI: {"yes" if mach["vnni"] else "no"}.
 {esc(_target_line(result))}</p>
-<table><tr>{head}</tr>{rows}</table>{img}
-<p>All numbers and hashes: <code>manifest.json</code>.</p></body></html>
-"""
+{html_table(_HEADER, [_cells(c) for c in result.candidates], highlight)}{notes}
+{"" if plot is None else embedded_png(plot, "candidates: score vs speedup")}
+<p class="meta">All numbers and hashes: <code>manifest.json</code>.</p>"""
+    return html_page("onnxship auto", body)
 
 
 def write_auto_outputs(result: Any, source_model: Any) -> None:

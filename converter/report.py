@@ -3,15 +3,23 @@ metric and timing) and its report: report.md and report.html with plots."""
 
 from __future__ import annotations
 
-import base64
 import html
 import logging
 from pathlib import Path
 from typing import Any
 
 from converter import __version__
-from converter.onnxio import atomic_path, atomic_write_text
+from converter.onnxio import atomic_write_text
 from converter.provenance import machine, sha256_file, versions
+from converter.render import (
+    cell,
+    embedded_png,
+    figure,
+    html_page,
+    html_table,
+    markdown_table,
+    save_figure,
+)
 
 __all__ = [
     "build_manifest",
@@ -232,20 +240,17 @@ _HEADER = [
 
 
 def _cells(row: dict[str, Any]) -> list[str]:
-    def num(v: float | None, fmt: str) -> str:
-        return "—" if v is None else format(v, fmt)
-
     return [
         row["name"],
-        num(row["size_mb"], ".3f"),
-        num(row["size_ratio"], ".2f"),
-        num(row["accuracy"], ".4f"),
-        num(row["agreement"], ".4f"),
-        num(row["cosine"], ".5f"),
-        num(row["cosine_worst"], ".5f"),
-        num(row["p50_ms"], ".3f"),
-        num(row["p90_ms"], ".3f"),
-        "—" if row["speedup"] is None else f"{row['speedup']:.2f}x",
+        cell(row["size_mb"], ".3f"),
+        cell(row["size_ratio"], ".2f"),
+        cell(row["accuracy"], ".4f"),
+        cell(row["agreement"], ".4f"),
+        cell(row["cosine"], ".5f"),
+        cell(row["cosine_worst"], ".5f"),
+        cell(row["p50_ms"], ".3f"),
+        cell(row["p90_ms"], ".3f"),
+        cell(row["speedup"], ".2f", "x"),
         row["gates"],
     ]
 
@@ -254,27 +259,22 @@ def _cells(row: dict[str, Any]) -> list[str]:
 
 
 def _plots(result: Any, rows: list[dict[str, Any]]) -> dict[str, Path]:
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        logger.warning(
-            "warning: matplotlib is not installed: the report has no plots "
-            "(pip install 'onnxship[plot]')"
-        )
+    fig = figure((6, 3.5), "report plots")
+    if fig is None:
         return {}
     plots = {}
     out = result.outdir
     metric = "accuracy" if rows[0]["accuracy"] is not None else "cosine"
     if rows[0]["p50_ms"] is not None and any(r[metric] is not None for r in rows):
-        fig = score_vs_latency(rows, metric)
-        plots["accuracy_vs_latency"] = _save(fig, out / "accuracy_vs_latency.png")
-    fig = Figure(figsize=(6, 3.5), layout="constrained")
+        plots["accuracy_vs_latency"] = save_figure(
+            score_vs_latency(rows, metric), out / "accuracy_vs_latency.png"
+        )
     ax = fig.subplots()
     ax.bar([r["name"] for r in rows], [r["size_mb"] for r in rows])
     ax.set_ylabel("size (MB)")
     ax.set_title("model size per variant")
     ax.tick_params(axis="x", labelrotation=30)
-    plots["size"] = _save(fig, out / "size.png")
+    plots["size"] = save_figure(fig, out / "size.png")
     if result.bench is not None:
         from converter.benchmark import plot_latencies
 
@@ -288,9 +288,7 @@ _MARKERS = "osD^vP*Xph<>"
 def score_vs_latency(rows: list[dict[str, Any]], metric: str) -> Any:
     """One point per model, each with its own marker and colour, named in a legend beside
     the axes (labels written next to close points would overlap)."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7.5, 4), layout="constrained")
+    fig = figure((7.5, 4), "score plot")
     ax = fig.subplots()
     for i, r in enumerate(row for row in rows if row[metric] is not None):
         ax.scatter(
@@ -302,12 +300,6 @@ def score_vs_latency(rows: list[dict[str, Any]], metric: str) -> Any:
     ax.grid(alpha=0.3)
     ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False)
     return fig
-
-
-def _save(fig: Any, path: Path) -> Path:
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    return path
 
 
 # ---------------------------------------------------------------- documents
@@ -332,14 +324,12 @@ def _markdown(result: Any, manifest: dict, rows: list, plots: dict[str, Path]) -
         _target_line(manifest),
         _bench_line(result),
         "",
-        "| " + " | ".join(_HEADER) + " |",
-        "|" + "---|" * len(_HEADER),
     ]
-    for r in rows:
-        cells = _cells(r)
-        if best is not None and r is best:
-            cells[0] = f"**{cells[0]}** (recommended)"
-        lines.append("| " + " | ".join(cells) + " |")
+    cells = [_cells(r) for r in rows]
+    for row, r in zip(cells, rows):
+        if r is best:
+            row[0] = f"**{row[0]}** (recommended)"
+    lines += markdown_table(_HEADER, cells)
     lines += ["", manifest["scoring"], ""]
     if _pass_lines(result):
         lines += ["## Passes", "", "| model | pass | stats |", "|---|---|---|"]
@@ -373,33 +363,6 @@ def _bench_line(result: Any) -> str:
     )
 
 
-_CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:80em;color:#222}
-table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.3em .6em}
-th{background:#f3f3f3;font-weight:600}td{text-align:right}td:first-child{text-align:left}
-tr.recommended td{background:#e6f4ea;font-weight:600}.ship{border-left:6px solid #2e7d32;
-background:#e6f4ea;padding:.6em 1em;margin:1em 0}.noship{border-left:6px solid #c62828;
-background:#fdecea;padding:.6em 1em;margin:1em 0}.fail{color:#c62828;font-weight:600}
-.passes{display:flex;flex-wrap:wrap;gap:1em;align-items:flex-start}
-.pass{border:1px solid #ddd;padding:.5em;max-width:36em}
-.pass h3{margin:.2em 0;font-size:1em}.pass td{text-align:left;font-size:.9em}
-.meta{color:#555;font-size:.95em}img{max-width:100%}"""
-
-
-def _html_table(rows: list[dict[str, Any]], best: dict[str, Any] | None) -> str:
-    esc = html.escape
-    head = "".join(f"<th>{esc(h)}</th>" for h in _HEADER)
-    body = []
-    for r in rows:
-        cells = _cells(r)
-        css = ' class="recommended"' if best is not None and r is best else ""
-        tds = "".join(
-            f'<td class="fail">{esc(c)}</td>' if c == "FAIL" else f"<td>{esc(c)}</td>"
-            for c in cells
-        )
-        body.append(f"<tr{css}>{tds}</tr>")
-    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
-
-
 def _html_passes(result: Any) -> str:
     esc = html.escape
     boxes = []
@@ -423,33 +386,24 @@ def _html(rows: list, result: Any, manifest: dict, plots: dict[str, Path]) -> st
         if best
         else f'<div class="noship">No recommendation: {esc(why)}.</div>'
     )
-    images = "".join(
-        f'<h3>{esc(k.replace("_", " "))}</h3><img alt="{esc(k)}" src="data:image/png;base64,'
-        f'{base64.b64encode(p.read_bytes()).decode()}">'
-        for k, p in plots.items()
-    )
+    images = "".join(embedded_png(p, k.replace("_", " ")) for k, p in plots.items())
     failed = result.failed_gates()
     gates = "All gates hold." if not failed else "Failed: " + "; ".join(failed)
     mach = manifest["machine"]
-    title = esc(f"onnxship report: {result.recipe.name}")
     machine_line = (
         f"Machine: {mach['cpu']}, {mach['cores']} cores, VNNI: {'yes' if mach['vnni'] else 'no'}."
         f" {_target_line(manifest)} {_bench_line(result)}"
     )
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
-<style>{_CSS}</style></head><body>
-<h1>{title}</h1>
-{verdict}
+    highlight = next((i for i, r in enumerate(rows) if r is best), None)
+    body = f"""{verdict}
 <p class="meta">{esc(machine_line)}</p>
-{_html_table(rows, best)}
+{html_table(_HEADER, [_cells(r) for r in rows], highlight)}
 <p class="meta">{esc(manifest["scoring"])}</p>
 <h2>Gates</h2><p{' class="fail"' if failed else ""}>{esc(gates)}</p>
 <h2>Passes</h2>{_html_passes(result)}
 <h2>Plots</h2>{images}
-<p class="meta">Hashes, the resolved recipe and all numbers: <code>manifest.json</code>.</p>
-</body></html>
-"""
+<p class="meta">Hashes, the resolved recipe and all numbers: <code>manifest.json</code>.</p>"""
+    return html_page(f"onnxship report: {result.recipe.name}", body)
 
 
 def write_reports(result: Any, manifest: dict) -> tuple[Path, Path]:
