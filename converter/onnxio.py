@@ -97,15 +97,17 @@ def save_model(
 ) -> Path:
     """Write ``model`` to ``out``: one self-contained file, atomically, below 2 GB; above,
     the tensors go to external data ``data_name`` (default ``<out name>.data``) next to it
-    (this moves the tensors of ``model`` out of the proto)."""
+    (from a copy: ``model`` itself is never changed)."""
     out = Path(out)
     if model.ByteSize() < TWO_GB:
         with atomic_path(out) as tmp:
             tmp.write_bytes(model.SerializeToString(deterministic=True))
         return out
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)  # onnx moves the tensors out of the proto it saves
     with atomic_path(out) as tmp:
         onnx.save_model(
-            model,
+            copy,
             str(tmp),
             save_as_external_data=True,
             all_tensors_to_one_file=True,

@@ -238,14 +238,6 @@ class Prepared:
     note: str
 
 
-def _save(model: onnx.ModelProto, path: Path) -> Path:
-    if model.ByteSize() < 2**31 - 1:
-        path.write_bytes(model.SerializeToString(deterministic=True))
-    else:
-        onnx.save_model(model, str(path), save_as_external_data=True, location=path.name + ".data")
-    return path
-
-
 @contextlib.contextmanager
 def _working_dir(folder: Path) -> Iterator[None]:
     """chdir for the duration: ORT's symbolic shape inference, when it fails, writes
@@ -260,13 +252,16 @@ def _working_dir(folder: Path) -> Iterator[None]:
 
 def preprocess(model: onnx.ModelProto, folder: Path, enabled: bool = True) -> Prepared:
     """Run ``quant_pre_process`` on ``model`` in ``folder``, falling back step by step."""
-    source = _save(model, folder / "input.onnx")
+    from converter.onnxio import save_model
+
+    source = save_model(model, folder / "input.onnx")
     if not enabled:
         return Prepared(source, model, "off (--no-preprocess)")
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    attempts = [
-        ("symbolic shape inference + optimization", {}),
+    attempts = [  # auto_merge: dims that symbolic inference cannot prove equal (a dynamo
+        # export's Min(512, seq) vs seq) are merged instead of failing the whole pre-process
+        ("symbolic shape inference + optimization", {"auto_merge": True}),
         ("ONNX shape inference + optimization", {"skip_symbolic_shape": True}),
     ]
     failures = []
