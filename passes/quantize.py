@@ -56,7 +56,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from converter.errors import BadInputError, DataError, PassError, first_line
+from converter.errors import BadInputError, DataError, OnnxshipError, PassError, first_line
 from passes.base import Pass, PassResult, fingerprint
 
 __all__ = [
@@ -70,12 +70,19 @@ __all__ = [
     "FORMATS",
     "QUANT_TYPES",
     "DEFAULT_CALIB_BATCH",
+    "SCHEMES",
     "preprocess",
 ]
 
 logger = logging.getLogger(__name__)
 
-CALIB_METHODS = ("minmax", "entropy", "percentile", "distribution")
+CALIB_METHODS = ("minmax", "entropy", "percentile", "distribution", "mean_minmax")
+# Which tensors static quantization puts Q/DQ on: "default" = every op ORT's QDQ registry
+# supports (inputs and outputs); "transformer" = only the inputs of MatMul/Gemm, everything
+# else (residual Add, Softmax, LayerNorm, GELU, the mask's Where/Mul, Gather) stays float —
+# NNCF's TRANSFORMER model type; see passes/calibration.py for its mean_minmax ranges.
+SCHEMES = ("default", "transformer")
+_TRANSFORMER_OPS = ("Gemm", "MatMul")
 FORMATS = ("qdq", "qoperator")
 QUANT_TYPES = ("uint8", "int8")
 DEFAULT_CALIB_BATCH = 16
@@ -658,6 +665,7 @@ class CalibrationRanges:
     samples: int
     prepared: bytes | None = field(default=None, repr=False, compare=False)
     prepared_note: str = ""
+    scheme: str = "default"
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the ranges as JSON (ORT's calibration cache format plus our metadata)."""
@@ -672,6 +680,7 @@ class CalibrationRanges:
             "model": self.model,
             "preprocess": self.preprocess,
             "samples": self.samples,
+            "scheme": self.scheme,
         }
         return atomic_write_text(path, json.dumps(payload, cls=CalibrationCacheEncoder))
 
@@ -683,7 +692,14 @@ class CalibrationRanges:
             payload = json.loads(Path(path).read_text(encoding="utf-8"))
             meta = payload["onnxship"]
             tensors = TensorsData.from_dict(payload)
-            return cls(tensors, meta["method"], meta["model"], meta["preprocess"], meta["samples"])
+            return cls(
+                tensors,
+                meta["method"],
+                meta["model"],
+                meta["preprocess"],
+                meta["samples"],
+                scheme=meta.get("scheme", "default"),
+            )
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise BadInputError(
                 f"cannot read calibration ranges {path} ({first_line(e)})",
@@ -716,6 +732,7 @@ def _method_enum(method: str):
         "entropy": CalibrationMethod.Entropy,
         "percentile": CalibrationMethod.Percentile,
         "distribution": CalibrationMethod.Distribution,
+        "mean_minmax": CalibrationMethod.MinMax,  # ranges come from passes.calibration
     }[method]
 
 
@@ -748,7 +765,7 @@ class StaticQuantize(_Int8Pass):
         self,
         calibration: str | os.PathLike | None = None,
         ranges: CalibrationRanges | str | os.PathLike | None = None,
-        calib_method: str = "minmax",
+        calib_method: str | None = None,
         calib_samples: int | None = None,
         calib_batch_size: int = DEFAULT_CALIB_BATCH,
         format: str = "qdq",
@@ -762,6 +779,7 @@ class StaticQuantize(_Int8Pass):
         preprocess: bool = True,
         progress: bool = True,
         target: str = "host",
+        scheme: str = "default",
     ) -> None:
         self._init_common(
             per_channel,
@@ -775,6 +793,9 @@ class StaticQuantize(_Int8Pass):
         )
         self.calibration = calibration
         self.ranges = ranges
+        self.scheme = _check_choice(scheme, SCHEMES, "quantization scheme")
+        if calib_method is None:  # each scheme's measured best (README, "Transformer int8")
+            calib_method = "mean_minmax" if self.scheme == "transformer" else "minmax"
         self.calib_method = _check_choice(calib_method, CALIB_METHODS, "calibration method")
         self.calib_samples = calib_samples
         self.calib_batch_size = calib_batch_size
@@ -815,10 +836,11 @@ class StaticQuantize(_Int8Pass):
             if (
                 self._ranges.model != fingerprint(model)
                 or self._ranges.preprocess != self.preprocess
+                or self._ranges.scheme != self.scheme
             ):
                 raise BadInputError(
                     "the calibration ranges were measured on another model (or with other "
-                    "pre-processing settings)",
+                    "pre-processing settings or scheme)",
                     "calibrate this model: StaticQuantize(calibration=DATA).calibrate(model)",
                 )
             return
@@ -851,6 +873,7 @@ class StaticQuantize(_Int8Pass):
                 samples,
                 prepared=prepared.model.SerializeToString(deterministic=True),
                 prepared_note=prepared.note,
+                scheme=self.scheme,
             )
 
     def prepare(self, model: onnx.ModelProto, folder: Path) -> Prepared:
@@ -865,16 +888,32 @@ class StaticQuantize(_Int8Pass):
         from onnxruntime.quantization import create_calibrator
         from tqdm import tqdm
 
+        from passes.calibration import install_mask_safe_collector, mean_minmax, tensors_of
+
         data, specs = self._open_data(prepared.model)
         batch = data.batch_size_for(specs, self.calib_batch_size)
         total = min(self.calib_samples or data.num_samples, data.num_samples)
+        ops = self._calibrated_ops()
+        if self.calib_method == "mean_minmax":
+            feeds = data.batches(specs, batch, limit=total, check_finite=True)
+            names = tensors_of(prepared.model, ops, outputs=self.scheme != "transformer")
+            try:
+                return mean_minmax(prepared.model, names, feeds)
+            except OnnxshipError:
+                raise
+            except Exception as e:  # onnxruntime raises InvalidArgument, Fail...
+                raise DataError(
+                    f"running the calibration data through the model failed: {first_line(e)}",
+                    "check that the data is what the model takes (value ranges, lengths)",
+                ) from e
         with _ort_quiet():
             calibrator = create_calibrator(
                 prepared.path,
-                sorted(_candidate_ops("qdq") | _candidate_ops("qoperator")),
+                ops,
                 augmented_model_path=str(folder / "augmented.onnx"),
                 calibrate_method=_method_enum(self.calib_method),
             )
+        install_mask_safe_collector(calibrator)
         done = 0
         bar = tqdm(
             total=total,
@@ -894,6 +933,11 @@ class StaticQuantize(_Int8Pass):
             "calibrated %d tensors on %d samples (%s)", len(tensors.data), done, self.calib_method
         )
         return tensors, done
+
+    def _calibrated_ops(self) -> list[str]:
+        if self.scheme == "transformer":
+            return list(_TRANSFORMER_OPS)
+        return sorted(_candidate_ops("qdq") | _candidate_ops("qoperator"))
 
     def _collect_batch(self, calibrator, feed: Mapping[str, np.ndarray], offset: int) -> None:
         try:
@@ -916,6 +960,11 @@ class StaticQuantize(_Int8Pass):
             tensors, samples = self._collect(prepared, folder)
             ranges = CalibrationRanges(tensors, self.calib_method, "", self.preprocess, samples)
         keep = _negative_activation_ranges(prepared.model, ranges.tensors)
+        extra: dict[str, Any] = {"QDQKeepRemovableActivations": keep}
+        ops = sorted(_candidate_ops(self.format))
+        if self.scheme == "transformer":  # Q/DQ on MatMul/Gemm inputs only
+            ops = list(_TRANSFORMER_OPS)
+            extra["OpTypesToExcludeOutputQuantization"] = list(_TRANSFORMER_OPS)
         _run_ort(
             "quantize the model (static)",
             quantize_static,
@@ -925,17 +974,18 @@ class StaticQuantize(_Int8Pass):
             calibration_cache_path=str(ranges.to_ort_cache(folder / "ranges.json")),
             calibrate_method=_method_enum(ranges.method),
             quant_format=QuantFormat.QDQ if self.format == "qdq" else QuantFormat.QOperator,
-            op_types_to_quantize=sorted(_candidate_ops(self.format)),
+            op_types_to_quantize=ops,
             per_channel=self.per_channel,
             reduce_range=self.reduce_range,
             activation_type=_quant_type(self.activation_type),
             weight_type=_quant_type(self.weight_type),
             nodes_to_exclude=sorted(excluded),
-            extra_options={"QDQKeepRemovableActivations": keep},
+            extra_options=extra,
         )
         return {
             "calibration": {
                 "method": ranges.method,
+                "scheme": self.scheme,
                 "samples": ranges.samples,
                 "tensors": len(ranges.tensors.data),
                 "reused": self._ranges is not None,

@@ -20,6 +20,11 @@ dynamic: int8 weights, activations quantized at run time. For MatMul-heavy model
 (embeddings), Attention, LSTM and Conv -- with a warning when Conv dominates: dynamic int8
 convolutions run ~3.5x slower than fp32 here (ResNet-18), use static for CNNs.
 
+--scheme transformer (static, for transformer encoders): Q/DQ only on the inputs of
+MatMul/Gemm; residual Add, Softmax, LayerNorm, GELU and the attention mask stay float;
+ranges = mean over samples of each sample's min/max (--calib-method mean_minmax, NNCF's
+estimator). Measured on all-MiniLM-L6-v2: see the README section "Transformer int8".
+
 static: int8 weights and activations, activation ranges measured on --calib DATA (.npz with
 arrays named after the model inputs, or a folder of .npz shards; streamed one batch at a
 time, so memory does not grow with the sample count; checked for NaN/Inf). For CNNs. QDQ
@@ -46,7 +51,8 @@ tests/benchmarks/bench_quantize.py.
 
 # Mirrors of passes.quantize's constants (importing it here would load onnx and numpy for
 # every command; tests/test_quantize.py checks they agree).
-CALIB_METHODS = ("minmax", "entropy", "percentile", "distribution")
+CALIB_METHODS = ("minmax", "entropy", "percentile", "distribution", "mean_minmax")
+SCHEMES = ("default", "transformer")
 FORMATS = ("qdq", "qoperator")
 QUANT_TYPES = ("uint8", "int8")
 DEFAULT_CALIB_BATCH = 16
@@ -72,6 +78,12 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         help=f"samples per calibration batch (default {DEFAULT_CALIB_BATCH})",
     )
     static.add_argument("--format", choices=FORMATS, help="graph format (default qdq)")
+    static.add_argument(
+        "--scheme",
+        choices=SCHEMES,
+        help="transformer: Q/DQ on MatMul/Gemm inputs only, mean_minmax ranges (default: "
+        "every supported op)",
+    )
     static.add_argument(
         "--activation-type", choices=QUANT_TYPES, help="activation type (default uint8)"
     )
@@ -120,6 +132,7 @@ _STATIC_ONLY = {
     "calib_samples": "--calib-samples",
     "calib_batch_size": "--calib-batch-size",
     "format": "--format",
+    "scheme": "--scheme",
     "activation_type": "--activation-type",
 }
 
