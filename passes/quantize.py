@@ -551,6 +551,28 @@ class _Int8Pass(Pass):
         raise NotImplementedError
 
 
+def _float_for_other_readers(model: onnx.ModelProto, ops: Sequence[str]) -> onnx.ModelProto:
+    """Rewire every reader of an activation's ``QuantizeLinear → DequantizeLinear`` pair that
+    is not one of ``ops`` back to the float tensor. ORT's QDQ quantizer feeds *all* readers
+    of a quantized tensor from its DequantizeLinear, so a transformer's residual ``Add``
+    (which reads the LayerNorm output the next MatMul quantizes) would add an int8-rounded
+    copy; it must read the exact float value. Weight (initializer) pairs are untouched."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    inits = {t.name for t in model.graph.initializer}
+    source = {}
+    for node in model.graph.node:
+        q = producer.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
+        if q is not None and q.op_type == "QuantizeLinear" and q.input[0] not in inits:
+            source[node.output[0]] = q.input[0]
+    for node in model.graph.node:
+        if node.op_type in ops or node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        for i, name in enumerate(node.input):
+            if name in source:
+                node.input[i] = source[name]
+    return model
+
+
 def _mark_target(model: onnx.ModelProto, target: str) -> None:
     """Record the hardware target in the model's metadata (replacing an earlier one)."""
     from converter.targets import METADATA_KEY
@@ -982,6 +1004,8 @@ class StaticQuantize(_Int8Pass):
             nodes_to_exclude=sorted(excluded),
             extra_options=extra,
         )
+        if self.scheme == "transformer":
+            _save(_float_for_other_readers(onnx.load(str(out)), _TRANSFORMER_OPS), out)
         return {
             "calibration": {
                 "method": ranges.method,
