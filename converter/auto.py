@@ -86,6 +86,7 @@ class Candidate:
     speedup: float | None = None
     size: int | None = None
     cached: bool = False
+    unfused_dq: float | None = None  # share of run time in unfused DequantizeLinear (static)
 
     def row(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
@@ -162,6 +163,7 @@ def _configs(model: onnx.ModelProto, target: str) -> list[tuple[str, dict[str, A
         configs += [
             ("dynamic_pc", {"pass": "quantize-dynamic", "per_channel": True}),
             ("dynamic_pt", {"pass": "quantize-dynamic", "per_channel": False}),
+            ("static_transformer", {"pass": "quantize-static", "scheme": "transformer"}),
         ]
     for method in ("minmax", "percentile", "entropy"):
         configs.append(
@@ -251,7 +253,7 @@ class _Builder:
                 settings = {
                     **settings,
                     "progress": False,
-                    "ranges": self._ranges(model, settings.get("calib_method", "minmax")),
+                    "ranges": self._ranges(model, _calib_of(settings), settings.get("scheme")),
                 }
             if entry["pass"] == "prune":  # later passes see the pruned model
                 model, _ = PassRunner([make_recipe_pass("prune", settings)]).run(model)
@@ -259,14 +261,19 @@ class _Builder:
             built.append(make_recipe_pass(entry["pass"], settings))
         return PassRunner(built).run(model)[0]
 
-    def _ranges(self, model: onnx.ModelProto, method: str) -> Any:
+    def _ranges(self, model: onnx.ModelProto, method: str, scheme: str | None = None) -> Any:
         from passes import fingerprint
         from passes.quantize import StaticQuantize
 
-        key = (fingerprint(model), method)
+        scheme = scheme or "default"
+        key = (fingerprint(model), method, scheme)
         if key not in self.ranges:
             self.ranges[key] = StaticQuantize(
-                calibration=self.calib, calib_method=method, progress=False, target=self.target
+                calibration=self.calib,
+                calib_method=method,
+                progress=False,
+                target=self.target,
+                scheme=scheme,
             ).calibrate(model)
         return self.ranges[key]
 
@@ -283,6 +290,12 @@ class _Builder:
 
 
 _CACHED = ("score", "cosine", "worst")
+
+
+def _calib_of(settings: dict[str, Any]) -> str:
+    """The calibration method a static config uses (its scheme's default when unset)."""
+    default = "mean_minmax" if settings.get("scheme") == "transformer" else "minmax"
+    return settings.get("calib_method") or default
 
 
 def _cached(path: Path, record: Path) -> dict[str, float] | None:
@@ -521,6 +534,9 @@ def _bench(result: AutoResult, reference: Path, score: Path, runs: int, threads:
         m = result.bench.get(i, threads)
         c.p50_ms, c.p90_ms, c.speedup = m.latency.p50_ms, m.latency.p90_ms, m.speedup
         c.size = c.path.stat().st_size
+    from converter.profile import note_unfused_dq
+
+    note_unfused_dq(result, built, score, threads)
 
 
 def check_result(result: AutoResult) -> None:

@@ -24,6 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+# Unfused DequantizeLinear time above this share of the run time is worth a report note.
+UNFUSED_NOTE = 0.02
+
 __all__ = ["op_time_shares", "unfused_dq_share", "unfused_dq_nodes", "first_feed"]
 
 
@@ -102,3 +105,22 @@ def unfused_dq_nodes(model: str | os.PathLike | bytes) -> int:
         ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
         optimized = onnx.load(opts.optimized_model_filepath, load_external_data=False)
     return sum(1 for n in optimized.graph.node if n.op_type == "DequantizeLinear")
+
+
+def note_unfused_dq(result, built: list, data: str | os.PathLike, threads: int = 1) -> None:
+    """For ``auto``: profile each built static (QDQ) candidate on one sample of ``data``,
+    store the unfused DequantizeLinear share on it (``candidate.unfused_dq``, in the
+    manifest) and add a report note for those above :data:`UNFUSED_NOTE` of the run time."""
+    feed = None
+    for c in built:
+        if not any(p.get("pass") == "quantize-static" for p in c.passes):
+            continue
+        feed = feed if feed is not None else first_feed(data, c.path)
+        c.unfused_dq = unfused_dq_share(c.path, feed, runs=10, threads=threads)
+    slow = [c for c in built if c.unfused_dq is not None and c.unfused_dq >= UNFUSED_NOTE]
+    if slow:
+        listed = ", ".join(f"{c.name} {100 * c.unfused_dq:.0f} %" for c in slow)
+        result.notes.append(
+            "run time in DequantizeLinear nodes onnxruntime did not fuse (profiled, batch 1): "
+            f"{listed} — these static models pay a float conversion on every inference"
+        )
