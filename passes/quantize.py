@@ -551,6 +551,20 @@ class _Int8Pass(Pass):
         raise NotImplementedError
 
 
+def _transformer_hint(model: onnx.ModelProto) -> list[str]:
+    """A warning when the default scheme quantizes what looks like a transformer (MatMul,
+    Softmax and LayerNormalization): its residual Adds, Softmax and attention mask then get
+    Q/DQ too, which costs fidelity (all-MiniLM-L6-v2: mean cosine 0.83 vs 0.99)."""
+    if not {"MatMul", "Softmax", "LayerNormalization"} <= {n.op_type for n in model.graph.node}:
+        return []
+    message = (
+        "the model looks like a transformer (MatMul, Softmax, LayerNormalization): "
+        "--scheme transformer quantizes only MatMul/Gemm inputs and is far more faithful"
+    )
+    logger.warning("warning: %s", message)
+    return [message]
+
+
 def _float_for_other_readers(model: onnx.ModelProto, ops: Sequence[str]) -> onnx.ModelProto:
     """Rewire every reader of an activation's ``QuantizeLinear → DequantizeLinear`` pair that
     is not one of ``ops`` back to the float tensor. ORT's QDQ quantizer feeds *all* readers
@@ -978,6 +992,7 @@ class StaticQuantize(_Int8Pass):
         from onnxruntime.quantization import QuantFormat, quantize_static
 
         ranges = self._ranges
+        warnings = _transformer_hint(prepared.model) if self.scheme == "default" else []
         if ranges is None:
             tensors, samples = self._collect(prepared, folder)
             ranges = CalibrationRanges(tensors, self.calib_method, "", self.preprocess, samples)
@@ -1007,6 +1022,7 @@ class StaticQuantize(_Int8Pass):
         if self.scheme == "transformer":
             _save(_float_for_other_readers(onnx.load(str(out)), _TRANSFORMER_OPS), out)
         return {
+            "warnings": warnings,
             "calibration": {
                 "method": ranges.method,
                 "scheme": self.scheme,
@@ -1014,7 +1030,7 @@ class StaticQuantize(_Int8Pass):
                 "tensors": len(ranges.tensors.data),
                 "reused": self._ranges is not None,
                 "kept_relu": keep,
-            }
+            },
         }
 
 
