@@ -11,7 +11,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from converter.auto import _configs
+from converter.auto import _configs, _passes_of
 from converter.profile import op_time_shares, unfused_dq_nodes, unfused_dq_share
 from converter.runtime import make_session
 from converter.sensitivity import sensitivity
@@ -304,6 +304,11 @@ def test_auto_tries_the_transformer_scheme(tiny_encoder):
     names = list(configs)
     assert names.index("static_transformer") < names.index("static_u8_pc_minmax")
     assert configs["static_transformer"]["scheme"] == "transformer"
+    smooth = next(name for name in names if name.startswith("smooth"))
+    assert names.index(smooth) < names.index("static_u8_pc_minmax")
+    passes = _passes_of(configs[smooth], ["node_x"])
+    assert [p["pass"] for p in passes] == ["smooth", "quantize-static"]
+    assert passes[1]["nodes_to_exclude"] == ["node_x"] and "smooth" not in passes[1]
 
 
 def test_sensitivity_reports_unfused_dequantize(tiny_encoder):
