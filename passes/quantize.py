@@ -934,7 +934,9 @@ class StaticQuantize(_Int8Pass):
             feeds = data.batches(specs, batch, limit=total, check_finite=True)
             names = tensors_of(prepared.model, ops, outputs=self.scheme != "transformer")
             try:
-                return mean_minmax(prepared.model, names, feeds)
+                tensors, done = mean_minmax(prepared.model, names, feeds)
+                logger.info("calibrated %d tensors on %d samples (mean_minmax)", len(names), done)
+                return tensors, done
             except OnnxshipError:
                 raise
             except Exception as e:  # onnxruntime raises InvalidArgument, Fail...

@@ -66,7 +66,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     static = p.add_argument_group("static mode")
     static.add_argument("--calib", metavar="DATA", help="calibration data: .npz or folder")
     static.add_argument(
-        "--calib-method", choices=CALIB_METHODS, help="how ranges are chosen (default minmax)"
+        "--calib-method",
+        choices=CALIB_METHODS,
+        help="how ranges are chosen (default minmax; mean_minmax with --scheme transformer)",
     )
     static.add_argument(
         "--calib-samples", type=int, metavar="N", help="use the first N samples (default all)"
