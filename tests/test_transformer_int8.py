@@ -325,3 +325,18 @@ def test_sensitivity_reports_unfused_dequantize(tiny_encoder):
     assert 0 <= report.unfused_dq_share < 0.05
     assert "unfused DequantizeLinear: 0 nodes" in report.summary()
     assert report.nodes and all(n.op_type in ("MatMul", "Gemm") for n in report.nodes)
+
+
+def test_cli_scheme(tiny_encoder, tmp_path: Path, capsys):
+    from converter.cli import main
+
+    out = tmp_path / "enc-int8.onnx"
+    args = ["quantize", str(tiny_encoder.onnx), "-o", str(out), "--mode", "static"]
+    calib = ["--calib", str(tiny_encoder.calib), "--target", "avx2", "-q"]
+    assert main([*args, *calib, "--scheme", "transformer"]) == 0
+    assert _readers_of_dequantized(onnx.load(str(out))) <= {"MatMul", "Gemm"}
+    capsys.readouterr()
+    dynamic = ["quantize", str(tiny_encoder.onnx), "-o", str(tmp_path / "d.onnx")]
+    assert main([*dynamic, "--mode", "dynamic", "--scheme", "transformer"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--scheme" in err[0] and not (tmp_path / "d.onnx").exists()
