@@ -972,6 +972,16 @@ class StaticQuantize(_Int8Pass):
         )
         return tensors, done
 
+    def exclusions(self, model: onnx.ModelProto) -> dict[str, str]:
+        """The caller's exclusions, plus (transformer scheme) every node but MatMul/Gemm, so
+        the report says why LayerNorm, Softmax, Add... stayed float."""
+        out = super().exclusions(model)
+        if self.scheme == "transformer":
+            for node in model.graph.node:
+                if node.name and node.name not in out and node.op_type not in _TRANSFORMER_OPS:
+                    out[node.name] = "kept float by the transformer scheme"
+        return out
+
     def _calibrated_ops(self) -> list[str]:
         if self.scheme == "transformer":
             return list(_TRANSFORMER_OPS)

@@ -187,9 +187,10 @@ def _what(stats: dict[str, Any], settings: dict[str, Any]) -> str:
     )
     if stats["mode"] == "dynamic":
         return f"dynamic int8: {weights} weights, uint8 activations at run time"
+    scheme = ", Q/DQ on MatMul/Gemm inputs only" if settings.get("scheme") == "transformer" else ""
     return (
         f"static int8, {stats['format'].upper()}: {settings['activation_type']} activations, "
-        f"{weights} weights"
+        f"{weights} weights{scheme}"
     )
 
 
