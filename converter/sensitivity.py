@@ -617,8 +617,10 @@ def _describe_quantization(r: SensitivityReport) -> str:
     )
     if r.mode == "dynamic":
         return f"dynamic int8: {weights} weights, uint8 activations at run time"
+    scheme = ", MatMul/Gemm inputs only" if s.get("scheme") == "transformer" else ""
     return (
-        f"static int8, {s['format'].upper()}: {s['activation_type']} activations, {weights} weights"
+        f"static int8, {s['format'].upper()}: {s['activation_type']} activations, {weights} "
+        f"weights{scheme}"
     )
 
 

@@ -340,3 +340,13 @@ def test_cli_scheme(tiny_encoder, tmp_path: Path, capsys):
     assert main([*dynamic, "--mode", "dynamic", "--scheme", "transformer"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--scheme" in err[0] and not (tmp_path / "d.onnx").exists()
+
+
+def test_cli_sensitivity_scheme(tiny_encoder, capsys):
+    from converter.cli import main
+
+    args = ["sensitivity", str(tiny_encoder.onnx), "--data", str(tiny_encoder.test)]
+    args += ["--calib", str(tiny_encoder.calib), "--scheme", "transformer", "--samples", "16"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "MatMul/Gemm inputs only" in out and "unfused DequantizeLinear: 0 nodes" in out
