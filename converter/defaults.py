@@ -14,7 +14,8 @@ DEFAULT_PRUNE_SCOPE = "global"  # measured on the trained digits models: beats p
 DEFAULT_MIN_PARAMS = 1024  # smaller tensors (biases of small layers, norms) are left whole
 
 # --- quantize
-CALIB_METHODS = ("minmax", "entropy", "percentile", "distribution")
+CALIB_METHODS = ("minmax", "entropy", "percentile", "distribution", "mean_minmax")
+QUANT_SCHEMES = ("default", "transformer")  # where static Q/DQ goes (see passes/quantize.py)
 QUANT_FORMATS = ("qdq", "qoperator")
 QUANT_TYPES = ("uint8", "int8")
 DEFAULT_CALIB_BATCH = 16

@@ -157,6 +157,10 @@ class SensitivityReport:
     nodes: list[NodeSensitivity]
     not_scored: dict[str, str]
     ranges: CalibrationRanges | None = field(default=None, repr=False, compare=False)
+    # Static: DequantizeLinear nodes onnxruntime could not fuse in the fully quantized model,
+    # and their share of its batch-1 run time (profiled; a timing, so not in the JSON).
+    unfused_dq_nodes: int | None = None
+    unfused_dq_share: float | None = field(default=None, compare=False)
 
     def ranked_nodes(self, by: str = "loss") -> list[str]:
         """Node names, most sensitive first: by ``loss`` (alone quantized) or by ``gain``."""
@@ -184,6 +188,7 @@ class SensitivityReport:
             "all_quantized": self.all_quantized.to_dict(),
             "nodes": [{"rank": i + 1, **n.to_dict()} for i, n in enumerate(self.nodes)],
             "not_scored": self.not_scored,
+            "unfused_dq_nodes": self.unfused_dq_nodes,
         }
 
     def to_json(self) -> str:
@@ -264,6 +269,8 @@ def sensitivity(
         not_scored=not_scored,
         ranges=variants.ranges,
     )
+    if mode == "static":
+        _profile_full(report, variants.full.model, scorer, threads)
     logger.info(
         "sensitivity (%s): %d nodes scored on %d samples in %.1f s; most sensitive %s",
         mode,
@@ -273,6 +280,17 @@ def sensitivity(
         f"{entries[0].name} (loss {entries[0].loss:.3g})" if entries else "none",
     )
     return report
+
+
+def _profile_full(report: SensitivityReport, model: onnx.ModelProto, scorer, threads: int) -> None:
+    """Unfused DequantizeLinear nodes of the fully quantized model, and their run time share
+    on one scoring sample (converter/profile.py)."""
+    from converter.profile import unfused_dq_nodes, unfused_dq_share
+
+    data = model.SerializeToString()
+    feed = {k: v[:1] for k, v in scorer.feeds[0].items()}
+    report.unfused_dq_nodes = unfused_dq_nodes(data)
+    report.unfused_dq_share = unfused_dq_share(data, feed, runs=10, threads=threads)
 
 
 # ---------------------------------------------------------------- options and inputs
@@ -604,8 +622,10 @@ def _describe_quantization(r: SensitivityReport) -> str:
     )
     if r.mode == "dynamic":
         return f"dynamic int8: {weights} weights, uint8 activations at run time"
+    scheme = ", MatMul/Gemm inputs only" if s.get("scheme") == "transformer" else ""
     return (
-        f"static int8, {s['format'].upper()}: {s['activation_type']} activations, {weights} weights"
+        f"static int8, {s['format'].upper()}: {s['activation_type']} activations, {weights} "
+        f"weights{scheme}"
     )
 
 
@@ -624,6 +644,12 @@ def _summary(r: SensitivityReport, top: int | None) -> str:
         f"  fully quantized ({len(r.nodes) + len(r.not_scored)} nodes int8): "
         f"loss {_fmt(a.loss)}, worst cosine {_fmt(a.worst_cosine)} (sample {a.worst_sample})"
     )
+    if r.unfused_dq_share is not None:
+        lines.append(
+            f"  unfused DequantizeLinear: {r.unfused_dq_nodes} nodes, "
+            f"{100 * r.unfused_dq_share:.1f} % of the run time (profiled, batch 1; a fast "
+            "static model has none)"
+        )
     by_reason: dict[str, list[str]] = {}
     for name, reason in r.not_scored.items():
         by_reason.setdefault(reason, []).append(name)

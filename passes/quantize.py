@@ -57,7 +57,8 @@ import numpy as np
 import onnx
 
 from converter import defaults
-from converter.errors import BadInputError, DataError, PassError, first_line
+from converter.errors import BadInputError, DataError, OnnxshipError, PassError, first_line
+from converter.onnxio import save_model
 from passes.base import Pass, PassResult, fingerprint
 
 
@@ -91,12 +92,19 @@ __all__ = [
     "FORMATS",
     "QUANT_TYPES",
     "DEFAULT_CALIB_BATCH",
+    "SCHEMES",
     "preprocess",
 ]
 
 logger = logging.getLogger(__name__)
 
 CALIB_METHODS = defaults.CALIB_METHODS
+# Which tensors static quantization puts Q/DQ on: "default" = every op ORT's QDQ registry
+# supports (inputs and outputs); "transformer" = only the inputs of MatMul/Gemm, everything
+# else (residual Add, Softmax, LayerNorm, GELU, the mask's Where/Mul, Gather) stays float —
+# NNCF's TRANSFORMER model type; see passes/calibration.py for its mean_minmax ranges.
+SCHEMES = defaults.QUANT_SCHEMES
+_TRANSFORMER_OPS = ("Gemm", "MatMul")
 FORMATS = defaults.QUANT_FORMATS
 QUANT_TYPES = defaults.QUANT_TYPES
 DEFAULT_CALIB_BATCH = defaults.DEFAULT_CALIB_BATCH
@@ -252,8 +260,6 @@ def _working_dir(folder: Path) -> Iterator[None]:
 
 def preprocess(model: onnx.ModelProto, folder: Path, enabled: bool = True) -> Prepared:
     """Run ``quant_pre_process`` on ``model`` in ``folder``, falling back step by step."""
-    from converter.onnxio import save_model
-
     source = save_model(model, folder / "input.onnx")
     if not enabled:
         return Prepared(source, model, "off (--no-preprocess)")
@@ -560,6 +566,42 @@ class _Int8Pass(Pass):
         raise NotImplementedError
 
 
+def _transformer_hint(model: onnx.ModelProto) -> list[str]:
+    """A warning when the default scheme quantizes what looks like a transformer (MatMul,
+    Softmax and LayerNormalization): its residual Adds, Softmax and attention mask then get
+    Q/DQ too, which costs fidelity (all-MiniLM-L6-v2: mean cosine 0.83 vs 0.99)."""
+    if not {"MatMul", "Softmax", "LayerNormalization"} <= {n.op_type for n in model.graph.node}:
+        return []
+    message = (
+        "the model looks like a transformer (MatMul, Softmax, LayerNormalization): "
+        "--scheme transformer quantizes only MatMul/Gemm inputs and is far more faithful"
+    )
+    logger.warning("warning: %s", message)
+    return [message]
+
+
+def _float_for_other_readers(model: onnx.ModelProto, ops: Sequence[str]) -> onnx.ModelProto:
+    """Rewire every reader of an activation's ``QuantizeLinear → DequantizeLinear`` pair that
+    is not one of ``ops`` back to the float tensor. ORT's QDQ quantizer feeds *all* readers
+    of a quantized tensor from its DequantizeLinear, so a transformer's residual ``Add``
+    (which reads the LayerNorm output the next MatMul quantizes) would add an int8-rounded
+    copy; it must read the exact float value. Weight (initializer) pairs are untouched."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    inits = {t.name for t in model.graph.initializer}
+    source = {}
+    for node in model.graph.node:
+        q = producer.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
+        if q is not None and q.op_type == "QuantizeLinear" and q.input[0] not in inits:
+            source[node.output[0]] = q.input[0]
+    for node in model.graph.node:
+        if node.op_type in ops or node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        for i, name in enumerate(node.input):
+            if name in source:
+                node.input[i] = source[name]
+    return model
+
+
 def _mark_target(model: onnx.ModelProto, target: str) -> None:
     """Record the hardware target in the model's metadata (replacing an earlier one)."""
     from converter.targets import METADATA_KEY
@@ -674,6 +716,7 @@ class CalibrationRanges:
     samples: int
     prepared: bytes | None = field(default=None, repr=False, compare=False)
     prepared_note: str = ""
+    scheme: str = "default"
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the ranges as JSON (ORT's calibration cache format plus our metadata)."""
@@ -688,6 +731,7 @@ class CalibrationRanges:
             "model": self.model,
             "preprocess": self.preprocess,
             "samples": self.samples,
+            "scheme": self.scheme,
         }
         return atomic_write_text(path, json.dumps(payload, cls=CalibrationCacheEncoder))
 
@@ -699,7 +743,14 @@ class CalibrationRanges:
             payload = json.loads(Path(path).read_text(encoding="utf-8"))
             meta = payload["onnxship"]
             tensors = TensorsData.from_dict(payload)
-            return cls(tensors, meta["method"], meta["model"], meta["preprocess"], meta["samples"])
+            return cls(
+                tensors,
+                meta["method"],
+                meta["model"],
+                meta["preprocess"],
+                meta["samples"],
+                scheme=meta.get("scheme", "default"),
+            )
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise BadInputError(
                 f"cannot read calibration ranges {path} ({first_line(e)})",
@@ -732,6 +783,7 @@ def _method_enum(method: str):
         "entropy": CalibrationMethod.Entropy,
         "percentile": CalibrationMethod.Percentile,
         "distribution": CalibrationMethod.Distribution,
+        "mean_minmax": CalibrationMethod.MinMax,  # ranges come from passes.calibration
     }[method]
 
 
@@ -764,7 +816,7 @@ class StaticQuantize(_Int8Pass):
         self,
         calibration: str | os.PathLike | None = None,
         ranges: CalibrationRanges | str | os.PathLike | None = None,
-        calib_method: str = "minmax",
+        calib_method: str | None = None,
         calib_samples: int | None = None,
         calib_batch_size: int = DEFAULT_CALIB_BATCH,
         format: str = "qdq",
@@ -778,6 +830,7 @@ class StaticQuantize(_Int8Pass):
         preprocess: bool = True,
         progress: bool = True,
         target: str = "host",
+        scheme: str = "default",
     ) -> None:
         self._init_common(
             per_channel,
@@ -791,6 +844,9 @@ class StaticQuantize(_Int8Pass):
         )
         self.calibration = calibration
         self.ranges = ranges
+        self.scheme = _check_choice(scheme, SCHEMES, "quantization scheme")
+        if calib_method is None:  # each scheme's measured best (README, "Transformer int8")
+            calib_method = "mean_minmax" if self.scheme == "transformer" else "minmax"
         self.calib_method = _check_choice(calib_method, CALIB_METHODS, "calibration method")
         self.calib_samples = calib_samples
         self.calib_batch_size = calib_batch_size
@@ -831,10 +887,11 @@ class StaticQuantize(_Int8Pass):
             if (
                 self._ranges.model != fingerprint(model)
                 or self._ranges.preprocess != self.preprocess
+                or self._ranges.scheme != self.scheme
             ):
                 raise BadInputError(
                     "the calibration ranges were measured on another model (or with other "
-                    "pre-processing settings)",
+                    "pre-processing settings or scheme)",
                     "calibrate this model: StaticQuantize(calibration=DATA).calibrate(model)",
                 )
             return
@@ -867,6 +924,7 @@ class StaticQuantize(_Int8Pass):
                 samples,
                 prepared=prepared.model.SerializeToString(deterministic=True),
                 prepared_note=prepared.note,
+                scheme=self.scheme,
             )
 
     def prepare(self, model: onnx.ModelProto, folder: Path) -> Prepared:
@@ -881,16 +939,34 @@ class StaticQuantize(_Int8Pass):
         from onnxruntime.quantization import create_calibrator
         from tqdm import tqdm
 
+        from passes.calibration import install_mask_safe_collector, mean_minmax, tensors_of
+
         data, specs = self._open_data(prepared.model)
         batch = data.batch_size_for(specs, self.calib_batch_size)
         total = min(self.calib_samples or data.num_samples, data.num_samples)
+        ops = self._calibrated_ops()
+        if self.calib_method == "mean_minmax":
+            feeds = data.batches(specs, batch, limit=total, check_finite=True)
+            names = tensors_of(prepared.model, ops, outputs=self.scheme != "transformer")
+            try:
+                tensors, done = mean_minmax(prepared.model, names, feeds)
+                logger.info("calibrated %d tensors on %d samples (mean_minmax)", len(names), done)
+                return tensors, done
+            except OnnxshipError:
+                raise
+            except Exception as e:  # onnxruntime raises InvalidArgument, Fail...
+                raise DataError(
+                    f"running the calibration data through the model failed: {first_line(e)}",
+                    "check that the data is what the model takes (value ranges, lengths)",
+                ) from e
         with _ort_quiet():
             calibrator = create_calibrator(
                 prepared.path,
-                sorted(_candidate_ops("qdq") | _candidate_ops("qoperator")),
+                ops,
                 augmented_model_path=str(folder / "augmented.onnx"),
                 calibrate_method=_method_enum(self.calib_method),
             )
+        install_mask_safe_collector(calibrator)
         done = 0
         bar = tqdm(
             total=total,
@@ -911,6 +987,21 @@ class StaticQuantize(_Int8Pass):
         )
         return tensors, done
 
+    def exclusions(self, model: onnx.ModelProto) -> dict[str, str]:
+        """The caller's exclusions, plus (transformer scheme) every node but MatMul/Gemm, so
+        the report says why LayerNorm, Softmax, Add... stayed float."""
+        out = super().exclusions(model)
+        if self.scheme == "transformer":
+            for node in model.graph.node:
+                if node.name and node.name not in out and node.op_type not in _TRANSFORMER_OPS:
+                    out[node.name] = "kept float by the transformer scheme"
+        return out
+
+    def _calibrated_ops(self) -> list[str]:
+        if self.scheme == "transformer":
+            return list(_TRANSFORMER_OPS)
+        return sorted(_candidate_ops("qdq") | _candidate_ops("qoperator"))
+
     def _collect_batch(self, calibrator, feed: Mapping[str, np.ndarray], offset: int) -> None:
         try:
             calibrator.collect_data(_OneBatch(feed))
@@ -928,10 +1019,16 @@ class StaticQuantize(_Int8Pass):
         from onnxruntime.quantization import QuantFormat, quantize_static
 
         ranges = self._ranges
+        warnings = _transformer_hint(prepared.model) if self.scheme == "default" else []
         if ranges is None:
             tensors, samples = self._collect(prepared, folder)
             ranges = CalibrationRanges(tensors, self.calib_method, "", self.preprocess, samples)
         keep = _negative_activation_ranges(prepared.model, ranges.tensors)
+        extra: dict[str, Any] = {"QDQKeepRemovableActivations": keep}
+        ops = sorted(_candidate_ops(self.format))
+        if self.scheme == "transformer":  # Q/DQ on MatMul/Gemm inputs only
+            ops = list(_TRANSFORMER_OPS)
+            extra["OpTypesToExcludeOutputQuantization"] = list(_TRANSFORMER_OPS)
         _run_ort(
             "quantize the model (static)",
             quantize_static,
@@ -941,22 +1038,26 @@ class StaticQuantize(_Int8Pass):
             calibration_cache_path=str(ranges.to_ort_cache(folder / "ranges.json")),
             calibrate_method=_method_enum(ranges.method),
             quant_format=QuantFormat.QDQ if self.format == "qdq" else QuantFormat.QOperator,
-            op_types_to_quantize=sorted(_candidate_ops(self.format)),
+            op_types_to_quantize=ops,
             per_channel=self.per_channel,
             reduce_range=self.reduce_range,
             activation_type=_quant_type(self.activation_type),
             weight_type=_quant_type(self.weight_type),
             nodes_to_exclude=sorted(excluded),
-            extra_options={"QDQKeepRemovableActivations": keep},
+            extra_options=extra,
         )
+        if self.scheme == "transformer":
+            save_model(_float_for_other_readers(onnx.load(str(out)), _TRANSFORMER_OPS), out)
         return {
+            "warnings": warnings,
             "calibration": {
                 "method": ranges.method,
+                "scheme": self.scheme,
                 "samples": ranges.samples,
                 "tensors": len(ranges.tensors.data),
                 "reused": self._ranges is not None,
                 "kept_relu": keep,
-            }
+            },
         }
 
 

@@ -8,6 +8,13 @@ SmoothQuant, 2023). The division by ``s`` is an explicit ``Mul`` on the input (s
 MatMuls reading the same tensor, e.g. Q, K and V), so residual paths that read the same
 tensor are untouched. The model computes the same function in fp32; its MatMul inputs are then
 much easier to quantize.
+
+With ``fold_layernorm`` (default on), an input written by a ``LayerNormalization`` with
+constant γ/β gets no ``Mul``: ``LN(z; γ, β) / s = LN(z; γ/s, β/s)`` exactly. When the MatMuls
+are the LayerNorm's only readers its γ/β are rescaled in place; when others read it too (a
+transformer's residual ``Add`` does), the MatMuls read a copy of the LayerNorm with γ/s, β/s
+and the others keep the original. Either way no elementwise op sits between the LayerNorm and
+the MatMuls' QuantizeLinear.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ class SmoothQuant(Pass):
         alpha: float = DEFAULT_ALPHA,
         calib_samples: int = 128,
         batch_size: int = 16,
+        fold_layernorm: bool = True,
     ) -> None:
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
             raise BadInputError(f"smoothing alpha {alpha!r} is outside [0, 1]", "e.g. alpha = 0.5")
@@ -52,6 +60,7 @@ class SmoothQuant(Pass):
         self.alpha = float(alpha)
         self.calib_samples = calib_samples
         self.batch_size = batch_size
+        self.fold_layernorm = bool(fold_layernorm)
 
     def requires(self, model: onnx.ModelProto) -> None:
         if self.calibration is None:
@@ -72,10 +81,13 @@ class SmoothQuant(Pass):
             for x, nodes in groups.items()
             if x in amax
         }
-        _rewrite(out, groups, scales)
+        folds = _layernorm_folds(out, groups, scales) if self.fold_layernorm else {}
+        _rewrite(out, groups, scales, folds)
         stats = {
             "alpha": self.alpha,
             "smoothed": sum(len(groups[x]) for x in scales),
+            "folded_into_layernorm": {x: folds[x] for x in sorted(folds)},
+            "mul_nodes": len(scales) - len(folds),
             "inputs": {
                 x: {
                     "matmuls": len(groups[x]),
@@ -150,14 +162,70 @@ def _key(node: onnx.NodeProto) -> tuple[str, tuple[str, ...]]:
     return node.name, tuple(node.output)
 
 
-def _rewrite(model: onnx.ModelProto, groups: dict, scales: dict[str, np.ndarray]) -> None:
-    """Insert ``Mul(x, 1/s)`` before each group's first MatMul; scale the weights by s."""
+def _layernorm_folds(model: onnx.ModelProto, groups: dict, scales: dict) -> dict[str, str]:
+    """Smoothed input → how its division folds into the LayerNorm writing it: "in place"
+    (the group's MatMuls are its only readers) or "copy" (others read it too). Inputs not
+    written by a LayerNormalization over the last axis with constant γ (and β) are absent."""
+    inits = {t.name for t in model.graph.initializer}
+    readers: dict[str, int] = defaultdict(int)
+    for node in model.graph.node:
+        for name in set(node.input):
+            readers[name] += 1
+    outputs = {o.name for o in model.graph.output}
+    folds = {}
+    for node in model.graph.node:
+        x = node.output[0] if node.op_type == "LayerNormalization" else None
+        axis = next((a.i for a in node.attribute if a.name == "axis"), -1)
+        if x not in scales or axis != -1 or len(node.output) > 1 and any(node.output[1:]):
+            continue
+        if all(i in inits for i in node.input[1:3] if i):
+            only = readers[x] == len(groups[x]) and x not in outputs
+            folds[x] = "in place" if only else "copy"
+    return folds
+
+
+def _folded_layernorm(graph, node: onnx.NodeProto, s: np.ndarray, fold: str) -> onnx.NodeProto:
+    """``node`` (a LayerNormalization) with γ/s and β/s as new initializers; a copy writing
+    ``{x}_smoothed`` unless the fold is in place."""
+    inits = {t.name: t for t in graph.initializer}
+    x = node.output[0]
+    out = onnx.NodeProto()
+    out.CopyFrom(node)
+    for i in (1, 2):
+        if i < len(node.input) and node.input[i]:
+            value = numpy_helper.to_array(inits[node.input[i]]) / s
+            name = f"{node.input[i]}_smoothed_{x}"
+            graph.initializer.append(numpy_helper.from_array(value.astype(np.float32), name))
+            out.input[i] = name
+    if fold == "copy":
+        out.output[0] = f"{x}_smoothed"
+        out.name = f"{node.name or x}_smoothed"
+    return out
+
+
+def _rewrite(
+    model: onnx.ModelProto,
+    groups: dict,
+    scales: dict[str, np.ndarray],
+    folds: dict[str, str] | None = None,
+) -> None:
+    """Divide each smoothed input by s — a ``Mul(x, 1/s)`` before its group's first MatMul,
+    or folded into the LayerNorm writing it (``folds``) — and scale the weights by s."""
+    folds = folds or {}
     graph = model.graph
     inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    first = {_key(groups[x][0]): x for x in scales}
+    first = {_key(groups[x][0]): x for x in scales if x not in folds}
     rewired = {_key(n): x for x in scales for n in groups[x]}
     nodes = []
     for node in graph.node:
+        x = node.output[0] if node.op_type == "LayerNormalization" and node.output else None
+        if x in folds:
+            folded = _folded_layernorm(graph, node, scales[x], folds[x])
+            if folds[x] == "in place":
+                nodes.append(folded)
+                continue
+            nodes += [node, folded]
+            continue
         x = first.get(_key(node))
         if x is not None:
             inv = f"{x}_smooth_inv"
@@ -172,7 +240,8 @@ def _rewrite(model: onnx.ModelProto, groups: dict, scales: dict[str, np.ndarray]
             weight = f"{node.input[1]}_smoothed_{node.name}"
             scaled = (inits[node.input[1]] * scales[x][:, None]).astype(np.float32)
             graph.initializer.append(numpy_helper.from_array(scaled, weight))
-            copy.input[0], copy.input[1] = f"{x}_smoothed", weight
+            smoothed = x if folds.get(x) == "in place" else f"{x}_smoothed"
+            copy.input[0], copy.input[1] = smoothed, weight
             node = copy
         nodes.append(node)
     new_nodes = [onnx.NodeProto() for _ in nodes]

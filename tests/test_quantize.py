@@ -385,7 +385,24 @@ def symbolic_failure_model() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
 
+def test_preprocessing_merges_symbolic_dims(tmp_path, monkeypatch):
+    """The BERT position-embedding pattern: with auto_merge, symbolic shape inference
+    succeeds (quant_pre_process runs once, not twice)."""
+    monkeypatch.chdir(tmp_path)
+    result = DynamicQuantize()(symbolic_failure_model())
+    assert result.stats["preprocess"] == "symbolic shape inference + optimization"
+    assert list(tmp_path.iterdir()) == [] and result.stats["nodes"]["quantized"] == ["mm"]
+
+
 def test_preprocessing_falls_back_and_keeps_the_cwd_clean(tmp_path, monkeypatch, caplog):
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    strict = SymbolicShapeInference.infer_shapes  # without auto_merge this model fails
+
+    def no_merge(model, int_max=2**31 - 1, auto_merge=False, *args, **kwargs):
+        return strict(model, int_max, False, *args, **kwargs)
+
+    monkeypatch.setattr(SymbolicShapeInference, "infer_shapes", staticmethod(no_merge))
     monkeypatch.chdir(tmp_path)  # ORT writes sym_shape_infer_temp.onnx into the cwd on failure
     model = symbolic_failure_model()
     with caplog.at_level(logging.WARNING, logger="passes"):

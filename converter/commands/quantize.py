@@ -21,6 +21,11 @@ dynamic: int8 weights, activations quantized at run time. For MatMul-heavy model
 (embeddings), Attention, LSTM and Conv -- with a warning when Conv dominates: dynamic int8
 convolutions run ~3.5x slower than fp32 here (ResNet-18), use static for CNNs.
 
+--scheme transformer (static, for transformer encoders): Q/DQ only on the inputs of
+MatMul/Gemm; residual Add, Softmax, LayerNorm, GELU and the attention mask stay float;
+ranges = mean over samples of each sample's min/max (--calib-method mean_minmax, NNCF's
+estimator). Measured on all-MiniLM-L6-v2: see the README section "Transformer int8".
+
 static: int8 weights and activations, activation ranges measured on --calib DATA (.npz with
 arrays named after the model inputs, or a folder of .npz shards; streamed one batch at a
 time, so memory does not grow with the sample count; checked for NaN/Inf). For CNNs. QDQ
@@ -46,6 +51,7 @@ come from): tests/benchmarks/bench_quantize.py and the README's Benchmarks secti
 
 
 CALIB_METHODS = defaults.CALIB_METHODS
+SCHEMES = defaults.QUANT_SCHEMES
 FORMATS = defaults.QUANT_FORMATS
 QUANT_TYPES = defaults.QUANT_TYPES
 DEFAULT_CALIB_BATCH = defaults.DEFAULT_CALIB_BATCH
@@ -59,7 +65,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     static = p.add_argument_group("static mode")
     static.add_argument("--calib", metavar="DATA", help="calibration data: .npz or folder")
     static.add_argument(
-        "--calib-method", choices=CALIB_METHODS, help="how ranges are chosen (default minmax)"
+        "--calib-method",
+        choices=CALIB_METHODS,
+        help="how ranges are chosen (default minmax; mean_minmax with --scheme transformer)",
     )
     static.add_argument(
         "--calib-samples", type=int, metavar="N", help="use the first N samples (default all)"
@@ -71,6 +79,12 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         help=f"samples per calibration batch (default {DEFAULT_CALIB_BATCH})",
     )
     static.add_argument("--format", choices=FORMATS, help="graph format (default qdq)")
+    static.add_argument(
+        "--scheme",
+        choices=SCHEMES,
+        help="transformer: Q/DQ on MatMul/Gemm inputs only, mean_minmax ranges (default: "
+        "every supported op)",
+    )
     static.add_argument(
         "--activation-type", choices=QUANT_TYPES, help="activation type (default uint8)"
     )
@@ -119,6 +133,7 @@ _STATIC_ONLY = {
     "calib_samples": "--calib-samples",
     "calib_batch_size": "--calib-batch-size",
     "format": "--format",
+    "scheme": "--scheme",
     "activation_type": "--activation-type",
 }
 
@@ -171,9 +186,10 @@ def _what(stats: dict[str, Any], settings: dict[str, Any]) -> str:
     )
     if stats["mode"] == "dynamic":
         return f"dynamic int8: {weights} weights, uint8 activations at run time"
+    scheme = ", Q/DQ on MatMul/Gemm inputs only" if settings.get("scheme") == "transformer" else ""
     return (
         f"static int8, {stats['format'].upper()}: {settings['activation_type']} activations, "
-        f"{weights} weights"
+        f"{weights} weights{scheme}"
     )
 
 

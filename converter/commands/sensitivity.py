@@ -6,7 +6,7 @@ import argparse
 
 from converter import defaults
 from converter.commands import add_command, add_executor_args, add_target_argument
-from converter.commands.quantize import CALIB_METHODS, QUANT_TYPES
+from converter.commands.quantize import CALIB_METHODS, QUANT_TYPES, SCHEMES
 
 HELP = "rank the nodes by the fidelity lost when each alone is quantized to int8"
 EPILOG = """\
@@ -66,6 +66,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     static.add_argument("--calib-method", choices=CALIB_METHODS, help="(default minmax)")
     static.add_argument("--calib-samples", type=int, metavar="N", help="(default all)")
     static.add_argument("--activation-type", choices=QUANT_TYPES, help="(default uint8)")
+    static.add_argument(
+        "--scheme", choices=SCHEMES, help="transformer: MatMul/Gemm inputs only (default all)"
+    )
     both = p.add_argument_group("both modes")
     both.add_argument("--weight-type", choices=QUANT_TYPES, help="(default int8)")
     both.add_argument(
@@ -95,8 +98,10 @@ _STATIC_ONLY = {
     "calib_method": "--calib-method",
     "calib_samples": "--calib-samples",
     "activation_type": "--activation-type",
+    "scheme": "--scheme",
 }
 _SETTINGS = (
+    "scheme",
     "calib_method",
     "calib_samples",
     "activation_type",
