@@ -18,10 +18,17 @@ Two pieces, both used by :class:`passes.quantize.StaticQuantize`:
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
+
+from converter.errors import BadInputError, first_line
 
 __all__ = [
     "MASK_FILL",
@@ -148,3 +155,92 @@ def install_mask_safe_collector(calibrator) -> None:
         percentile=calibrator.percentile,
         scenario=calibrator.scenario,
     )
+
+
+# ------------------------------------------------- ranges measured once, reused
+
+
+@dataclass
+class CalibrationRanges:
+    """Activation ranges measured by one calibration run, reusable across quantizations.
+
+    ``tensors`` is ORT's ``TensorsData``; ``model`` the fingerprint of the (un-processed)
+    model they were measured on; ``prepared`` its pre-processed form (in memory only), which
+    spares re-running pre-processing for each quantization."""
+
+    tensors: Any
+    method: str
+    model: str
+    preprocess: bool
+    samples: int
+    prepared: bytes | None = field(default=None, repr=False, compare=False)
+    prepared_note: str = ""
+    scheme: str = "default"
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the ranges as JSON (ORT's calibration cache format plus our metadata)."""
+        from onnxruntime.quantization.calibrate import CalibrationCacheEncoder
+
+        from converter.onnxio import atomic_write_text
+
+        payload = self.tensors.to_dict()
+        payload["smooth_quant"] = False
+        payload["onnxship"] = {
+            "method": self.method,
+            "model": self.model,
+            "preprocess": self.preprocess,
+            "samples": self.samples,
+            "scheme": self.scheme,
+        }
+        return atomic_write_text(path, json.dumps(payload, cls=CalibrationCacheEncoder))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> CalibrationRanges:
+        from onnxruntime.quantization.calibrate import TensorsData
+
+        try:
+            payload = json.loads(Path(path).read_text(encoding="utf-8"))
+            meta = payload["onnxship"]
+            tensors = TensorsData.from_dict(payload)
+            return cls(
+                tensors,
+                meta["method"],
+                meta["model"],
+                meta["preprocess"],
+                meta["samples"],
+                scheme=meta.get("scheme", "default"),
+            )
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise BadInputError(
+                f"cannot read calibration ranges {path} ({first_line(e)})",
+                "pass a file written by CalibrationRanges.save",
+            ) from e
+
+    def to_ort_cache(self, path: Path) -> Path:
+        from onnxruntime.quantization.calibrate import save_tensors_data
+
+        save_tensors_data(self.tensors, path)
+        return path
+
+
+class OneBatch:
+    """An ORT CalibrationDataReader holding one feed: ORT then keeps one batch at a time."""
+
+    def __init__(self, feed: Mapping[str, np.ndarray]) -> None:
+        self.feed: Mapping[str, np.ndarray] | None = feed
+
+    def get_next(self) -> Mapping[str, np.ndarray] | None:
+        feed, self.feed = self.feed, None
+        return feed
+
+
+def negative_activation_ranges(model: onnx.ModelProto, tensors) -> bool:
+    """True when a Relu/Clip output was given a range below zero (symmetric calibration such
+    as ``distribution``). ORT's QDQ quantizer drops such activations, trusting the uint8
+    range to clip at zero; with a symmetric range that lets negatives through (measured:
+    digits CNN cosine 0.76), so those activations must be kept."""
+    for node in model.graph.node:
+        if node.op_type in ("Relu", "Clip") and node.output and node.output[0] in tensors:
+            if float(np.min(tensors[node.output[0]].range_value[0])) < 0:
+                return True
+    return False

@@ -7,6 +7,11 @@ when that fails too, the model as it is, with a warning), quantize with ``quanti
 or ``quantize_static``, load the result. The stats say which quantizable nodes were
 quantized and which stayed fp32, and why.
 
+This module holds the two passes; the rest is split by concern: ``passes/ort.py`` (loading
+onnxruntime.quantization without torch, its log capture, pre-processing),
+``passes/calibration.py`` (ranges: reusable CalibrationRanges, mean_minmax, mask-safe
+histograms) and ``passes/quant_report.py`` (the node report and the MAC estimate).
+
 Static quantization calibrates with its own loop over ORT's calibrators: one
 ``collect_data`` call per batch, so ORT never holds more than one batch of activations
 (ORT's histogram calibrators otherwise keep every intermediate output of the whole data set
@@ -41,15 +46,11 @@ and settings (checked in tests, across processes), and we pass every list sorted
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
 import logging
 import os
 import re
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,29 +58,19 @@ import numpy as np
 import onnx
 
 from converter import defaults
-from converter.errors import BadInputError, DataError, OnnxshipError, PassError, first_line
+from converter.errors import BadInputError, DataError, OnnxshipError, first_line
 from converter.onnxio import save_model
 from passes.base import Pass, PassResult, fingerprint
-
-
-def _load_ort_tools_without_torch() -> None:
-    """onnxruntime.quantization imports onnxruntime.tools, whose __init__ imports torch
-    whenever torch is installed (for a helper onnxship never uses): 1-5 s and ~400 MB per
-    quantize call. Load that package once with torch hidden from its find_spec check;
-    torch itself stays importable (and untouched when something already imported it)."""
-    import importlib
-    import sys
-
-    if "onnxruntime.tools" in sys.modules or "torch" in sys.modules:
-        return
-    sys.modules["torch"] = None  # type: ignore[assignment]  # find_spec("torch") → None
-    try:
-        importlib.import_module("onnxruntime.tools")
-    finally:
-        del sys.modules["torch"]
-
-
-_load_ort_tools_without_torch()
+from passes.calibration import CalibrationRanges, OneBatch, negative_activation_ranges
+from passes.ort import Prepared, method_enum, ort_quiet, preprocess, quant_type, run_ort
+from passes.quant_report import (
+    candidate_ops,
+    is_quantized,
+    macs,
+    matched,
+    node_report,
+    quantized_nodes,
+)
 
 __all__ = [
     "DynamicQuantize",
@@ -112,104 +103,8 @@ DEFAULT_CALIB_BATCH = defaults.DEFAULT_CALIB_BATCH
 # has no fast kernel on CPU: measured ~4x slower on a ResNet-18).
 CONV_DOMINATED = 0.5
 
-# Ops that only exist in quantized graphs (standard, com.microsoft, and any QLinear*).
-_QUANT_OPS = frozenset(
-    {
-        "QuantizeLinear",
-        "DequantizeLinear",
-        "DynamicQuantizeLinear",
-        "MatMulInteger",
-        "ConvInteger",
-        "MatMulIntegerToFloat",
-        "DynamicQuantizeMatMul",
-        "DynamicQuantizeLSTM",
-        "QGemm",
-        "QAttention",
-        "QEmbedLayerNormalization",
-        "QOrderedMatMul",
-        "MatMulNBits",
-        "MatMulBnb4",
-        "GatherBlockQuantized",
-    }
-)
-# Ops ORT quantizes only when a neighbour is quantized (they just move int8 data around).
-_DATA_MOVEMENT = frozenset(
-    {
-        "Reshape",
-        "Transpose",
-        "Squeeze",
-        "Unsqueeze",
-        "Flatten",
-        "Slice",
-        "Split",
-        "Pad",
-        "Concat",
-        "Gather",
-        "GatherElements",
-        "MaxPool",
-        "AveragePool",
-        "Resize",
-        "TopK",
-        "Where",
-        "CumSum",
-        "ArgMax",
-    }
-)
-_STATS_OPS_DYNAMIC_EXTRA = ("Gemm",)  # ORT rewrites Gemm to MatMul in dynamic mode
-_FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
-
-
-def quantized_nodes(model: onnx.ModelProto) -> list[str]:
-    """Names (or op types, for unnamed nodes) of the nodes that only quantized graphs have."""
-    return [node.name or node.op_type for node in model.graph.node if _is_quant_op(node.op_type)]
-
-
-def is_quantized(model: onnx.ModelProto) -> bool:
-    """True when the model already holds quantization ops (QDQ, QOperator or dynamic)."""
-    return bool(quantized_nodes(model))
-
 
 # --------------------------------------------------------------------------- helpers
-
-
-@contextlib.contextmanager
-def _ort_quiet() -> Iterator[list[str]]:
-    """Route onnxruntime.quantization's root-logger warnings and print() chatter to our
-    debug log instead of the user's terminal; yields the captured warning messages."""
-    captured: list[str] = []
-
-    class _Capture(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            if "onnxruntime" not in record.pathname:
-                return True
-            message = record.getMessage()
-            if record.levelno >= logging.WARNING and message not in captured:
-                captured.append(message)
-            logger.debug("onnxruntime: %s", message)
-            return False
-
-    class _Handler(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            _Capture().filter(record)
-
-    class _Stdout(io.TextIOBase):
-        def write(self, text: str) -> int:
-            if text.strip():
-                logger.debug("onnxruntime: %s", text.strip())
-            return len(text)
-
-    root, ort_log = logging.getLogger(), logging.getLogger("onnxruntime")
-    capture, handler, propagate = _Capture(), _Handler(), ort_log.propagate
-    root.addFilter(capture)
-    ort_log.addHandler(handler)
-    ort_log.propagate = False
-    try:
-        with contextlib.redirect_stdout(_Stdout()):
-            yield captured
-    finally:
-        root.removeFilter(capture)
-        ort_log.removeHandler(handler)
-        ort_log.propagate = propagate
 
 
 def _compile_all(patterns: Sequence[str], flag: str) -> list[re.Pattern]:
@@ -231,216 +126,7 @@ def _check_choice(value: str, choices: Sequence[str], what: str) -> str:
     return value
 
 
-def _quant_type(name: str):
-    from onnxruntime.quantization import QuantType
-
-    return QuantType.QUInt8 if name == "uint8" else QuantType.QInt8
-
-
-@dataclass
-class Prepared:
-    """The model ORT quantizes: a file in the temp folder, its proto, and how it was made."""
-
-    path: Path
-    model: onnx.ModelProto
-    note: str
-
-
-@contextlib.contextmanager
-def _working_dir(folder: Path) -> Iterator[None]:
-    """chdir for the duration: ORT's symbolic shape inference, when it fails, writes
-    sym_shape_infer_temp.onnx (+ a .data file) into the current folder — the user's."""
-    previous = os.getcwd()
-    os.chdir(folder)
-    try:
-        yield
-    finally:
-        os.chdir(previous)
-
-
-def preprocess(model: onnx.ModelProto, folder: Path, enabled: bool = True) -> Prepared:
-    """Run ``quant_pre_process`` on ``model`` in ``folder``, falling back step by step."""
-    source = save_model(model, folder / "input.onnx")
-    if not enabled:
-        return Prepared(source, model, "off (--no-preprocess)")
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    attempts = [  # auto_merge: dims that symbolic inference cannot prove equal (a dynamo
-        # export's Min(512, seq) vs seq) are merged instead of failing the whole pre-process
-        ("symbolic shape inference + optimization", {"auto_merge": True}),
-        ("ONNX shape inference + optimization", {"skip_symbolic_shape": True}),
-    ]
-    failures = []
-    for label, options in attempts:
-        target = folder / "preprocessed.onnx"
-        try:
-            with _ort_quiet(), _working_dir(folder):
-                quant_pre_process(str(source), str(target), **options)
-            note = label + (f" (after: {'; '.join(failures)})" if failures else "")
-            if failures:
-                logger.warning("pre-processing: %s", note)
-            return Prepared(target, onnx.load(str(target)), note)
-        except Exception as e:  # ORT raises Exception, ValueError, RuntimeError, Fail...
-            failures.append(f"{label} failed: {first_line(e)}")
-    note = "failed, quantizing the model as it is (" + "; ".join(failures) + ")"
-    logger.warning(
-        "pre-processing %s — quantization may skip tensors of unknown shape; "
-        "--no-preprocess silences this",
-        note,
-    )
-    return Prepared(source, model, note)
-
-
-def _matched(
-    node: onnx.NodeProto,
-    patterns: Sequence[re.Pattern],
-    ops: Sequence[str],
-    names: Sequence[str],
-) -> str:
-    if node.name in names:
-        return "excluded by the caller (nodes_to_exclude)"
-    if node.op_type in ops:
-        return f"op type {node.op_type} excluded (--exclude-op)"
-    hit = next((p.pattern for p in patterns if p.search(node.name)), None)
-    return f"excluded by --exclude {hit!r}" if hit is not None else ""
-
-
-def _macs(model: onnx.ModelProto) -> dict[str, int]:
-    """Rough multiply-accumulates of Conv vs. Gemm/MatMul with a constant weight, from the
-    weight size times the known output dims (unknown dims count as 1)."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # too large or invalid for shape inference: use what the model has
-        inferred = model
-    shapes = {
-        vi.name: [d.dim_value or 1 for d in vi.type.tensor_type.shape.dim]
-        for vi in (*inferred.graph.value_info, *inferred.graph.output)
-    }
-    weights = {t.name: int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer}
-    macs = {"conv": 0, "matmul": 0}
-    for node in model.graph.node:
-        size = max((weights.get(i, 0) for i in node.input[:2]), default=0)
-        out = shapes.get(node.output[0] if node.output else "", [])
-        if node.op_type == "Conv" and size:
-            macs["conv"] += size * int(np.prod(out[2:], dtype=np.int64))
-        elif node.op_type in ("MatMul", "Gemm") and size:
-            macs["matmul"] += size * int(np.prod(out[:-1], dtype=np.int64))
-    return macs
-
-
 # --------------------------------------------------------------------------- stats
-
-
-def _candidate_ops(mode: str) -> frozenset[str]:
-    from onnxruntime.quantization.registry import (
-        IntegerOpsRegistry,
-        QDQRegistry,
-        QLinearOpsRegistry,
-    )
-
-    registry = {"dynamic": IntegerOpsRegistry, "qdq": QDQRegistry, "qoperator": QLinearOpsRegistry}
-    ops = set(registry[mode])
-    return frozenset(ops | set(_STATS_OPS_DYNAMIC_EXTRA) if mode == "dynamic" else ops)
-
-
-def _is_quant_op(op_type: str | None) -> bool:
-    return bool(op_type) and (op_type in _QUANT_OPS or op_type.startswith("QLinear"))
-
-
-def _is_node_quantized(
-    node: onnx.NodeProto,
-    after: Mapping[str, onnx.NodeProto],
-    producers: Mapping[str, str],
-    int8: set[str],
-    float_weights: set[str],
-    qdq: bool,
-) -> bool:
-    """A node is quantized when it was replaced by (or folded into) a quantized op, or still
-    exists but reads quantized data: in QDQ from a DequantizeLinear with no weight left in
-    float; otherwise an int8 initializer or the output of a quantized op (a DequantizeLinear
-    there feeds fp32 ops)."""
-    kept = after.get(node.name)
-    if node.op_type == "Gemm" and kept is None:
-        kept = after.get(f"{node.name}_MatMul")  # dynamic mode's Gemm → MatMul rewrite
-        if kept is not None and kept.op_type != "MatMul":
-            kept = None
-    if kept is None or kept.op_type not in (node.op_type, "MatMul"):
-        return True
-    if qdq:
-        if any(i in float_weights for i in kept.input):
-            return False  # a weight still in float: ORT left the node alone
-        return any(producers.get(i) == "DequantizeLinear" for i in kept.input)
-    return any(
-        i in int8 or (_is_quant_op(producers.get(i)) and producers.get(i) != "DequantizeLinear")
-        for i in kept.input
-    )
-
-
-def _float_tensors(model: onnx.ModelProto) -> tuple[set[str], set[str]]:
-    """(names known to be float, names known to be something else), from the type info."""
-    floats, others = set(), set()
-    typed = [(v.name, v.type.tensor_type.elem_type) for v in model.graph.value_info]
-    typed += [
-        (v.name, v.type.tensor_type.elem_type) for v in (*model.graph.input, *model.graph.output)
-    ]
-    typed += [(t.name, t.data_type) for t in model.graph.initializer]
-    for name, elem in typed:
-        if elem:
-            (floats if elem in _FLOATS else others).add(name)
-    return floats, others
-
-
-def _fp32_reason(
-    node: onnx.NodeProto, mode: str, known: tuple[set[str], set[str]], inits: set[str]
-) -> str:
-    floats, others = known
-    data = node.input[0] if node.input else ""
-    if data in others and not any(i in floats for i in node.input):
-        return "no float input (shape or index computation)"
-    if mode == "dynamic" and node.op_type in ("MatMul", "Gemm"):
-        if not any(i in inits for i in node.input[:2]):
-            return "no constant weight (dynamic mode quantizes weights only)"
-    if node.op_type in _DATA_MOVEMENT and data not in inits:
-        return "input not quantized (ORT quantizes data-movement ops only next to int8 ops)"
-    return "left in fp32 by onnxruntime (unsupported type, shape or attributes)"
-
-
-def node_report(
-    before: onnx.ModelProto, after: onnx.ModelProto, mode: str, excluded: Mapping[str, str]
-) -> dict[str, Any]:
-    """Which quantizable nodes of ``before`` are quantized in ``after`` and why the others
-    stayed fp32. ``mode`` is dynamic, qdq or qoperator."""
-    ops = _candidate_ops(mode)
-    by_name = {n.name: n for n in after.graph.node if n.name}
-    producers = {o: n.op_type for n in after.graph.node for o in n.output}
-    int8 = {
-        t.name
-        for t in after.graph.initializer
-        if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
-    }
-    float_weights = {
-        t.name for t in after.graph.initializer if t.data_type in _FLOATS and len(t.dims) >= 2
-    }
-    inits = {t.name for t in before.graph.initializer}
-    known = _float_tensors(before)
-    quantized: list[str] = []
-    fp32: dict[str, str] = {}
-    by_op: dict[str, dict[str, int]] = {}
-    for node in before.graph.node:
-        if node.op_type not in ops or not node.name:
-            continue
-        counts = by_op.setdefault(node.op_type, {"quantized": 0, "fp32": 0})
-        quantized_now = _is_node_quantized(
-            node, by_name, producers, int8, float_weights, mode == "qdq"
-        )
-        if not excluded.get(node.name) and quantized_now:
-            quantized.append(node.name)
-            counts["quantized"] += 1
-        else:
-            reason = excluded.get(node.name) or _fp32_reason(node, mode, known, inits)
-            fp32[node.name] = reason
-            counts["fp32"] += 1
-    return {"quantized": quantized, "fp32": fp32, "by_op": dict(sorted(by_op.items()))}
 
 
 # --------------------------------------------------------------------------- base pass
@@ -495,7 +181,7 @@ class _Int8Pass(Pass):
         """Node name → why it is kept in fp32, for every node the settings exclude."""
         out = {}
         for node in model.graph.node:
-            reason = _matched(node, self._patterns, self.exclude_ops, self.nodes_to_exclude)
+            reason = matched(node, self._patterns, self.exclude_ops, self.nodes_to_exclude)
             if reason and node.name:
                 out[node.name] = reason
         self._warn_unmatched(model, out)
@@ -519,7 +205,7 @@ class _Int8Pass(Pass):
             prepared = self.prepare(model, folder)
             excluded = self.exclusions(prepared.model)
             out = folder / "quantized.onnx"
-            with _ort_quiet() as ort_warnings:
+            with ort_quiet() as ort_warnings:
                 extra = self.quantize(prepared, excluded, out, folder)
             result = onnx.load(str(out))
         _mark_target(result, self.target)
@@ -612,20 +298,6 @@ def _mark_target(model: onnx.ModelProto, target: str) -> None:
     model.metadata_props.add(key=METADATA_KEY, value=target)
 
 
-def _run_ort(what: str, function, *args, **kwargs) -> None:
-    """Call an onnxruntime.quantization entry point; any failure becomes a PassError."""
-    try:
-        function(*args, **kwargs)
-    except (OSError, MemoryError):
-        raise
-    except Exception as e:  # ORT raises ValueError, KeyError, AssertionError, Fail...
-        raise PassError(
-            f"onnxruntime could not {what}: {first_line(e)}",
-            "keep the failing node in fp32 with --exclude NAME or --exclude-op TYPE, or retry "
-            "with/without --no-preprocess; --debug shows the details",
-        ) from e
-
-
 # --------------------------------------------------------------------------- dynamic
 
 
@@ -670,14 +342,14 @@ class DynamicQuantize(_Int8Pass):
         warnings = self._conv_warning(prepared.model)
         gemms = {n.name for n in prepared.model.graph.node if n.op_type == "Gemm"}
         nodes = sorted({*excluded, *(f"{n}_MatMul" for n in excluded if n in gemms)})
-        _run_ort(
+        run_ort(
             "quantize the model (dynamic)",
             quantize_dynamic,
             str(prepared.path),
             str(out),
             per_channel=self.per_channel,
             reduce_range=self.reduce_range,
-            weight_type=_quant_type(self.weight_type),
+            weight_type=quant_type(self.weight_type),
             nodes_to_exclude=nodes,
         )
         return {"warnings": warnings}
@@ -685,12 +357,12 @@ class DynamicQuantize(_Int8Pass):
     def _conv_warning(self, model: onnx.ModelProto) -> list[str]:
         if "Conv" in self.exclude_ops:
             return []
-        macs = _macs(model)
-        total = macs["conv"] + macs["matmul"]
-        if not total or macs["conv"] / total <= CONV_DOMINATED:
+        counts = macs(model)
+        total = counts["conv"] + counts["matmul"]
+        if not total or counts["conv"] / total <= CONV_DOMINATED:
             return []
         message = (
-            f"the model is conv-dominated ({100 * macs['conv'] / total:.0f}% of the "
+            f"the model is conv-dominated ({100 * counts['conv'] / total:.0f}% of the "
             "multiply-adds are in Conv): dynamic int8 convolutions (ConvInteger) run slower "
             "than fp32 on CPU — use --mode static with calibration data (--calib DATA)"
         )
@@ -699,104 +371,6 @@ class DynamicQuantize(_Int8Pass):
 
 
 # --------------------------------------------------------------------------- static
-
-
-@dataclass
-class CalibrationRanges:
-    """Activation ranges measured by one calibration run, reusable across quantizations.
-
-    ``tensors`` is ORT's ``TensorsData``; ``model`` the fingerprint of the (un-processed)
-    model they were measured on; ``prepared`` its pre-processed form (in memory only), which
-    spares re-running pre-processing for each quantization."""
-
-    tensors: Any
-    method: str
-    model: str
-    preprocess: bool
-    samples: int
-    prepared: bytes | None = field(default=None, repr=False, compare=False)
-    prepared_note: str = ""
-    scheme: str = "default"
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the ranges as JSON (ORT's calibration cache format plus our metadata)."""
-        from onnxruntime.quantization.calibrate import CalibrationCacheEncoder
-
-        from converter.onnxio import atomic_write_text
-
-        payload = self.tensors.to_dict()
-        payload["smooth_quant"] = False
-        payload["onnxship"] = {
-            "method": self.method,
-            "model": self.model,
-            "preprocess": self.preprocess,
-            "samples": self.samples,
-            "scheme": self.scheme,
-        }
-        return atomic_write_text(path, json.dumps(payload, cls=CalibrationCacheEncoder))
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> CalibrationRanges:
-        from onnxruntime.quantization.calibrate import TensorsData
-
-        try:
-            payload = json.loads(Path(path).read_text(encoding="utf-8"))
-            meta = payload["onnxship"]
-            tensors = TensorsData.from_dict(payload)
-            return cls(
-                tensors,
-                meta["method"],
-                meta["model"],
-                meta["preprocess"],
-                meta["samples"],
-                scheme=meta.get("scheme", "default"),
-            )
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise BadInputError(
-                f"cannot read calibration ranges {path} ({first_line(e)})",
-                "pass a file written by CalibrationRanges.save",
-            ) from e
-
-    def to_ort_cache(self, path: Path) -> Path:
-        from onnxruntime.quantization.calibrate import save_tensors_data
-
-        save_tensors_data(self.tensors, path)
-        return path
-
-
-class _OneBatch:
-    """An ORT CalibrationDataReader holding one feed: ORT then keeps one batch at a time."""
-
-    def __init__(self, feed: Mapping[str, np.ndarray]) -> None:
-        self.feed: Mapping[str, np.ndarray] | None = feed
-
-    def get_next(self) -> Mapping[str, np.ndarray] | None:
-        feed, self.feed = self.feed, None
-        return feed
-
-
-def _method_enum(method: str):
-    from onnxruntime.quantization import CalibrationMethod
-
-    return {
-        "minmax": CalibrationMethod.MinMax,
-        "entropy": CalibrationMethod.Entropy,
-        "percentile": CalibrationMethod.Percentile,
-        "distribution": CalibrationMethod.Distribution,
-        "mean_minmax": CalibrationMethod.MinMax,  # ranges come from passes.calibration
-    }[method]
-
-
-def _negative_activation_ranges(model: onnx.ModelProto, tensors) -> bool:
-    """True when a Relu/Clip output was given a range below zero (symmetric calibration such
-    as ``distribution``). ORT's QDQ quantizer drops such activations, trusting the uint8
-    range to clip at zero; with a symmetric range that lets negatives through (measured:
-    digits CNN cosine 0.76), so those activations must be kept."""
-    for node in model.graph.node:
-        if node.op_type in ("Relu", "Clip") and node.output and node.output[0] in tensors:
-            if float(np.min(tensors[node.output[0]].range_value[0])) < 0:
-                return True
-    return False
 
 
 class StaticQuantize(_Int8Pass):
@@ -959,12 +533,12 @@ class StaticQuantize(_Int8Pass):
                     f"running the calibration data through the model failed: {first_line(e)}",
                     "check that the data is what the model takes (value ranges, lengths)",
                 ) from e
-        with _ort_quiet():
+        with ort_quiet():
             calibrator = create_calibrator(
                 prepared.path,
                 ops,
                 augmented_model_path=str(folder / "augmented.onnx"),
-                calibrate_method=_method_enum(self.calib_method),
+                calibrate_method=method_enum(self.calib_method),
             )
         install_mask_safe_collector(calibrator)
         done = 0
@@ -975,7 +549,7 @@ class StaticQuantize(_Int8Pass):
             disable=None if self.progress else True,
             leave=False,
         )
-        with bar, _ort_quiet():
+        with bar, ort_quiet():
             for feed in data.batches(specs, batch, limit=total, check_finite=True):
                 self._collect_batch(calibrator, feed, done)
                 size = len(next(iter(feed.values())))
@@ -1000,11 +574,11 @@ class StaticQuantize(_Int8Pass):
     def _calibrated_ops(self) -> list[str]:
         if self.scheme == "transformer":
             return list(_TRANSFORMER_OPS)
-        return sorted(_candidate_ops("qdq") | _candidate_ops("qoperator"))
+        return sorted(candidate_ops("qdq") | candidate_ops("qoperator"))
 
     def _collect_batch(self, calibrator, feed: Mapping[str, np.ndarray], offset: int) -> None:
         try:
-            calibrator.collect_data(_OneBatch(feed))
+            calibrator.collect_data(OneBatch(feed))
         except Exception as e:  # onnxruntime raises InvalidArgument, Fail, RuntimeException...
             last = offset + len(next(iter(feed.values()))) - 1
             raise DataError(
@@ -1023,26 +597,26 @@ class StaticQuantize(_Int8Pass):
         if ranges is None:
             tensors, samples = self._collect(prepared, folder)
             ranges = CalibrationRanges(tensors, self.calib_method, "", self.preprocess, samples)
-        keep = _negative_activation_ranges(prepared.model, ranges.tensors)
+        keep = negative_activation_ranges(prepared.model, ranges.tensors)
         extra: dict[str, Any] = {"QDQKeepRemovableActivations": keep}
-        ops = sorted(_candidate_ops(self.format))
+        ops = sorted(candidate_ops(self.format))
         if self.scheme == "transformer":  # Q/DQ on MatMul/Gemm inputs only
             ops = list(_TRANSFORMER_OPS)
             extra["OpTypesToExcludeOutputQuantization"] = list(_TRANSFORMER_OPS)
-        _run_ort(
+        run_ort(
             "quantize the model (static)",
             quantize_static,
             str(prepared.path),
             str(out),
             calibration_data_reader=None,
             calibration_cache_path=str(ranges.to_ort_cache(folder / "ranges.json")),
-            calibrate_method=_method_enum(ranges.method),
+            calibrate_method=method_enum(ranges.method),
             quant_format=QuantFormat.QDQ if self.format == "qdq" else QuantFormat.QOperator,
             op_types_to_quantize=ops,
             per_channel=self.per_channel,
             reduce_range=self.reduce_range,
-            activation_type=_quant_type(self.activation_type),
-            weight_type=_quant_type(self.weight_type),
+            activation_type=quant_type(self.activation_type),
+            weight_type=quant_type(self.weight_type),
             nodes_to_exclude=sorted(excluded),
             extra_options=extra,
         )
