@@ -59,6 +59,7 @@ from converter.onnxio import load_model
 from converter.runtime import make_session, run_session
 from passes.base import make_pass, quiet_passes
 from passes.pack import dense_model
+from passes.quant_report import describe_settings
 from passes.quantize import (
     CalibrationRanges,
     DynamicQuantize,
@@ -613,24 +614,8 @@ def _score_node(job: _NodeJob, name: str) -> tuple[Fidelity | None, float | None
 # ---------------------------------------------------------------- rendering
 
 
-def _describe_quantization(r: SensitivityReport) -> str:
-    s = r.settings
-    weights = " ".join(
-        [s["weight_type"], "per-channel" if s["per_channel"] else "per-tensor"]
-        + (["7-bit"] if s["reduce_range"] else [])
-        + [f"for {s['target']}"]
-    )
-    if r.mode == "dynamic":
-        return f"dynamic int8: {weights} weights, uint8 activations at run time"
-    scheme = ", MatMul/Gemm inputs only" if s.get("scheme") == "transformer" else ""
-    return (
-        f"static int8, {s['format'].upper()}: {s['activation_type']} activations, {weights} "
-        f"weights{scheme}"
-    )
-
-
 def _summary(r: SensitivityReport, top: int | None) -> str:
-    lines = [f"sensitivity of {r.model or 'the model'} ({_describe_quantization(r)})"]
+    lines = [f"sensitivity of {r.model or 'the model'} ({describe_settings(r.mode, r.settings)})"]
     if r.calibration is not None:
         c = r.calibration
         source = c["data"] or "precomputed ranges"

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-__all__ = ["quantized_nodes", "is_quantized", "node_report"]
+__all__ = ["quantized_nodes", "is_quantized", "node_report", "describe_settings"]
 
 
 # Ops that only exist in quantized graphs (standard, com.microsoft, and any QLinear*).
@@ -224,3 +224,21 @@ def node_report(
             fp32[node.name] = reason
             counts["fp32"] += 1
     return {"quantized": quantized, "fp32": fp32, "by_op": dict(sorted(by_op.items()))}
+
+
+def describe_settings(mode: str, settings: Mapping[str, Any], bits: bool = True) -> str:
+    """One line saying what a quantization pass with ``settings`` makes (for the CLI
+    summaries and the sensitivity report): mode, format, activation and weight types, and
+    with ``bits`` the weights' bits and target (left out where a target line follows)."""
+    weights = " ".join(
+        [settings["weight_type"], "per-channel" if settings["per_channel"] else "per-tensor"]
+        + (["7-bit"] if bits and settings.get("reduce_range") else [])
+        + ([f"for {settings['target']}"] if bits and settings.get("target") else [])
+    )
+    if mode == "dynamic":
+        return f"dynamic int8: {weights} weights, uint8 activations at run time"
+    scheme = ", Q/DQ on MatMul/Gemm inputs only" if settings.get("scheme") == "transformer" else ""
+    return (
+        f"static int8, {settings['format'].upper()}: {settings['activation_type']} activations, "
+        f"{weights} weights{scheme}"
+    )

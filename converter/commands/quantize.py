@@ -57,6 +57,27 @@ QUANT_TYPES = defaults.QUANT_TYPES
 DEFAULT_CALIB_BATCH = defaults.DEFAULT_CALIB_BATCH
 
 
+def add_weight_args(group: argparse._ActionsContainer, weight_type: str | None) -> None:
+    """The weight flags `quantize` and `sensitivity` share: type, per-tensor, target, 7-bit.
+    ``weight_type`` None leaves the pass's own default."""
+    group.add_argument(
+        "--weight-type", choices=QUANT_TYPES, default=weight_type, help="weight type (int8)"
+    )
+    group.add_argument(
+        "--per-tensor",
+        dest="per_channel",
+        action="store_false",
+        help="one scale per weight tensor instead of per output channel",
+    )
+    add_target_argument(group)
+    group.add_argument(
+        "--reduce-range",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="7-bit weights on/off, overriding the target's choice",
+    )
+
+
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     p = add_command(sub, common, "quantize", HELP, EPILOG, run)
     p.add_argument("model", metavar="IN.onnx", help="the fp32 model to quantize")
@@ -89,22 +110,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         "--activation-type", choices=QUANT_TYPES, help="activation type (default uint8)"
     )
     both = p.add_argument_group("both modes")
-    both.add_argument(
-        "--weight-type", choices=QUANT_TYPES, default="int8", help="weight type (default int8)"
-    )
-    both.add_argument(
-        "--per-tensor",
-        dest="per_channel",
-        action="store_false",
-        help="one scale per weight tensor instead of per output channel",
-    )
-    add_target_argument(both)
-    both.add_argument(
-        "--reduce-range",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="7-bit weights on/off, overriding the target's choice",
-    )
+    add_weight_args(both, weight_type="int8")
     both.add_argument(
         "--exclude",
         action="append",
@@ -180,25 +186,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _what(stats: dict[str, Any], settings: dict[str, Any]) -> str:
-    weights = (
-        f"{settings['weight_type']} {'per-channel' if settings['per_channel'] else 'per-tensor'}"
-    )
-    if stats["mode"] == "dynamic":
-        return f"dynamic int8: {weights} weights, uint8 activations at run time"
-    scheme = ", Q/DQ on MatMul/Gemm inputs only" if settings.get("scheme") == "transformer" else ""
-    return (
-        f"static int8, {stats['format'].upper()}: {settings['activation_type']} activations, "
-        f"{weights} weights{scheme}"
-    )
-
-
 def summary(stats: dict[str, Any], settings: dict[str, Any], source: Any, out: Any) -> str:
     """A short human-readable report of the quantization stats."""
+    from passes.quant_report import describe_settings
+
     nodes = stats["nodes"]
     ops = ", ".join(f"{op} {c['quantized']}" for op, c in stats["by_op"].items() if c["quantized"])
     lines = [
-        f"quantized {source} → {out} ({_what(stats, settings)})",
+        f"quantized {source} → {out} ({describe_settings(stats['mode'], settings, bits=False)})",
         f"  target: {_target_line(stats['target'])}",
         f"  pre-processing: {stats['preprocess']}",
     ]

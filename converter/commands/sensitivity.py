@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 from converter import defaults
-from converter.commands import add_command, add_executor_args, add_target_argument
-from converter.commands.quantize import CALIB_METHODS, QUANT_TYPES, SCHEMES
+from converter.commands import add_command, add_executor_args
+from converter.commands.quantize import CALIB_METHODS, QUANT_TYPES, SCHEMES, add_weight_args
 
 HELP = "rank the nodes by the fidelity lost when each alone is quantized to int8"
 EPILOG = """\
@@ -70,20 +70,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         "--scheme", choices=SCHEMES, help="transformer: MatMul/Gemm inputs only (default all)"
     )
     both = p.add_argument_group("both modes")
-    both.add_argument("--weight-type", choices=QUANT_TYPES, help="(default int8)")
-    both.add_argument(
-        "--per-tensor",
-        dest="per_channel",
-        action="store_false",
-        help="one scale per weight tensor instead of per output channel",
-    )
-    add_target_argument(both)
-    both.add_argument(
-        "--reduce-range",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="7-bit weights on/off, overriding the target's choice",
-    )
+    add_weight_args(both, weight_type=None)
     both.add_argument(
         "--no-preprocess",
         dest="preprocess",
