@@ -110,6 +110,11 @@ def run_recipe(
     recipe = load_recipe(recipe_path)
     for variant in recipe.variants:  # every pass setting is checked before anything runs
         build_passes(variant, recipe)
+        if variant.shrink is not None:
+            from converter.shrinker import shrink_settings
+
+            extra = {k: v for k, v in variant.shrink.items() if k != "data"}
+            shrink_settings(extra, f"variant {variant.name!r} shrink")
     out = Path(outdir) if outdir is not None else Path("build") / recipe.name
     _prepare_outdir(out, recipe)
     result = RunResult(recipe, out, [])
@@ -179,14 +184,36 @@ def _variant(variant: Variant, recipe: Recipe, out: Path) -> ArtifactResult:
     from passes import PassRunner
 
     passes = build_passes(variant, recipe)
-    model = load_model(out / f"{REFERENCE}.onnx")
-    model, results = PassRunner(passes).run(model)
+    records, source = [], out / f"{REFERENCE}.onnx"
+    if variant.shrink is not None:
+        source, record = _shrink(variant, recipe, out)
+        records.append(record)
+    model, results = PassRunner(passes).run(load_model(source))
     path = save_model(model, out / f"{variant.name}.onnx")
-    records = [
+    records += [
         {"pass": p.name, "settings": to_plain(p.settings()), "stats": r.stats}
         for p, r in zip(passes, results)
     ]
     return ArtifactResult(variant.name, path, passes=records)
+
+
+def _shrink(variant: Variant, recipe: Recipe, out: Path) -> tuple[Path, dict[str, Any]]:
+    """Structured pruning + distillation of the recipe's PyTorch model (`onnxship shrink`),
+    exported and verified to OUTDIR/<variant>.shrunk.onnx; the variant's passes start there."""
+    from converter.shrinker import shrink, shrink_settings
+
+    settings = dict(variant.shrink)
+    data = settings.pop("data")
+    prune, distill, options = shrink_settings(settings, f"variant {variant.name!r} shrink")
+    m = recipe.model
+    path = out / f"{variant.name}.shrunk.onnx"
+    result = shrink(
+        m.spec, path, m.inputs, data, weights=m.weights, prune=prune, distill=distill,
+        options=options,
+    )  # fmt: skip
+    report = result.report.to_dict()
+    stats = {k: report[k] for k in ("params", "macs", "file_size", "scores", "seconds")}
+    return path, {"pass": "shrink", "settings": to_plain(variant.shrink), "stats": stats}
 
 
 def _validate_all(result: RunResult) -> None:

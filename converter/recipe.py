@@ -77,7 +77,10 @@ class DataSection:
 @dataclass
 class Variant:
     name: str
-    passes: list[dict[str, Any]]
+    passes: list[dict[str, Any]] = field(default_factory=list)
+    # Structured pruning + distillation of the PyTorch model first (`onnxship shrink`):
+    # { keep = 0.5, data = "train.npz", epochs = 3, ... }; then the passes run on its export.
+    shrink: dict[str, Any] | None = None
 
 
 @dataclass
@@ -161,6 +164,9 @@ def _variants(raw: Any, base: Path) -> list[Variant]:
     if not isinstance(raw, list):
         raise BadInputError("recipe `variants` must be an array of tables", "use [[variants]]")
     variants = [_section(Variant, item, f"variants.{i}", base) for i, item in enumerate(raw)]
+    for v in variants:
+        if isinstance(v.shrink, dict) and isinstance(v.shrink.get("data"), str):
+            v.shrink["data"] = _path(v.shrink["data"], "data", base)
     names = [v.name for v in variants]
     for v in variants:
         if not isinstance(v.name, str) or not _NAME.match(v.name) or v.name == "fp32":
@@ -211,6 +217,7 @@ def load_recipe(path: str | Path) -> Recipe:
     )
     _check_model(recipe.model, base)
     _check_executor(recipe)
+    _check_shrink(recipe)
     return recipe
 
 
@@ -237,6 +244,23 @@ def _check_executor(recipe: Recipe) -> None:
         raise BadInputError("recipe has ray_address but no executor", 'add executor = "ray"')
     if recipe.executor == "ray":
         import_ray()
+
+
+def _check_shrink(recipe: Recipe) -> None:
+    """A `shrink` variant needs the PyTorch model (spec) and training data."""
+    for v in recipe.variants:
+        if v.shrink is None:
+            continue
+        if not isinstance(v.shrink, dict) or "data" not in v.shrink:
+            raise BadInputError(
+                f"variant {v.name!r}: shrink must be a table with `data`",
+                'shrink = { keep = 0.5, data = "train.npz" }',
+            )
+        if recipe.model.spec is None:
+            raise BadInputError(
+                f"variant {v.name!r} shrinks the PyTorch model, but [model] gives only `onnx`",
+                'give [model] spec = "model.py:build" and inputs',
+            )
 
 
 def _check_model(model: ModelSection, base: Path) -> None:

@@ -25,7 +25,7 @@ pytest.importorskip("torch_pruning")
 
 from converter.cli import main  # noqa: E402
 from converter.distill import DistillSettings, kd_loss  # noqa: E402
-from converter.shrink import ShrinkOptions, shrink  # noqa: E402
+from converter.shrinker import ShrinkOptions, shrink  # noqa: E402
 from converter.structured import PruneSettings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -393,3 +393,53 @@ def test_without_torch_names_the_extra(tmp_path):
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 2, run.stderr
     assert run.stderr.count("\n") == 1 and "pip install 'onnxship[torch,shrink]'" in run.stderr
+
+
+# --- a recipe variant that starts with shrink ------------------------------------------------
+
+
+def test_recipe_variant_starts_with_shrink(digits_mlp, tmp_path, capsys):
+    """[[variants]] shrink = {...}: the PyTorch model is pruned and distilled, exported, then
+    the variant's passes run on it; the manifest records the shrink step first."""
+    import json
+
+    from converter.cli import main
+    from converter.runtime import make_session
+
+    (tmp_path / "net.py").write_text(
+        "import torch\n"
+        "def build():\n"
+        "    torch.manual_seed(0)\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(),"
+        " torch.nn.Linear(64, 10))\n"
+    )
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(f"""
+[model]
+spec = "net.py:build"
+inputs = ["x:batch,64:float32"]
+[data]
+validation = "{digits_mlp.test}"
+[[variants]]
+name = "small"
+shrink = {{ keep = 0.5, data = "{digits_mlp.calib}", steps = 3, batch_size = 32 }}
+passes = [{{ pass = "quantize", mode = "dynamic" }}]
+[bench]
+runs = 5
+warmup = 1
+""")
+    assert main(["-q", "run", str(recipe), "-o", str(tmp_path / "o")]) == 0
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    steps = [p["pass"] for p in manifest["artifacts"]["small"]["passes"]]
+    assert steps == ["shrink", "quantize-dynamic"]
+    params = manifest["artifacts"]["small"]["passes"][0]["stats"]["params"]
+    assert params["after"] < params["before"]
+    shrunk = onnx.load(str(tmp_path / "o" / "small.shrunk.onnx"))
+    hidden = [t for t in shrunk.graph.initializer if len(t.dims) == 2 and 10 not in t.dims]
+    assert hidden and all(d % 8 == 0 for t in hidden for d in t.dims)
+    x = np.load(digits_mlp.test)["x"][:4]
+    assert make_session(tmp_path / "o" / "small.onnx").run(None, {"x": x})[0].shape == (4, 10)
+    recipe.write_text(recipe.read_text().replace("steps = 3", "stepz = 3"))
+    assert main(["-q", "run", str(recipe), "-o", str(tmp_path / "o2")]) == 2
+    assert "unknown key(s) ['stepz']" in capsys.readouterr().err
+    assert not (tmp_path / "o2" / "fp32.onnx").exists()  # refused before anything ran

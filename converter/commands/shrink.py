@@ -72,7 +72,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 def run(args: argparse.Namespace) -> int:
     from converter.benchmark import check_plot_path
     from converter.onnxio import check_output_path
-    from converter.shrink import ShrinkOptions, plot_loss, shrink, write_json
+    from converter.shrinker import ShrinkOptions, plot_loss, shrink, write_json
 
     for out in (args.json, args.plot):
         if out:
@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _settings(args: argparse.Namespace):
-    from converter.shrink import import_torch_side
+    from converter.shrinker import import_torch_side
 
     mods = import_torch_side()
     PruneSettings, DistillSettings = mods.structured.PruneSettings, mods.distill.DistillSettings

@@ -77,7 +77,7 @@ def digits_rows(folder: Path) -> list[str]:
 
     from converter.distill import DistillSettings
     from converter.exporter import export
-    from converter.shrink import ShrinkOptions, shrink
+    from converter.shrinker import ShrinkOptions, shrink
     from converter.structured import PruneSettings
 
     rows = []
@@ -149,7 +149,7 @@ def resnet_rows(folder: Path, with_half_width: bool = False) -> list[str]:
     from converter.benchmark import bench
     from converter.distill import DistillSettings
     from converter.exporter import export
-    from converter.shrink import ShrinkOptions, shrink
+    from converter.shrinker import ShrinkOptions, shrink
 
     images = np.random.default_rng(0).standard_normal((24, 3, 224, 224)).astype(np.float32)
     data = folder / "images.npz"

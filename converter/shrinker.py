@@ -33,7 +33,15 @@ if TYPE_CHECKING:  # torch-side classes: imported at run time only when shrink r
     from converter.distill import DistillSettings
     from converter.structured import PruneSettings
 
-__all__ = ["shrink", "ShrinkResult", "ShrinkReport", "ShrinkOptions", "plot_loss", "write_json"]
+__all__ = [
+    "shrink",
+    "shrink_settings",
+    "ShrinkResult",
+    "ShrinkReport",
+    "ShrinkOptions",
+    "plot_loss",
+    "write_json",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +108,26 @@ class ShrinkResult(NamedTuple):
     path: Path | None
     report: ShrinkReport | None
     model: Any = None
+
+
+def shrink_settings(settings: dict, where: str) -> tuple:
+    """(PruneSettings, DistillSettings, ShrinkOptions) from one flat table of a recipe
+    (`keep`, `epochs`, `held_out`, ...); an unknown key names the allowed ones. The bench of
+    shrink itself is off: the recipe's bench measures every variant."""
+    from dataclasses import fields
+
+    mods = import_torch_side()
+    kinds = (mods.structured.PruneSettings, mods.distill.DistillSettings, ShrinkOptions)
+    allowed = {f.name: kind for kind in kinds for f in fields(kind)}
+    unknown = sorted(set(settings) - set(allowed) - {"data"})
+    if unknown:
+        raise BadInputError(f"{where}: unknown key(s) {unknown}", f"use {sorted(allowed)}")
+    parts = {kind: {} for kind in kinds}
+    for key, value in settings.items():
+        parts[allowed[key]][key] = tuple(value) if key == "ignore" else value
+    parts[ShrinkOptions].setdefault("bench_runs", 0)
+    parts[ShrinkOptions].setdefault("progress", False)
+    return tuple(kind(**parts[kind]) for kind in kinds)
 
 
 def shrink(
