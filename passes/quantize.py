@@ -132,6 +132,20 @@ def _check_choice(value: str, choices: Sequence[str], what: str) -> str:
 # --------------------------------------------------------------------------- base pass
 
 
+# The settings both int8 passes take (each declares them in its own __init__ signature, so
+# that settings() and make_pass() see every one).
+_COMMON_SETTINGS = (
+    "per_channel",
+    "reduce_range",
+    "target",
+    "weight_type",
+    "exclude",
+    "exclude_ops",
+    "nodes_to_exclude",
+    "preprocess",
+)
+
+
 class _Int8Pass(Pass):
     """Shared settings, checks and the temp-folder flow of both quantization passes."""
 
@@ -323,16 +337,7 @@ class DynamicQuantize(_Int8Pass):
         preprocess: bool = True,
         target: str = "host",
     ) -> None:
-        self._init_common(
-            per_channel,
-            reduce_range,
-            target,
-            weight_type,
-            exclude,
-            exclude_ops,
-            nodes_to_exclude,
-            preprocess,
-        )
+        self._init_common(**{k: v for k, v in locals().items() if k in _COMMON_SETTINGS})
 
     def quantize(
         self, prepared: Prepared, excluded: Mapping[str, str], out: Path, folder: Path
@@ -406,16 +411,7 @@ class StaticQuantize(_Int8Pass):
         target: str = "host",
         scheme: str = "default",
     ) -> None:
-        self._init_common(
-            per_channel,
-            reduce_range,
-            target,
-            weight_type,
-            exclude,
-            exclude_ops,
-            nodes_to_exclude,
-            preprocess,
-        )
+        self._init_common(**{k: v for k, v in locals().items() if k in _COMMON_SETTINGS})
         self.calibration = calibration
         self.ranges = ranges
         self.scheme = _check_choice(scheme, SCHEMES, "quantization scheme")
