@@ -36,7 +36,7 @@ from converter.auto_tasks import evaluate_all, notes
 from converter.data import LABELS, Dataset, model_input_specs, open_data
 from converter.errors import BadInputError, GateFailed, OnnxshipError
 from converter.executor import Executor, InProcess
-from converter.gates import failure
+from converter.gates import failure, fmt, score_gates
 from converter.onnxio import atomic_path, atomic_write_text, load_model, save_model
 from converter.provenance import sha256_data, sha256_file, versions
 from passes.base import quiet_passes
@@ -77,8 +77,6 @@ class Budget:
 
     def gates(self, reference_score: float, score: float | None, worst: float | None) -> list:
         """This budget as the gates ``validate`` checks (converter.gates)."""
-        from converter.gates import fmt, score_gates
-
         drop = None if score is None else reference_score - score
         detail = f"reference {fmt(reference_score)}, candidate {fmt(score)}"
         return score_gates(
@@ -128,7 +126,7 @@ class AutoResult:
     report_md: Path | None = None
     report_html: Path | None = None
     notes: list[str] = field(default_factory=list)
-    target: str = "avx2"  # the resolved hardware target of every candidate
+    target: str = "host"  # the resolved hardware target of every candidate
 
     def closest(self) -> Candidate | None:
         scored = [c for c in self.candidates if c.score is not None]
@@ -489,9 +487,9 @@ def auto(
     executor = executor or InProcess()
     candidates = list(_search(builder, sorted(sparsity_grid or []), max_excluded, executor))
     result = AutoResult(
-        out, budget, builder.reference_score, builder.threshold, candidates, None, split
-    )
-    result.target = resolved
+        out, budget, builder.reference_score, builder.threshold, candidates, None, split,
+        target=resolved,
+    )  # fmt: skip
     result.notes += notes(executor)
     _bench(result, reference, score_path, bench_runs, threads)
     result.best = _choose(candidates)

@@ -22,7 +22,7 @@ from converter.render import (
     save_figure,
 )
 from converter.report import artifact_entry
-from converter.targets import host_target, resolve_target, target_summary
+from converter.targets import resolve_target, target_line, target_summary
 
 __all__ = ["write_auto_outputs"]
 
@@ -111,14 +111,7 @@ def _summary_line(result: Any) -> str:
 
 
 def _target_line(result: Any) -> str:
-    t = resolve_target(result.target)
-    host = host_target().name
-    where = (
-        "this host"
-        if t.name == host
-        else f"not this host ({host}): latency here is not the target's"
-    )
-    return f"int8 target: {t.name} ({'7' if t.reduce_range else '8'}-bit weights), {where}."
+    return target_line(target_summary(resolve_target(result.target)))
 
 
 def _markdown(result: Any, mach: dict, plot: Path | None) -> str:

@@ -57,6 +57,17 @@ class RunResult:
     def passed(self) -> bool:
         return all(a.validation is None or a.validation.passed for a in self.artifacts)
 
+    def gates(self) -> list:
+        """Every variant's gates, each named ``<variant>.<output>``."""
+        from dataclasses import replace
+
+        return [
+            replace(g, output=f"{a.name}.{g.output}")
+            for a in self.artifacts
+            if a.validation is not None
+            for g in a.validation.gates
+        ]
+
     def failed_gates(self) -> list[str]:
         return [
             f"{a.name}: {g.describe()}"
@@ -113,8 +124,7 @@ def run_recipe(
         if variant.shrink is not None:
             from converter.shrinker import shrink_settings
 
-            extra = {k: v for k, v in variant.shrink.items() if k != "data"}
-            shrink_settings(extra, f"variant {variant.name!r} shrink")
+            shrink_settings(variant.shrink, f"variant {variant.name!r} shrink")
     out = Path(outdir) if outdir is not None else Path("build") / recipe.name
     _prepare_outdir(out, recipe)
     result = RunResult(recipe, out, [])
@@ -202,15 +212,19 @@ def _shrink(variant: Variant, recipe: Recipe, out: Path) -> tuple[Path, dict[str
     exported and verified to OUTDIR/<variant>.shrunk.onnx; the variant's passes start there."""
     from converter.shrinker import shrink, shrink_settings
 
-    settings = dict(variant.shrink)
-    data = settings.pop("data")
-    prune, distill, options = shrink_settings(settings, f"variant {variant.name!r} shrink")
+    prune, distill, options = shrink_settings(variant.shrink, f"variant {variant.name!r} shrink")
     m = recipe.model
     path = out / f"{variant.name}.shrunk.onnx"
     result = shrink(
-        m.spec, path, m.inputs, data, weights=m.weights, prune=prune, distill=distill,
+        m.spec,
+        path,
+        m.inputs,
+        variant.shrink["data"],
+        weights=m.weights,
+        prune=prune,
+        distill=distill,
         options=options,
-    )  # fmt: skip
+    )
     report = result.report.to_dict()
     stats = {k: report[k] for k in ("params", "macs", "file_size", "scores", "seconds")}
     return path, {"pass": "shrink", "settings": to_plain(variant.shrink), "stats": stats}
@@ -289,16 +303,9 @@ def _write_outputs(result: RunResult) -> None:
 def check_gates(result: RunResult) -> None:
     """Raise GateFailed naming every failed gate of every variant (after the report is
     written)."""
-    from dataclasses import replace
-
     from converter.gates import failure
 
-    gates = [
-        replace(g, output=f"{a.name}.{g.output}")
-        for a in result.artifacts
-        if a.validation is not None
-        for g in a.validation.gates
-    ]
+    gates = result.gates()
     if not all(g.passed for g in gates):
         raise failure(
             "gates",

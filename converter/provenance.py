@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import platform
 import sys
@@ -48,9 +49,10 @@ def versions(with_torch: bool) -> dict[str, str]:
     return found
 
 
-def cpu_model_and_flags() -> tuple[str, set[str]]:
+@functools.lru_cache(maxsize=1)
+def cpu_model_and_flags() -> tuple[str, frozenset[str]]:
     """The CPU's model name and its flags (x86 ``flags``, ARM ``Features``), read from
-    /proc/cpuinfo on Linux; elsewhere what platform knows and no flags."""
+    /proc/cpuinfo once per process on Linux; elsewhere what platform knows and no flags."""
     model, flags = platform.processor() or platform.machine(), set()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
@@ -60,7 +62,7 @@ def cpu_model_and_flags() -> tuple[str, set[str]]:
                 model = value.strip()
             elif key.strip() in ("flags", "Features") and not flags:
                 flags = set(value.split())
-    return model, flags
+    return model, frozenset(flags)
 
 
 def machine() -> dict[str, object]:

@@ -87,12 +87,9 @@ def _scoring_note(result: Any) -> str:
 
 
 def _target_line(manifest: dict) -> str:
-    t = manifest["target"]
-    bits = "7-bit" if t["reduce_range"] else "8-bit"
-    return (
-        f"int8 target: {t['target']} ({bits} weights; recipe says {t['recipe']!r}), "
-        f"host: {t['host_target']}."
-    )
+    from converter.targets import target_line
+
+    return f"{target_line(manifest['target'])} The recipe says {manifest['target']['recipe']!r}."
 
 
 def _export_dict(report: Any) -> dict[str, Any] | None:

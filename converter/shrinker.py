@@ -112,8 +112,9 @@ class ShrinkResult(NamedTuple):
 
 def shrink_settings(settings: dict, where: str) -> tuple:
     """(PruneSettings, DistillSettings, ShrinkOptions) from one flat table of a recipe
-    (`keep`, `epochs`, `held_out`, ...); an unknown key names the allowed ones. The bench of
-    shrink itself is off: the recipe's bench measures every variant."""
+    (`keep`, `epochs`, `held_out`, ...; its `data` is the caller's); an unknown key names the
+    allowed ones. The bench of shrink itself is off: the recipe's bench measures every
+    variant."""
     from dataclasses import fields
 
     mods = import_torch_side()
@@ -124,7 +125,8 @@ def shrink_settings(settings: dict, where: str) -> tuple:
         raise BadInputError(f"{where}: unknown key(s) {unknown}", f"use {sorted(allowed)}")
     parts = {kind: {} for kind in kinds}
     for key, value in settings.items():
-        parts[allowed[key]][key] = tuple(value) if key == "ignore" else value
+        if key != "data":
+            parts[allowed[key]][key] = tuple(value) if key == "ignore" else value
     parts[ShrinkOptions].setdefault("bench_runs", 0)
     parts[ShrinkOptions].setdefault("progress", False)
     return tuple(kind(**parts[kind]) for kind in kinds)

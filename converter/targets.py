@@ -34,6 +34,7 @@ __all__ = [
     "host_flags",
     "METADATA_KEY",
     "warn_if_other_target",
+    "target_line",
 ]
 
 METADATA_KEY = "onnxship.target"
@@ -78,7 +79,7 @@ ALIASES = {
 TARGET_CHOICES = ("host", *TARGETS)
 
 
-def host_flags() -> set[str]:
+def host_flags() -> frozenset[str]:
     """The CPU flags this process sees (Linux /proc/cpuinfo; empty elsewhere)."""
     from converter.provenance import cpu_model_and_flags
 
@@ -120,6 +121,19 @@ def target_summary(target: Target) -> dict[str, object]:
         "host_target": host.name,
         "host_flags": sorted(f for f in host_flags() if f in wanted),
     }
+
+
+def target_line(summary: dict[str, object]) -> str:
+    """One line for reports, from :func:`target_summary`: the target, its weight bits, and
+    whether this host is that CPU kind (latency measured here is the target's only then)."""
+    bits = "7-bit" if summary["reduce_range"] else "8-bit"
+    host = summary["host_target"]
+    where = (
+        "this host"
+        if summary["target"] == host
+        else f"not this host ({host}): latency here is not the target's"
+    )
+    return f"int8 target: {summary['target']} ({bits} weights), {where}."
 
 
 def warn_if_other_target(model, path: object) -> str | None:

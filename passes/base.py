@@ -49,7 +49,7 @@ def fingerprint(model: onnx.ModelProto) -> str:
 
 def structure(model: onnx.ModelProto) -> tuple:
     """What a pass would change if it edited its input in place, read without serializing:
-    the graph's nodes (op, inputs, outputs, attribute names), initializers (name, type,
+    the graph's nodes (op, inputs, outputs, attribute count), initializers (name, type,
     shape), inputs and outputs. Cheap enough to check on every pass call; the full byte
     fingerprint is checked too under --debug."""
     g = model.graph
