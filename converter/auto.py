@@ -12,8 +12,11 @@ reference, cached by content hash so a re-run is fast):
 
 Then every candidate is benched interleaved with fp32 in one process, and the fastest one
 meeting the budget (ties → the higher score) is written as ``OUTDIR/model.onnx`` with a report
-and a manifest. The calibration data is ``calib`` or, without it, every fourth sample of
-``data`` (at most 256) — kept apart from the samples that are scored; the report says which.
+and a manifest; when none meets it, the closest one is written all the same, marked as a
+miss. ``time_budget`` stops the search from starting new candidates once that much wall time
+has passed (auto_tasks.Deadline). The calibration data is ``calib`` or, without it, every
+fourth sample of ``data`` (at most 256) — kept apart from the samples that are scored; the
+report says which.
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +37,7 @@ import numpy as np
 import onnx
 
 from converter import defaults
-from converter.auto_tasks import evaluate_all, notes
+from converter.auto_tasks import Deadline, notes
 from converter.data import LABELS, Dataset, model_input_specs, open_data
 from converter.errors import BadInputError, GateFailed, OnnxshipError
 from converter.executor import Executor, InProcess
@@ -127,10 +132,40 @@ class AutoResult:
     report_html: Path | None = None
     notes: list[str] = field(default_factory=list)
     target: str = "host"  # the resolved hardware target of every candidate
+    written: Candidate | None = None  # in OUTDIR/model.onnx: best, or on a miss the closest
+    time_budget: dict[str, Any] | None = None  # with --time-budget: see _time_summary
 
     def closest(self) -> Candidate | None:
         scored = [c for c in self.candidates if c.score is not None]
         return max(scored, key=lambda c: c.score) if scored else None
+
+    def shortfall(self, c: Candidate) -> dict[str, float]:
+        """How far ``c`` is from the budget: its score below the threshold, its worst cosine
+        below --min-worst (0.0 where it meets)."""
+        short = {"score": max(0.0, self.threshold - c.score)}
+        if self.budget.min_worst is not None:
+            short["worst"] = max(0.0, self.budget.min_worst - c.worst)
+        return short
+
+    def miss(self, c: Candidate) -> str:
+        """``c``'s shortfall for people: "accuracy short by 0.0123, worst cosine short by
+        0.0040" (what it meets left out)."""
+        short = self.shortfall(c)
+        names = {"score": self.budget.metric, "worst": "worst cosine"}
+        parts = [f"{names[k]} short by {v:.4f}" for k, v in short.items() if v > 0]
+        return ", ".join(parts) or "within budget"
+
+    def outcome(self) -> dict[str, Any]:
+        """What the manifest says about OUTDIR/model.onnx and the time budget."""
+        c, written = self.written, None
+        if c is not None:
+            met = c is self.best
+            written = {
+                "candidate": c.name,
+                "within_budget": met,
+                "short_by": {} if met else self.shortfall(c),
+            }
+        return {"written": written, "time_budget": self.time_budget}
 
 
 # ---------------------------------------------------------------- data
@@ -242,12 +277,9 @@ class _Builder:
         return hashlib.sha256(text.encode()).hexdigest()[:20]
 
     def evaluate(self, candidate: Candidate) -> Candidate:
-        candidate.key = self.key(candidate.passes)
+        if self.read_cache(candidate):
+            return candidate
         path, record = self.cache / f"{candidate.key}.onnx", self.cache / f"{candidate.key}.json"
-        numbers = _cached(path, record)
-        if numbers is not None:
-            candidate.__dict__.update(numbers, path=path, cached=True)
-            return self._judge(candidate)
         try:
             with quiet_passes():
                 save_model(self._build(candidate.passes), path)
@@ -260,6 +292,17 @@ class _Builder:
         numbers = {k: getattr(candidate, k) for k in _CACHED}
         atomic_write_text(record, json.dumps({**numbers, "sha256": sha256_file(path)}))
         return self._judge(candidate)
+
+    def read_cache(self, candidate: Candidate) -> bool:
+        """Fill in ``candidate`` from the cache, judged; False when it is not there."""
+        candidate.key = self.key(candidate.passes)
+        path = self.cache / f"{candidate.key}.onnx"
+        numbers = _cached(path, path.with_suffix(".json"))
+        if numbers is None:
+            return False
+        candidate.__dict__.update(numbers, path=path, cached=True)
+        self._judge(candidate)
+        return True
 
     def _judge(self, c: Candidate) -> Candidate:
         """Whether ``c`` meets this run's budget (cached numbers may come from another)."""
@@ -351,18 +394,25 @@ def _passes_of(config: dict[str, Any], excluded: list[str]) -> list[dict[str, An
 
 
 def _search(
-    builder: _Builder, sparsity_grid: list[float], max_excluded: int, executor: Executor
+    builder: _Builder,
+    sparsity_grid: list[float],
+    max_excluded: int,
+    executor: Executor,
+    deadline: Deadline,
 ) -> Iterator[Candidate]:
+    """The candidates, in search order; those ``deadline`` leaves out are not yielded (they
+    are in ``deadline.not_tried``), and later stages decide on the ones tried."""
     configs = _configs(builder.model, builder.target)
     first = [Candidate(name, _passes_of(config, [])) for name, config in configs]
-    base = list(zip(evaluate_all(builder, first, executor), (cfg for _, cfg in configs)))
+    evaluated = deadline.evaluate(builder, first, executor)
+    base = [(c, cfg) for c, (_, cfg) in zip(evaluated, configs) if c is not None]
     for c, _ in base:
         yield _log(c)
     for mode in ("quantize-dynamic", "quantize-static"):
         tried = [(c, cfg) for c, cfg in base if cfg["pass"] == mode and c.score is not None]
         if tried and not any(c.meets for c, _ in tried):
             best, config = max(tried, key=lambda t: t[0].score)
-            yield from _exclusions(builder, best, config, max_excluded, executor)
+            yield from _exclusions(builder, best, config, max_excluded, executor, deadline)
     if not sparsity_grid:
         return
     scored = [(c, cfg) for c, cfg in base if c.score is not None]
@@ -373,8 +423,9 @@ def _search(
         prune = {"pass": "prune", "sparsity": sparsity}
         pruned.append(Candidate(f"prune{sparsity:g}", [prune]))
         pruned.append(Candidate(f"prune{sparsity:g}+{best.name}", [prune, *_passes_of(config, [])]))
-    for c in evaluate_all(builder, pruned, executor):
-        yield _log(c)
+    for c in deadline.evaluate(builder, pruned, executor):
+        if c is not None:
+            yield _log(c)
 
 
 def _exclusions(
@@ -383,11 +434,17 @@ def _exclusions(
     config: dict[str, Any],
     max_excluded: int,
     executor: Executor,
+    deadline: Deadline,
 ) -> Iterator[Candidate]:
     """Keep the most sensitive nodes of ``best``'s mode in fp32, one more at a time (as many
-    at a time as the executor runs at once; the list ends at the first that meets)."""
+    at a time as the executor runs at once; the list ends at the first that meets). The
+    ranking is not cached: with the time spent, none of these is tried (``max_excluded`` of
+    them are listed as not tried)."""
     from converter.sensitivity import sensitivity
 
+    if deadline.spent():
+        deadline.not_tried += [f"{best.name}_fp32x{k}" for k in range(1, max_excluded + 1)]
+        return
     mode = "static" if config["pass"] == "quantize-static" else "dynamic"
     settings = {k: v for k, v in config.items() if k not in ("pass", "per_channel", "smooth")}
     ranked = sensitivity(  # ranked under the settings of the candidate being repaired
@@ -406,10 +463,11 @@ def _exclusions(
             Candidate(f"{best.name}_fp32x{k}", _passes_of(config, ranked[:k]))
             for k in ks[i : i + executor.width]
         ]
-        for c in evaluate_all(builder, chunk, executor):
-            yield _log(c)
-            if c.meets:
-                return
+        for c in deadline.evaluate(builder, chunk, executor):
+            if c is not None:
+                yield _log(c)
+                if c.meets:
+                    return
 
 
 def _log(c: Candidate) -> Candidate:
@@ -444,15 +502,21 @@ def auto(
     threads: int = 1,
     target: str = "host",
     executor: Executor | None = None,
+    time_budget: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> AutoResult:
     """Search configurations; write the fastest one meeting the budget to OUTDIR/model.onnx.
-    Returns the result; ``result.best`` is None when nothing met the budget. ``target`` is the
-    CPU kind the int8 candidates are made for (converter.targets). ``executor`` builds and
-    scores the candidates (default: in this process; see converter.auto_tasks); the bench of
-    the candidates always runs here, interleaved on this machine."""
+    Returns the result; ``result.best`` is None when nothing met the budget, and then the
+    closest candidate is written instead (``result.written``; None when no candidate was
+    scored). ``target`` is the CPU kind the int8 candidates are made for (converter.targets).
+    ``executor`` builds and scores the candidates (default: in this process; see
+    converter.auto_tasks); the bench of the candidates always runs here, interleaved on this
+    machine. ``time_budget``: seconds of wall time on ``clock``, counted from here, after
+    which no new candidate starts (auto_tasks.Deadline)."""
     from converter.targets import resolve_target
 
-    budget = _check(metric, min_score, max_drop, min_worst, sparsity_grid)
+    deadline = Deadline(time_budget, clock)
+    budget = _check(metric, min_score, max_drop, min_worst, sparsity_grid, time_budget)
     resolved = resolve_target(target).name
     out = Path(outdir)
     fp32 = dense_model(load_model(model))  # a packed input is searched on its dense weights
@@ -485,21 +549,61 @@ def auto(
         split,
     )
     executor = executor or InProcess()
-    candidates = list(_search(builder, sorted(sparsity_grid or []), max_excluded, executor))
+    grid = sorted(sparsity_grid or [])
+    candidates = list(_search(builder, grid, max_excluded, executor, deadline))
     result = AutoResult(
         out, budget, builder.reference_score, builder.threshold, candidates, None, split,
-        target=resolved,
+        target=resolved, time_budget=_time_summary(deadline, len(candidates)),
     )  # fmt: skip
-    result.notes += notes(executor)
+    result.notes += notes(executor) + _time_note(result.time_budget)
     _bench(result, reference, score_path, bench_runs, threads)
     result.best = _choose(candidates)
-    if result.best is not None:
-        with atomic_path(out / "model.onnx") as tmp:
-            shutil.copyfile(result.best.path, tmp)
+    _write_model(result)
     from converter.auto_report import write_auto_outputs
 
     write_auto_outputs(result, model)
     return result
+
+
+def _write_model(result: AutoResult) -> None:
+    """OUTDIR/model.onnx: the chosen candidate or, on a miss, the closest one; none (a stale
+    one removed) when no candidate was scored."""
+    result.written = result.best or result.closest()
+    target = result.outdir / "model.onnx"
+    if result.written is None:
+        target.unlink(missing_ok=True)
+        return
+    with atomic_path(target) as tmp:
+        shutil.copyfile(result.written.path, tmp)
+
+
+def _time_summary(deadline: Deadline, tried: int) -> dict[str, Any] | None:
+    """The manifest's record of --time-budget: whether the search stopped at it, after how
+    many of how many candidates, and which were not tried."""
+    if deadline.seconds is None:
+        return None
+    skipped = deadline.not_tried
+    return {
+        "seconds": deadline.seconds,
+        "elapsed": round(deadline.elapsed(), 3),
+        "stopped": bool(skipped),
+        "tried": tried,
+        "planned": tried + len(skipped),
+        "not_tried": list(skipped),
+    }
+
+
+def _time_note(summary: dict[str, Any] | None) -> list[str]:
+    if summary is None:
+        return []
+    spent = f"--time-budget {summary['seconds']:g} s ({summary['elapsed']:.3g} s spent)"
+    if not summary["stopped"]:
+        return [f"{spent}: every candidate of the search was tried."]
+    return [
+        f"the search stopped at the time budget, {spent}, after {summary['tried']} of "
+        f"{summary['planned']} candidates; not tried: {', '.join(summary['not_tried'])}. "
+        "Candidates found in the cache were still read."
+    ]
 
 
 def _choose(candidates: list[Candidate]) -> Candidate | None:
@@ -513,7 +617,7 @@ def _choose(candidates: list[Candidate]) -> Candidate | None:
     return max(close, key=lambda c: (c.score, c.worst, c.speedup))
 
 
-def _check(metric, min_score, max_drop, min_worst, sparsity_grid) -> Budget:
+def _check(metric, min_score, max_drop, min_worst, sparsity_grid, time_budget=None) -> Budget:
     if metric not in METRICS:
         raise BadInputError(f"unknown metric {metric!r}", f"use one of {', '.join(METRICS)}")
     if min_score is None and max_drop is None:
@@ -530,6 +634,11 @@ def _check(metric, min_score, max_drop, min_worst, sparsity_grid) -> Budget:
             raise BadInputError(
                 f"sparsity {s} in --sparsity-grid is outside (0, 1)", "e.g. --sparsity-grid 0.3,0.5"
             )
+    if time_budget is not None and not (math.isfinite(time_budget) and time_budget > 0):
+        raise BadInputError(
+            f"--time-budget {time_budget} is not a number of seconds > 0",
+            "e.g. --time-budget 600, or leave it out for no limit",
+        )
     return Budget(metric, min_score, max_drop, min_worst)
 
 
@@ -570,19 +679,29 @@ def _bench(result: AutoResult, reference: Path, score: Path, runs: int, threads:
 
 
 def check_result(result: AutoResult) -> None:
-    """Raise GateFailed when nothing met the budget, naming the closest candidate."""
+    """Raise GateFailed when nothing met the budget, naming the closest candidate (written to
+    OUTDIR/model.onnx all the same) and, when the search stopped at it, the time budget."""
     if result.best is not None:
         return
-    closest = result.closest()
+    closest, timed = result.closest(), result.time_budget or {}
+    more = ""
+    if timed.get("stopped"):
+        more = (
+            f"raise --time-budget ({timed['tried']} of {timed['planned']} candidates tried "
+            f"in {timed['seconds']:g} s), "
+        )
     if closest is None:
-        raise GateFailed("no candidate could be built", f"see {result.report_md}")
+        what = "no candidate could be built"
+        if timed.get("stopped") and not result.candidates:
+            what = f"no candidate was tried within --time-budget {timed['seconds']:g} s"
+        raise GateFailed(what + "; no model.onnx written", f"{more}see {result.report_md}")
     gates = result.budget.gates(result.reference_score, closest.score, closest.worst)
-    short = max(0.0, result.threshold - closest.score)
     raise failure(
         f"no candidate meets {result.budget.describe(result.reference_score)}; closest: "
-        f"{closest.name} with {result.budget.metric} {closest.score:.4f} (short by "
-        f"{short:.4f}), worst cosine {closest.worst:.4f}; its gates",
+        f"{closest.name} with {result.budget.metric} {closest.score:.4f} "
+        f"({result.miss(closest)}), worst cosine {closest.worst:.4f}, written to model.onnx "
+        "all the same; its gates",
         gates,
-        f"relax the budget, add --calib data closer to real use, or see {result.report_md}",
+        f"{more}relax the budget, add --calib data closer to real use, or see {result.report_md}",
         None,
     )

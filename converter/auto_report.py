@@ -92,15 +92,19 @@ def _pareto_plot(result: Any) -> Path | None:
     ax.set_ylabel(f"{result.budget.metric} — dashed: budget")
     ax.set_title("candidates (green = chosen, blue = meets the budget, red = misses)")
     ax.grid(alpha=0.3)
-    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=7, frameon=False)
+    if shown:
+        ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=7, frameon=False)
     return save_figure(fig, result.outdir / "pareto.png")
 
 
 def _summary_line(result: Any) -> str:
     budget = result.budget.describe(result.reference_score)
     if result.best is None:
-        closest = result.closest()
-        tail = f"closest: {closest.name} ({closest.score:.4f})" if closest else "none built"
+        c = result.written
+        tail = f"none {'built' if result.candidates else 'tried'}, no model.onnx written"
+        if c is not None:
+            tail = f"closest: {c.name} ({c.score:.4f}), written to model.onnx but **NOT within "
+            tail += f"budget** ({result.miss(c)})"
         return f"No candidate meets the budget ({budget}); {tail}."
     b = result.best
     return (
@@ -156,7 +160,7 @@ def write_auto_outputs(result: Any, source_model: Any) -> None:
     plot = _pareto_plot(result)
     out = result.outdir
     artifacts = {"fp32": artifact_entry(out / "fp32.onnx", out)}
-    if result.best is not None:
+    if result.written is not None:
         artifacts["model"] = artifact_entry(out / "model.onnx", out)
     manifest = {
         "onnxship": __version__,
@@ -168,6 +172,7 @@ def write_auto_outputs(result: Any, source_model: Any) -> None:
         },
         "data_split": result.split,
         "chosen": None if result.best is None else result.best.name,
+        **result.outcome(),  # what model.onnx holds, within budget or not; --time-budget
         "artifacts": artifacts,
         "candidates": [
             {

@@ -38,3 +38,4 @@ DEFAULT_SENSITIVITY_BATCH = 32
 # --- auto
 AUTO_MAX_EXCLUDED = 8
 AUTO_BENCH_RUNS = 50
+AUTO_TIME_BUDGET = None  # seconds of wall time for the search; None: no limit

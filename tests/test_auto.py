@@ -91,7 +91,7 @@ def test_auto_encoder_cosine_budget(tiny_encoder, tmp_path: Path) -> None:
     assert per_sample_cosine(got, want).mean() >= 0.99
 
 
-def test_impossible_budget_is_exit_1_naming_the_closest(digits_mlp, tmp_path, capsys) -> None:
+def test_impossible_budget_is_exit_1_writing_the_closest(digits_mlp, tmp_path, capsys) -> None:
     code = main(
         [
             "-q",
@@ -116,8 +116,25 @@ def test_impossible_budget_is_exit_1_naming_the_closest(digits_mlp, tmp_path, ca
     err = capsys.readouterr().err
     assert code == 1
     assert "no candidate meets cosine ≥ 1.0000" in err and "closest:" in err and "short by" in err
-    assert not (tmp_path / "o" / "model.onnx").exists()
-    assert (tmp_path / "o" / "report.md").exists()
+    # the closest candidate is written all the same, marked as a miss
+    out = tmp_path / "o"
+    manifest = json.loads((out / "manifest.json").read_text())
+    closest = max((c for c in manifest["candidates"] if c["score"] is not None), key=_score)
+    written = manifest["written"]
+    assert written["candidate"] == closest["name"] and not written["within_budget"]
+    assert written["short_by"]["score"] == pytest.approx(1.0 - closest["score"])
+    assert written["short_by"]["worst"] == pytest.approx(1.0 - closest["worst"])
+    assert f"closest: {closest['name']}" in err and "written to model.onnx" in err
+    score = np.load(out / "data" / "score.npz")
+    got = make_session(out / "model.onnx").run(None, {"x": score["x"]})[0]
+    want = make_session(digits_mlp.onnx).run(None, {"x": score["x"]})[0]
+    cosine = per_sample_cosine(got, want)
+    assert cosine.mean() == pytest.approx(closest["score"]) and cosine.min() < 1.0
+    assert "NOT within budget" in (out / "report.md").read_text()
+
+
+def _score(candidate: dict) -> float:
+    return candidate["score"]
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,10 @@ data and benched interleaved with fp32; the fastest one meeting the budget is wr
 OUTDIR/model.onnx with report.md/.html (Pareto plot, every candidate) and manifest.json.
 Without --calib, every 4th sample of --data (at most 256) calibrates and the rest is scored.
 Candidates are cached in OUTDIR/cache by content hash: a re-run is fast.
-Exit 1 when no candidate meets the budget (the closest is named), 2 on bad input.
+With --time-budget, no new candidate starts once that many seconds have passed since the
+start (the one in progress finishes; cached ones are still read); the report lists the
+candidates not tried. Exit 1 when no candidate meets the budget: the closest is named and
+written to OUTDIR/model.onnx all the same, marked NOT within budget. Exit 2 on bad input.
 """
 
 
@@ -62,6 +65,13 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         type=int,
         default=defaults.AUTO_BENCH_RUNS,
         help=f"timed runs per candidate ({defaults.AUTO_BENCH_RUNS})",
+    )
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=defaults.AUTO_TIME_BUDGET,
+        metavar="SECONDS",
+        help="start no new candidate after this much wall time (default: no limit)",
     )
     add_target_argument(p)
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR")
@@ -108,4 +118,5 @@ def _auto(args: argparse.Namespace, executor):
         bench_runs=args.bench_runs,
         target=args.target,
         executor=executor,
+        time_budget=args.time_budget,
     )
