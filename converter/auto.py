@@ -112,6 +112,7 @@ class Candidate:
     size: int | None = None
     cached: bool = False
     unfused_dq: float | None = None  # share of run time in unfused DequantizeLinear (static)
+    node_errors: dict[str, Any] | None = None  # {"samples", "tensors"}: see _note_node_errors
 
     def row(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
@@ -558,6 +559,7 @@ def auto(
     result.notes += notes(executor) + _time_note(result.time_budget)
     _bench(result, reference, score_path, bench_runs, threads)
     result.best = _choose(candidates)
+    _note_node_errors(result, builder, threads)
     _write_model(result)
     from converter.auto_report import write_auto_outputs
 
@@ -676,6 +678,33 @@ def _bench(result: AutoResult, reference: Path, score: Path, runs: int, threads:
     from converter.profile import note_unfused_dq
 
     note_unfused_dq(result, built, score, threads)
+
+
+def _note_node_errors(result: AutoResult, builder: _Builder, threads: int) -> None:
+    """The per-tensor error (converter/node_error.py) of the chosen candidate, or of the
+    closest one when none meets the budget, if it is quantized: against the model its
+    quantize pass was given (after its prune/smooth passes), pre-processed as that pass
+    does, on the first scoring samples. Stored on the candidate (manifest, report); a failure
+    is a report note, not the end of the search."""
+    from converter.node_error import node_errors, prepare_reference, sample_feeds
+
+    c = result.best or result.closest()
+    passes = c.passes if c is not None and c.path is not None else []
+    at = next((i for i, p in enumerate(passes) if p["pass"].startswith("quantize")), None)
+    if at is None:
+        return
+    try:
+        with quiet_passes():
+            before = builder._build(c.passes[:at]) if at else builder.model
+            fp32 = prepare_reference(before, c.passes[at].get("preprocess", True))
+        feeds = sample_feeds(builder.score, fp32)
+        errors = node_errors(fp32, load_model(c.path), feeds, threads)
+    except OnnxshipError as e:
+        logger.warning("warning: per-tensor error of %s not measured: %s", c.name, e.message)
+        result.notes.append(f"per-tensor error of {c.name} not measured: {e.message}")
+        return
+    samples = sum(len(next(iter(f.values()))) for f in feeds)
+    c.node_errors = {"samples": samples, "tensors": [e.to_dict() for e in errors]}
 
 
 def check_result(result: AutoResult) -> None:

@@ -9,7 +9,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from converter import __version__
+from converter import __version__, defaults
 from converter.onnxio import atomic_write_text
 from converter.provenance import machine, versions
 from converter.render import (
@@ -114,6 +114,27 @@ def _summary_line(result: Any) -> str:
     )
 
 
+def _error_table(result: Any) -> tuple[str, str, list[list[str]]] | None:
+    """(Heading, explanation, header and rows) of the per-tensor error of the candidate auto
+    measured it on (the chosen one, or the closest on a miss; converter/node_error.py)."""
+    from converter.node_error import ERROR_HEADER, TensorError, error_rows
+
+    c = next((c for c in result.candidates if c.node_errors is not None), None)
+    if c is None:
+        return None
+    errors = [TensorError.from_dict(d) for d in c.node_errors["tensors"]]
+    shown = min(len(errors), defaults.NODE_ERROR_ROWS)
+    which = f"All {shown}" if shown == len(errors) else f"The {shown} worst of {len(errors)}"
+    text = (
+        f"SQNR (dB) and cosine of each tensor {c.name} quantizes, against the fp32 model its "
+        f"quantize pass was given, on {c.node_errors['samples']} scoring samples: SQNR is the "
+        "tensor's int8 round trip alone, propagated its value in the int8 model (upstream "
+        f"errors included). {which}, worst first; manifest.json has every number."
+    )
+    rows = error_rows(errors, defaults.NODE_ERROR_ROWS)
+    return f"Per-tensor error: {c.name}", text, [ERROR_HEADER, *rows]
+
+
 def _target_line(result: Any) -> str:
     return target_line(target_summary(resolve_target(result.target)))
 
@@ -132,6 +153,10 @@ def _markdown(result: Any, mach: dict, plot: Path | None) -> str:
         *markdown_table(_HEADER, [_cells(c) for c in result.candidates]),
     ]
     lines += [""] + [f"Note: {n}" for n in result.notes]
+    errors = _error_table(result)
+    if errors is not None:
+        heading, text, (header, *rows) = errors
+        lines += ["", f"## {heading}", "", text, "", *markdown_table(header, rows)]
     if plot is not None:
         lines += ["", f"![pareto]({plot.name})"]
     return "\n".join(lines) + "\n"
@@ -143,6 +168,11 @@ def _html(result: Any, mach: dict, plot: Path | None) -> str:
     verdict = "ship" if result.best is not None else "noship"
     highlight = next((i for i, c in enumerate(result.candidates) if c is result.best), None)
     notes = "".join(f'<p class="meta">Note: {esc(n)}</p>' for n in result.notes)
+    errors = _error_table(result)
+    if errors is not None:
+        heading, text, (header, *rows) = errors
+        notes += f'<h2>{esc(heading)}</h2><p class="meta">{esc(text)}</p>'
+        notes += html_table(header, rows)
     body = f"""<div class="{verdict}">{summary}</div>
 <p class="meta">Data: {esc(result.split)}.</p>
 <p class="meta">Machine: {esc(str(mach["cpu"]))}, VNNI: {"yes" if mach["vnni"] else "no"}.

@@ -24,6 +24,11 @@ encoder, where one more quantization with precomputed ranges took 0.5-1.7 s (ORT
 shape-infers and saves the whole model): as long as scoring 64 samples. What remains is one
 session and one run over the samples per variant: time ≈ nodes × one fp32 pass.
 
+Per-tensor error (``tensor_errors`` samples, 0 = off): the SQNR and cosine of every tensor
+the fully quantized model quantizes, against the pre-processed fp32 model, on the first
+samples of ``data`` one at a time (converter/node_error.py) — where the int8 error enters,
+not what it costs at the output. ``report.tensor_errors``, worst first.
+
 Candidates are the nodes the fully quantized model has quantized, minus the ops onnxruntime
 only quantizes as 8-bit pass-through next to quantized neighbours (Reshape, Transpose,
 MaxPool, ...: no error of their own) and, in static mode, nodes whose inputs are not
@@ -55,6 +60,7 @@ from converter.executor import Executor, InProcess
 from converter.gates import fmt as _fmt
 from converter.gates import json_number as _num
 from converter.metrics import per_sample_cosine
+from converter.node_error import TensorError, error_rows
 from converter.onnxio import load_model
 from converter.runtime import make_session, run_session
 from passes.base import make_pass, quiet_passes
@@ -162,6 +168,9 @@ class SensitivityReport:
     # and their share of its batch-1 run time (profiled; a timing, so not in the JSON).
     unfused_dq_nodes: int | None = None
     unfused_dq_share: float | None = field(default=None, compare=False)
+    # Every tensor the fully quantized model quantizes, worst SQNR first (None: not measured).
+    tensor_errors: list[TensorError] | None = None
+    tensor_error_samples: int = 0
 
     def ranked_nodes(self, by: str = "loss") -> list[str]:
         """Node names, most sensitive first: by ``loss`` (alone quantized) or by ``gain``."""
@@ -190,15 +199,20 @@ class SensitivityReport:
             "nodes": [{"rank": i + 1, **n.to_dict()} for i, n in enumerate(self.nodes)],
             "not_scored": self.not_scored,
             "unfused_dq_nodes": self.unfused_dq_nodes,
+            "tensor_error_samples": self.tensor_error_samples,
+            "tensor_errors": None
+            if self.tensor_errors is None
+            else [e.to_dict() for e in self.tensor_errors],
         }
 
     def to_json(self) -> str:
         """Deterministic: the same model, data and options give the same bytes."""
         return json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
 
-    def summary(self, top: int | None = None) -> str:
-        """The ranked table; ``top`` limits it to the first rows."""
-        return _summary(self, top)
+    def summary(self, top: int | None = None, errors: int = defaults.NODE_ERROR_ROWS) -> str:
+        """The ranked table (``top`` limits it to the first rows), then the ``errors`` worst
+        tensors (0: none)."""
+        return _summary(self, top) + _error_summary(self, errors)
 
 
 def sensitivity(
@@ -216,6 +230,7 @@ def sensitivity(
     threads: int = 1,
     progress: bool = True,
     executor: Executor | None = None,
+    tensor_errors: int = defaults.NODE_ERROR_SAMPLES,
 ) -> SensitivityReport:
     """Rank the quantizable nodes of the fp32 ``model`` by the fidelity lost when each alone
     is quantized, scored on the first ``samples`` samples of ``data``.
@@ -229,9 +244,10 @@ def sensitivity(
     others quantized (one more quantization and run per node). ``threads`` = 1 keeps the
     numbers independent of the machine's core count. ``executor`` runs the scoring of the
     nodes (default: in this process; a RayExecutor runs one Ray task per node); the report
-    is the same either way.
+    is the same either way. ``tensor_errors``: samples of ``data`` the per-tensor error of
+    the fully quantized model is measured on (0: not measured).
     """
-    _check_options(mode, metric, samples, batch_size, threads)
+    _check_options(mode, metric, samples, batch_size, threads, tensor_errors)
     proto = _load(model)
     specs = model_input_specs(proto)
     dataset = open_data(data, specs)
@@ -272,6 +288,8 @@ def sensitivity(
     )
     if mode == "static":
         _profile_full(report, variants.full.model, scorer, threads)
+    if tensor_errors:
+        _tensor_errors(report, variants, data, tensor_errors, threads)
     logger.info(
         "sensitivity (%s): %d nodes scored on %d samples in %.1f s; most sensitive %s",
         mode,
@@ -294,10 +312,22 @@ def _profile_full(report: SensitivityReport, model: onnx.ModelProto, scorer, thr
     report.unfused_dq_share = unfused_dq_share(data, feed, runs=10, threads=threads)
 
 
+def _tensor_errors(
+    report: SensitivityReport, variants: _Variants, data, samples: int, threads: int
+) -> None:
+    """The per-tensor error of the fully quantized model against the model it was made
+    from (the pre-processed fp32 one: same tensor and weight names)."""
+    from converter.node_error import node_errors, sample_feeds
+
+    feeds = sample_feeds(data, variants.prepared, samples)
+    report.tensor_errors = node_errors(variants.prepared, variants.full.model, feeds, threads)
+    report.tensor_error_samples = sum(len(next(iter(f.values()))) for f in feeds)
+
+
 # ---------------------------------------------------------------- options and inputs
 
 
-def _check_options(mode, metric, samples, batch_size, threads) -> None:
+def _check_options(mode, metric, samples, batch_size, threads, tensor_errors) -> None:
     if mode not in MODES:
         raise BadInputError(f"unknown mode {mode!r}", f"use one of {', '.join(MODES)}")
     if metric not in METRICS:
@@ -309,6 +339,11 @@ def _check_options(mode, metric, samples, batch_size, threads) -> None:
     ):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise BadInputError(f"{flag} {value!r} is not a whole number ≥ 1", f"e.g. {flag} 64")
+    if not isinstance(tensor_errors, int) or isinstance(tensor_errors, bool) or tensor_errors < 0:
+        raise BadInputError(
+            f"tensor_errors {tensor_errors!r} is not a whole number ≥ 0",
+            f"give the samples to measure on (e.g. {defaults.NODE_ERROR_SAMPLES}), 0 for none",
+        )
 
 
 def _own_settings_absent(quant_settings: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -656,4 +691,27 @@ def _summary(r: SensitivityReport, top: int | None) -> str:
         lines.append("  " + "  ".join(cells).rstrip())
     if len(shown) < len(r.nodes):
         lines.append(f"  ... {len(r.nodes) - len(shown)} more (--top 0 shows all, --json has all)")
+    return "\n".join(lines)
+
+
+def _error_summary(r: SensitivityReport, rows: int) -> str:
+    """The ``rows`` worst tensors of the fully quantized model, as a table."""
+    if not rows or r.tensor_errors is None:
+        return ""
+    from converter.node_error import ERROR_HEADER
+
+    lines = [
+        "",
+        f"  per-tensor error of the fully quantized model vs fp32 ({r.tensor_error_samples} "
+        "samples): SQNR of each tensor's int8",
+        "  round trip alone, and propagated = its value in the int8 model (upstream errors "
+        "included); worst first",
+    ]
+    table = [ERROR_HEADER] + error_rows(r.tensor_errors, rows)
+    widths = [max(len(row[i]) for row in table) for i in range(len(ERROR_HEADER))]
+    for row in table:
+        cells = [c.rjust(w) if i >= 3 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        lines.append("  " + "  ".join(cells).rstrip())
+    if len(r.tensor_errors) > rows:
+        lines.append(f"  ... {len(r.tensor_errors) - rows} more (--json has all)")
     return "\n".join(lines)

@@ -262,6 +262,7 @@ def quantized_model(outlier, tmp_path_factory):
         "samples 0",
         "unknown output",
         "json folder missing",
+        "tensor errors negative",
     ],
 )
 def test_bad_input_is_exit_2_one_line(case, outlier, digits_cnn, quantized_model, tmp_path, capsys):
@@ -283,6 +284,8 @@ def test_bad_input_is_exit_2_one_line(case, outlier, digits_cnn, quantized_model
         extra = ["--samples", "0"]
     elif case == "unknown output":
         extra = ["--output", "logits"]
+    elif case == "tensor errors negative":
+        extra = ["--tensor-errors", "-1"]
     json_path = tmp_path / ("missing/r.json" if case == "json folder missing" else "r.json")
     code, out, err = cli(
         capsys, "sensitivity", model, "--data", data, "--json", json_path, "-q", *extra

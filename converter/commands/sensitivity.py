@@ -32,6 +32,13 @@ node in static mode (64 nodes: 75-98 s, after 10.5-12.6 s of calibration) and 1.
 dynamic mode (39 nodes: 52-55 s) on one thread of an AMD EPYC (AVX2, no VNNI), onnxruntime
 1.32.0 (tests/benchmarks/bench_sensitivity.py); --gain adds one quantization per node;
 --samples 32 halves the scoring part.
+
+Then the per-tensor error of the fully quantized model: the SQNR (dB) and cosine of every
+tensor it quantizes (activations, weights; in dynamic mode also the replaced nodes'
+outputs) against the pre-processed fp32 model, on the first 8 samples of --data — the
+numbers of onnxruntime's qdq_loss_debug. "SQNR" is the tensor's int8 round trip alone,
+"propagated" the int8 model's value, which carries every error upstream. The
+--tensor-errors worst are printed (lowest SQNR first); --json has all.
 """
 DEFAULT_SAMPLES = defaults.DEFAULT_SENSITIVITY_SAMPLES
 
@@ -53,6 +60,13 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--gain", action="store_true", help="also measure each node kept in fp32")
     p.add_argument("--output", metavar="NAME", help="the output to compare (default: the first)")
     p.add_argument("--top", type=int, default=20, metavar="K", help="rows shown (20; 0 = all)")
+    p.add_argument(
+        "--tensor-errors",
+        type=int,
+        default=defaults.NODE_ERROR_ROWS,
+        metavar="K",
+        help=f"worst tensors shown ({defaults.NODE_ERROR_ROWS}; 0 = not measured)",
+    )
     p.add_argument("--json", metavar="PATH", help="write every node's numbers as JSON")
     p.add_argument("--threads", type=int, default=1, metavar="N", help="intra-op threads (1)")
     add_executor_args(
@@ -119,12 +133,17 @@ def run(args: argparse.Namespace) -> int:
     settings = _quant_settings(args)
     if args.top < 0:
         raise BadInputError(f"--top {args.top} is negative", "give K ≥ 1, or 0 for all rows")
+    if args.tensor_errors < 0:
+        raise BadInputError(
+            f"--tensor-errors {args.tensor_errors} is negative",
+            "give K ≥ 1 rows, or 0 to skip the per-tensor error",
+        )
     if args.json:
         check_output_path(args.json, args.model, args.data, args.calib)
     with make_executor(args.executor, args.ray_address) as executor:
         report = _sensitivity(args, settings, executor)
     if not args.quiet:
-        print(report.summary(top=args.top or None))
+        print(report.summary(top=args.top or None, errors=args.tensor_errors))
     if args.json:
         atomic_write_text(args.json, report.to_json())
     return 0
@@ -147,4 +166,5 @@ def _sensitivity(args: argparse.Namespace, settings: dict, executor):
         threads=args.threads,
         progress=not args.quiet,
         executor=executor,
+        tensor_errors=defaults.NODE_ERROR_SAMPLES if args.tensor_errors else 0,
     )
