@@ -15,7 +15,9 @@ DEFAULT_MIN_PARAMS = 1024  # smaller tensors (biases of small layers, norms) are
 
 # --- quantize
 CALIB_METHODS = ("minmax", "entropy", "percentile", "distribution", "mean_minmax")
-QUANT_SCHEMES = ("default", "transformer")  # where static Q/DQ goes (see passes/quantize.py)
+WEIGHT_ROUNDINGS = ("nearest", "gptq")  # static int8 weights (see passes/gptq.py)
+# where static Q/DQ goes (see passes/quantize.py)
+QUANT_SCHEMES = ("auto", "default", "transformer")
 QUANT_FORMATS = ("qdq", "qoperator")
 QUANT_TYPES = ("uint8", "int8")
 DEFAULT_CALIB_BATCH = 16

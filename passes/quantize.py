@@ -58,7 +58,7 @@ import numpy as np
 import onnx
 
 from converter import defaults
-from converter.errors import BadInputError, DataError, OnnxshipError, first_line
+from converter.errors import BadInputError, DataError, OnnxshipError, PassError, first_line
 from converter.onnxio import save_model
 from passes.base import Pass, PassResult, fingerprint
 from passes.calibration import CalibrationRanges, OneBatch, negative_activation_ranges
@@ -84,6 +84,7 @@ __all__ = [
     "QUANT_TYPES",
     "DEFAULT_CALIB_BATCH",
     "SCHEMES",
+    "WEIGHT_ROUNDINGS",
     "preprocess",
 ]
 
@@ -95,6 +96,7 @@ CALIB_METHODS = defaults.CALIB_METHODS
 # else (residual Add, Softmax, LayerNorm, GELU, the mask's Where/Mul, Gather) stays float —
 # NNCF's TRANSFORMER model type; see passes/calibration.py for its mean_minmax ranges.
 SCHEMES = defaults.QUANT_SCHEMES
+WEIGHT_ROUNDINGS = defaults.WEIGHT_ROUNDINGS
 _TRANSFORMER_OPS = ("Gemm", "MatMul")
 FORMATS = defaults.QUANT_FORMATS
 QUANT_TYPES = defaults.QUANT_TYPES
@@ -266,14 +268,21 @@ class _Int8Pass(Pass):
         raise NotImplementedError
 
 
+def looks_like_transformer(model: onnx.ModelProto) -> bool:
+    """MatMul, Softmax and a layer norm (fused, or as ReduceMean + Sqrt): attention blocks."""
+    ops = {n.op_type for n in model.graph.node}
+    norm = "LayerNormalization" in ops or {"ReduceMean", "Sqrt"} <= ops
+    return {"MatMul", "Softmax"} <= ops and norm
+
+
 def _transformer_hint(model: onnx.ModelProto) -> list[str]:
-    """A warning when the default scheme quantizes what looks like a transformer (MatMul,
-    Softmax and LayerNormalization): its residual Adds, Softmax and attention mask then get
-    Q/DQ too, which costs fidelity (all-MiniLM-L6-v2: mean cosine 0.83 vs 0.99)."""
-    if not {"MatMul", "Softmax", "LayerNormalization"} <= {n.op_type for n in model.graph.node}:
+    """A warning when the default scheme, chosen explicitly, quantizes what looks like a
+    transformer: its residual Adds, Softmax and attention mask then get Q/DQ too, which
+    costs fidelity (all-MiniLM-L6-v2: mean cosine 0.83 vs 0.99)."""
+    if not looks_like_transformer(model):
         return []
     message = (
-        "the model looks like a transformer (MatMul, Softmax, LayerNormalization): "
+        "the model looks like a transformer (MatMul, Softmax, layer norm): "
         "--scheme transformer quantizes only MatMul/Gemm inputs and is far more faithful"
     )
     logger.warning("warning: %s", message)
@@ -410,15 +419,17 @@ class StaticQuantize(_Int8Pass):
         preprocess: bool = True,
         progress: bool = True,
         target: str = "host",
-        scheme: str = "default",
+        scheme: str = "auto",
+        weight_rounding: str = "nearest",
     ) -> None:
         self._init_common(**{k: v for k, v in locals().items() if k in _COMMON_SETTINGS})
         self.calibration = calibration
         self.ranges = ranges
         self.scheme = _check_choice(scheme, SCHEMES, "quantization scheme")
-        if calib_method is None:  # each scheme's measured best (README, "Transformer int8")
-            calib_method = "mean_minmax" if self.scheme == "transformer" else "minmax"
-        self.calib_method = _check_choice(calib_method, CALIB_METHODS, "calibration method")
+        self.weight_rounding = _check_choice(weight_rounding, WEIGHT_ROUNDINGS, "weight rounding")
+        if calib_method is not None:  # else the scheme's measured best, see _resolve
+            calib_method = _check_choice(calib_method, CALIB_METHODS, "calibration method")
+        self.calib_method = calib_method
         self.calib_samples = calib_samples
         self.calib_batch_size = calib_batch_size
         self.format = _check_choice(format, FORMATS, "format")
@@ -430,7 +441,8 @@ class StaticQuantize(_Int8Pass):
         )
 
     def _check_settings(self) -> None:
-        if self.calibration is not None and self.ranges is not None:
+        gptq = self.weight_rounding == "gptq"  # GPTQ reads the data even with reused ranges
+        if self.calibration is not None and self.ranges is not None and not gptq:
             raise BadInputError(
                 "both calibration data and precomputed ranges were given",
                 "pass one: calibration=DATA or ranges=CalibrationRanges",
@@ -455,6 +467,9 @@ class StaticQuantize(_Int8Pass):
     def requires(self, model: onnx.ModelProto) -> None:
         super().requires(model)
         if self._ranges is not None:
+            if self.scheme == "auto":
+                self.scheme = self._ranges.scheme
+            self.calib_method = self.calib_method or self._ranges.method
             if (
                 self._ranges.model != fingerprint(model)
                 or self._ranges.preprocess != self.preprocess
@@ -465,11 +480,21 @@ class StaticQuantize(_Int8Pass):
                     "pre-processing settings or scheme)",
                     "calibrate this model: StaticQuantize(calibration=DATA).calibrate(model)",
                 )
+            if self.weight_rounding == "gptq":
+                self._need_gptq_data(model)
             return
         if self.calibration is None:
             raise BadInputError(
                 "static quantization needs calibration data",
                 "pass --calib DATA.npz (samples the model sees in use), or use --mode dynamic",
+            )
+        self._open_data(model)
+
+    def _need_gptq_data(self, model: onnx.ModelProto) -> None:
+        if self.calibration is None:
+            raise BadInputError(
+                "GPTQ weight rounding needs calibration data, also with reused ranges",
+                "pass calibration=DATA as well, or weight_rounding='nearest'",
             )
         self._open_data(model)
 
@@ -485,7 +510,7 @@ class StaticQuantize(_Int8Pass):
         if self._ranges is not None:
             return self._ranges
         with tempfile.TemporaryDirectory(prefix="onnxship-calibrate-") as tmp:
-            prepared = preprocess(model, Path(tmp), self.preprocess)
+            prepared = self.prepare(model, Path(tmp))
             tensors, samples = self._collect(prepared, Path(tmp))
             return CalibrationRanges(
                 tensors,
@@ -503,7 +528,18 @@ class StaticQuantize(_Int8Pass):
             path = folder / "preprocessed.onnx"
             path.write_bytes(self._ranges.prepared)
             return Prepared(path, onnx.load(str(path)), self._ranges.prepared_note)
-        return super().prepare(model, folder)
+        prepared = super().prepare(model, folder)
+        self._resolve(prepared.model)
+        return prepared
+
+    def _resolve(self, model: onnx.ModelProto) -> None:
+        """Settle scheme "auto" — transformer when the (pre-processed) model looks like one,
+        else default — and, unless given, the scheme's measured best range estimator."""
+        if self.scheme == "auto":
+            self.scheme = "transformer" if looks_like_transformer(model) else "default"
+            logger.debug("scheme auto: %s", self.scheme)
+        if self.calib_method is None:  # README, "Transformer int8"
+            self.calib_method = "mean_minmax" if self.scheme == "transformer" else "minmax"
 
     def _collect(self, prepared: Prepared, folder: Path):
         """Feed the calibration data through ORT's calibrator one batch per call."""
@@ -619,8 +655,12 @@ class StaticQuantize(_Int8Pass):
         )
         if self.scheme == "transformer":
             save_model(_float_for_other_readers(onnx.load(str(out)), _TRANSFORMER_OPS), out)
+        rounding = {"method": "nearest"}
+        if self.weight_rounding == "gptq":
+            rounding = self._gptq(prepared, out)
         return {
             "warnings": warnings,
+            "weight_rounding": rounding,
             "calibration": {
                 "method": ranges.method,
                 "scheme": self.scheme,
@@ -630,6 +670,29 @@ class StaticQuantize(_Int8Pass):
                 "kept_relu": keep,
             },
         }
+
+    def _gptq(self, prepared: Prepared, out: Path) -> dict[str, Any]:
+        """Re-round the weights of the quantized model at ``out`` with GPTQ (passes/gptq.py),
+        XᵀX measured on the calibration samples through the pre-processed float model."""
+        from onnxruntime.quantization.quant_utils import get_qmin_qmax_for_qType
+
+        from passes.gptq import round_weights
+
+        data, specs = self._open_data(prepared.model)
+        batch = data.batch_size_for(specs, self.calib_batch_size)
+        total = min(self.calib_samples or data.num_samples, data.num_samples)
+        qrange = {
+            t: tuple(int(v) for v in get_qmin_qmax_for_qType(t, self.reduce_range, signed))
+            for t, signed in ((onnx.TensorProto.INT8, True), (onnx.TensorProto.UINT8, False))
+        }
+        model = onnx.load(str(out))
+        try:
+            feeds = data.batches(specs, batch, limit=total, check_finite=True)
+            stats = round_weights(model, prepared.model, feeds, qrange)
+        except np.linalg.LinAlgError as e:
+            raise PassError(f"GPTQ failed: {e}", "use weight_rounding='nearest'") from e
+        save_model(model, out)
+        return {**stats, "samples": total}
 
 
 def calibrate(

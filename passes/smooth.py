@@ -4,10 +4,10 @@ Transformer activations carry a few outlier channels that a per-tensor int8 scal
 hold. For every MatMul whose weight is a constant [K, N] matrix, this pass measures each input
 channel's largest magnitude on calibration data and moves part of it into the weights:
 ``X @ W = (X · 1/s) @ (s · W)`` with ``s_k = max|X_k|^α / max|W_k|^(1-α)`` (Xiao et al.,
-SmoothQuant, 2023). The division by ``s`` is an explicit ``Mul`` on the input (shared by the
-MatMuls reading the same tensor, e.g. Q, K and V), so residual paths that read the same
-tensor are untouched. The model computes the same function in fp32; its MatMul inputs are then
-much easier to quantize.
+SmoothQuant, 2023), clipped and chosen per group as NNCF does (see ``_scale``). The division
+by ``s`` is an explicit ``Mul`` on the input (shared by the MatMuls reading the same tensor,
+e.g. Q, K and V), so residual paths that read the same tensor are untouched. The model
+computes the same function in fp32; its MatMul inputs are then much easier to quantize.
 
 With ``fold_layernorm`` (default on), an input written by a ``LayerNormalization`` with
 constant γ/β gets no ``Mul``: ``LN(z; γ, β) / s = LN(z; γ/s, β/s)`` exactly. When the MatMuls
@@ -35,7 +35,9 @@ __all__ = ["SmoothQuant", "DEFAULT_ALPHA"]
 logger = logging.getLogger(__name__)
 
 DEFAULT_ALPHA = 0.5
-_CLIP = (1e-4, 1e4)
+_MIN_STAT = 1e-5  # activation and weight maxima below this are taken as this
+_LOW_QUANTILE = 0.1  # scales below this quantile of a MatMul's scales are raised to it
+_MAX_SCALE = 1e2
 
 
 class SmoothQuant(Pass):
@@ -152,10 +154,21 @@ def _weight(model: onnx.ModelProto, node: onnx.NodeProto) -> np.ndarray:
 
 
 def _scale(amax: np.ndarray, weights: list[np.ndarray], alpha: float) -> np.ndarray:
-    wmax = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
-    s = np.power(np.maximum(amax, 1e-8), alpha) / np.power(np.maximum(wmax, 1e-8), 1 - alpha)
-    s = np.where((amax > 0) & (wmax > 0), s, 1.0)
-    return np.clip(s, *_CLIP).astype(np.float32)
+    """NNCF's smoothing scales: ``s = a^α / w^(1-α)`` per MatMul of the group, clipped below
+    at its 10th percentile (channels with small activations are not blown up) and above at
+    100; of the group's candidate scales, the most even one (largest min/max) is used.
+    Measured on all-MiniLM-L6-v2 (README, "Transformer int8"): mean / worst cosine 0.9965 /
+    0.9924 at α 0.8 vs 0.9963 / 0.9898 with one scale from the group's largest weights."""
+    a = np.maximum(amax.astype(np.float64), _MIN_STAT)
+    best, best_ratio = np.ones_like(a), -1.0
+    for w in weights:
+        wmax = np.maximum(np.abs(w).max(axis=1).astype(np.float64), _MIN_STAT)
+        s = np.power(a, alpha) / (np.power(wmax, 1 - alpha) + np.finfo(np.float32).eps)
+        s = np.clip(s, np.quantile(s, _LOW_QUANTILE), _MAX_SCALE)
+        ratio = s.min() / (s.max() + np.finfo(np.float32).eps)
+        if ratio > best_ratio:
+            best, best_ratio = s, ratio
+    return best.astype(np.float32)
 
 
 def _key(node: onnx.NodeProto) -> tuple[str, tuple[str, ...]]:

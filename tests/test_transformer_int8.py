@@ -64,10 +64,25 @@ def test_transformer_scheme_quantizes_only_matmul_inputs(tiny_encoder):
     assert len(activations) == calibrated["tensors"]
     assert result.stats["by_op"]["MatMul"]["quantized"] >= 8
     # The default scheme puts Q/DQ on the other ops too (what the new scheme avoids).
-    default = StaticQuantize(calibration=tiny_encoder.calib, progress=False, target="avx2")
+    default = StaticQuantize(
+        calibration=tiny_encoder.calib, progress=False, target="avx2", scheme="default"
+    )
     assert _readers_of_dequantized(default(model).model) - {"MatMul", "Gemm"}
     m = evaluate(tiny_encoder, q)
     assert m["cos_mean"] >= 0.99 and m["agreement"] >= 0.9  # generous floors
+
+
+def test_scheme_auto_picks_transformer_for_encoders_only(tiny_encoder, digits_cnn):
+    """The default scheme "auto": the encoder gets exactly the transformer scheme's bytes,
+    the CNN exactly the default scheme's; the stats name the scheme used."""
+    kw = {"progress": False, "target": "avx2"}
+    for ref, expected in ((tiny_encoder, "transformer"), (digits_cnn, "default")):
+        model = onnx.load(str(ref.onnx))
+        auto = StaticQuantize(calibration=ref.calib, **kw)(model)
+        explicit = StaticQuantize(calibration=ref.calib, scheme=expected, **kw)(model)
+        assert auto.stats["calibration"]["scheme"] == expected
+        assert auto.model.SerializeToString() == explicit.model.SerializeToString()
+    assert not auto.stats["warnings"]  # no "looks like a transformer" hint on either
 
 
 def test_transformer_scheme_fuses_every_dequantize(tiny_encoder):
@@ -76,7 +91,7 @@ def test_transformer_scheme_fuses_every_dequantize(tiny_encoder):
     model = onnx.load(str(tiny_encoder.onnx))
     kw = {"calibration": tiny_encoder.calib, "progress": False, "target": "avx2"}
     new = StaticQuantize(scheme="transformer", **kw)(model).model
-    old = StaticQuantize(**kw)(model).model
+    old = StaticQuantize(scheme="default", **kw)(model).model
     assert unfused_dq_nodes(new.SerializeToString()) == 0
     assert unfused_dq_nodes(old.SerializeToString()) > 0
 
@@ -350,3 +365,26 @@ def test_cli_sensitivity_scheme(tiny_encoder, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "MatMul/Gemm inputs only" in out and "unfused DequantizeLinear: 0 nodes" in out
+
+
+def test_auto_tries_gptq_after_smoothing(tiny_encoder, tmp_path: Path, monkeypatch):
+    from converter import auto as auto_module
+    from tests.test_gptq import _int_weights
+
+    every = auto_module._configs
+    monkeypatch.setattr(
+        auto_module, "_configs", lambda m, t: [c for c in every(m, t) if c[0].startswith("smooth")]
+    )
+    result = auto_module.auto(
+        tiny_encoder.onnx, tiny_encoder.test, tmp_path / "a", metric="cosine", min_score=0.5,
+        bench_runs=3, target="avx2",
+    )  # fmt: skip
+    built = {c.name: c for c in result.candidates}
+    assert list(built) == ["smooth0.8_static_transformer", "smooth0.8_static_transformer_gptq"]
+    assert built["smooth0.8_static_transformer_gptq"].passes[-1]["weight_rounding"] == "gptq"
+    near, gptq = (onnx.load(str(c.path)) for c in built.values())
+    assert [n.op_type for n in near.graph.node] == [n.op_type for n in gptq.graph.node]
+    ints = _int_weights(near), _int_weights(gptq)
+    assert ints[0].keys() == ints[1].keys() and ints[0]
+    assert any(not np.array_equal(ints[0][k], ints[1][k]) for k in ints[0])
+    assert all(c.score is not None and 0.5 < c.score <= 1.0 for c in built.values())

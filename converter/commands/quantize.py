@@ -21,10 +21,13 @@ dynamic: int8 weights, activations quantized at run time. For MatMul-heavy model
 (embeddings), Attention, LSTM and Conv -- with a warning when Conv dominates: dynamic int8
 convolutions run ~3.5x slower than fp32 here (ResNet-18), use static for CNNs.
 
---scheme transformer (static, for transformer encoders): Q/DQ only on the inputs of
+--scheme transformer (static, for transformer encoders, chosen by the default --scheme auto
+when the model has MatMul, Softmax and a layer norm): Q/DQ only on the inputs of
 MatMul/Gemm; residual Add, Softmax, LayerNorm, GELU and the attention mask stay float;
 ranges = mean over samples of each sample's min/max (--calib-method mean_minmax, NNCF's
 estimator). Measured on all-MiniLM-L6-v2: see the README section "Transformer int8".
+--weight-rounding gptq (static): GPTQ rounds the int8 weights so each MatMul's output on the
+calibration data stays close, not each weight; same graph, same speed.
 
 static: int8 weights and activations, activation ranges measured on --calib DATA (.npz with
 arrays named after the model inputs, or a folder of .npz shards; streamed one batch at a
@@ -103,11 +106,18 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     static.add_argument(
         "--scheme",
         choices=SCHEMES,
-        help="transformer: Q/DQ on MatMul/Gemm inputs only, mean_minmax ranges (default: "
-        "every supported op)",
+        help="transformer: Q/DQ on MatMul/Gemm inputs only, mean_minmax ranges; default: every "
+        "supported op; auto (the default): transformer when the model has MatMul, Softmax and "
+        "a layer norm, else default",
     )
     static.add_argument(
         "--activation-type", choices=QUANT_TYPES, help="activation type (default uint8)"
+    )
+    static.add_argument(
+        "--weight-rounding",
+        choices=defaults.WEIGHT_ROUNDINGS,
+        help="gptq: round weights to keep each MatMul's output on the calibration data, not "
+        "each weight, closest (GPTQ; same graph and speed; default nearest)",
     )
     both = p.add_argument_group("both modes")
     add_weight_args(both, weight_type="int8")
@@ -141,6 +151,7 @@ _STATIC_ONLY = {
     "format": "--format",
     "scheme": "--scheme",
     "activation_type": "--activation-type",
+    "weight_rounding": "--weight-rounding",
 }
 
 
@@ -201,6 +212,12 @@ def summary(stats: dict[str, Any], settings: dict[str, Any], source: Any, out: A
         c = stats["calibration"]
         lines.append(
             f"  calibration: {c['method']} on {c['samples']} samples, {c['tensors']} tensors"
+        )
+    rounding = stats.get("weight_rounding", {})
+    if rounding.get("method") == "gptq":
+        lines.append(
+            f"  weight rounding: GPTQ on {rounding['weights']} weights, output error on the "
+            f"calibration data {rounding.get('proxy_error_ratio', 1.0):.2f}x nearest rounding's"
         )
     lines.append(f"  int8: {len(nodes['quantized'])} nodes ({ops or 'none'})")
     lines.append(f"  fp32: {len(nodes['fp32'])} quantizable nodes")

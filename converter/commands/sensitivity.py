@@ -81,7 +81,10 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     static.add_argument("--calib-samples", type=int, metavar="N", help="(default all)")
     static.add_argument("--activation-type", choices=QUANT_TYPES, help="(default uint8)")
     static.add_argument(
-        "--scheme", choices=SCHEMES, help="transformer: MatMul/Gemm inputs only (default all)"
+        "--scheme",
+        choices=SCHEMES,
+        help="transformer: MatMul/Gemm inputs only; default: all; auto (default): "
+        "transformer for models with MatMul, Softmax and a layer norm",
     )
     both = p.add_argument_group("both modes")
     add_weight_args(both, weight_type=None)

@@ -86,9 +86,18 @@ def sentences(n: int) -> list[str]:
         module = pydoc.locate(name)
         text = pydoc.render_doc(module, renderer=pydoc.plaintext)
         for sentence in re.split(r"(?<=[.!?])\s+", re.sub(r"\s+", " ", text)):
-            if 6 <= len(sentence.split()) <= 60 and sentence not in found:
+            if _is_prose(sentence) and sentence not in found:
                 found.append(sentence)
     return found[:n]
+
+
+def _is_prose(sentence: str) -> bool:
+    """6-60 words, at least 80 % of them words of letters: pydoc's ASCII table borders
+    ("| | - - - ...") and code listings are not English sentences (they were 31 of the 480
+    scored samples before this filter, and all of the worst ones)."""
+    words = sentence.split()
+    letters = sum(bool(re.fullmatch(r"[A-Za-z][A-Za-z'-]*[.,;:!?)]*", w)) for w in words)
+    return 6 <= len(words) <= 60 and letters >= 0.8 * len(words)
 
 
 def make_data(folder: Path, path: Path) -> Path:
