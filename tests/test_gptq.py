@@ -167,3 +167,16 @@ def test_cli_weight_rounding(data, capsys, tmp_path):
                        "--weight-rounding", "gptq")  # fmt: skip
     assert code == 2 and "--weight-rounding only applies to --mode static" in err
     assert np.isfinite(_run(onnx.load(str(out)), held_out)).all()
+
+
+def test_recipe_setting(data):
+    from converter.errors import BadInputError
+    from passes.registry import make_recipe_pass
+
+    _, calib, _ = data
+    made = make_recipe_pass("quantize", {"mode": "static", "weight_rounding": "gptq"}, calib)
+    assert isinstance(made, StaticQuantize) and made.weight_rounding == "gptq"
+    with pytest.raises(BadInputError, match="weight_rounding"):
+        make_recipe_pass("quantize", {"mode": "dynamic", "weight_rounding": "gptq"}, None)
+    with pytest.raises(BadInputError, match="weight rounding"):
+        StaticQuantize(calibration=calib, weight_rounding="adaround")
