@@ -128,7 +128,9 @@ def main() -> int:
             ONNXSHIP.format(argv=argv),
         )
         print(dynamic)
-        argv = [*argv[:-4], "--mode", "static", "--calib", str(calib), "--target", "avx2"]
+        # --scheme default: the same ops as the bare quantize_static call
+        static_args = ["--mode", "static", "--calib", str(calib), "--scheme", "default"]
+        argv = [*argv[:-4], *static_args, "--target", "avx2"]
         static = measure(
             "quantize --mode static",
             BARE_STATIC.format(src=src, out=out, calib=str(calib)),
