@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from converter.errors import BadInputError, first_line
 
-__all__ = ["make_session", "cached_session", "run_session"]
+__all__ = ["make_session", "cached_session", "run_session", "tensor_values"]
 
 
 def make_session(
@@ -83,3 +83,22 @@ def run_session(
             f"onnxruntime failed to run {what} on {shapes}: {first_line(e)}",
             "check that the inputs fit the model (shapes, dtypes, value ranges such as token ids)",
         ) from e
+
+
+def tensor_values(
+    model, names: Sequence[str], feeds: Iterable[Mapping[str, np.ndarray]]
+) -> Iterator[tuple[Mapping[str, np.ndarray], list[np.ndarray]]]:
+    """Each batch of ``feeds`` with the values of the float tensors ``names`` (an
+    ``onnx.ModelProto``; intermediate tensors are made graph outputs of a copy)."""
+    import onnx
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    known = {o.name for o in probe.graph.output}
+    for name in names:
+        if name not in known:
+            value = onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+            probe.graph.output.append(value)
+    session = make_session(probe.SerializeToString())
+    for feed in feeds:
+        yield feed, session.run(list(names), dict(feed))

@@ -90,20 +90,13 @@ def mean_minmax(
     counted as values."""
     from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
 
-    from converter.runtime import make_session
+    from converter.runtime import tensor_values
 
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    known = {o.name for o in probe.graph.output}
-    for name in names:
-        if name not in known:
-            probe.graph.output.append(onnx.helper.make_tensor_value_info(name, _FLOAT, None))
-    session = make_session(probe.SerializeToString())
     sums = {name: np.zeros(2, np.float64) for name in names}
     seen = 0
-    for feed in batches:
+    for feed, values in tensor_values(model, names, batches):
         samples = len(next(iter(feed.values())))
-        for name, value in zip(names, session.run(list(names), dict(feed))):
+        for name, value in zip(names, values):
             lows, highs = _per_sample_extremes(np.asarray(value), samples)
             weight = samples / len(lows)  # a tensor that is one sample counts for the batch
             sums[name] += weight * np.array([lows.sum(), highs.sum()])

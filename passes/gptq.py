@@ -71,20 +71,13 @@ def hessians(
 ) -> dict[str, np.ndarray]:
     """``XᵀX / rows`` (float64) of each tensor in ``names``, flattened to [rows, last axis],
     over the batches in ``feeds``."""
-    from converter.runtime import make_session
+    from converter.runtime import tensor_values
 
     names = sorted(set(names))
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    have = {o.name for o in probe.graph.output}
-    for name in names:
-        if name not in have:
-            probe.graph.output.append(onnx.helper.make_tensor_value_info(name, 1, None))
-    session = make_session(probe.SerializeToString())
     sums: dict[str, np.ndarray] = {}
     rows: dict[str, int] = {}
-    for feed in feeds:
-        for name, value in zip(names, session.run(names, dict(feed))):
+    for _, values in tensor_values(model, names, feeds):
+        for name, value in zip(names, values):
             x = value.reshape(-1, value.shape[-1]).astype(np.float64)
             sums[name] = sums.get(name, 0) + x.T @ x
             rows[name] = rows.get(name, 0) + len(x)

@@ -541,6 +541,14 @@ class StaticQuantize(_Int8Pass):
         if self.calib_method is None:  # README, "Transformer int8"
             self.calib_method = "mean_minmax" if self.scheme == "transformer" else "minmax"
 
+    def _calibration_feeds(self, model: onnx.ModelProto):
+        """(The calibration batches for ``model``, streamed and checked for NaN/Inf; how
+        many samples they hold.)"""
+        data, specs = self._open_data(model)
+        batch = data.batch_size_for(specs, self.calib_batch_size)
+        total = min(self.calib_samples or data.num_samples, data.num_samples)
+        return data.batches(specs, batch, limit=total, check_finite=True), total
+
     def _collect(self, prepared: Prepared, folder: Path):
         """Feed the calibration data through ORT's calibrator one batch per call."""
         from onnxruntime.quantization import create_calibrator
@@ -548,12 +556,9 @@ class StaticQuantize(_Int8Pass):
 
         from passes.calibration import install_mask_safe_collector, mean_minmax, tensors_of
 
-        data, specs = self._open_data(prepared.model)
-        batch = data.batch_size_for(specs, self.calib_batch_size)
-        total = min(self.calib_samples or data.num_samples, data.num_samples)
+        feeds, total = self._calibration_feeds(prepared.model)
         ops = self._calibrated_ops()
         if self.calib_method == "mean_minmax":
-            feeds = data.batches(specs, batch, limit=total, check_finite=True)
             names = tensors_of(prepared.model, ops, outputs=self.scheme != "transformer")
             try:
                 tensors, done = mean_minmax(prepared.model, names, feeds)
@@ -583,7 +588,7 @@ class StaticQuantize(_Int8Pass):
             leave=False,
         )
         with bar, ort_quiet():
-            for feed in data.batches(specs, batch, limit=total, check_finite=True):
+            for feed in feeds:
                 self._collect_batch(calibrator, feed, done)
                 size = len(next(iter(feed.values())))
                 done += size
@@ -653,11 +658,14 @@ class StaticQuantize(_Int8Pass):
             nodes_to_exclude=sorted(excluded),
             extra_options=extra,
         )
-        if self.scheme == "transformer":
-            save_model(_float_for_other_readers(onnx.load(str(out)), _TRANSFORMER_OPS), out)
         rounding = {"method": "nearest"}
-        if self.weight_rounding == "gptq":
-            rounding = self._gptq(prepared, out)
+        if self.scheme == "transformer" or self.weight_rounding == "gptq":
+            quantized = onnx.load(str(out))
+            if self.scheme == "transformer":
+                quantized = _float_for_other_readers(quantized, _TRANSFORMER_OPS)
+            if self.weight_rounding == "gptq":
+                rounding = self._gptq(prepared, quantized)
+            save_model(quantized, out)
         return {
             "warnings": warnings,
             "weight_rounding": rounding,
@@ -671,27 +679,22 @@ class StaticQuantize(_Int8Pass):
             },
         }
 
-    def _gptq(self, prepared: Prepared, out: Path) -> dict[str, Any]:
-        """Re-round the weights of the quantized model at ``out`` with GPTQ (passes/gptq.py),
-        XᵀX measured on the calibration samples through the pre-processed float model."""
+    def _gptq(self, prepared: Prepared, quantized: onnx.ModelProto) -> dict[str, Any]:
+        """Re-round the weights of ``quantized`` in place with GPTQ (passes/gptq.py), XᵀX
+        measured on the calibration samples through the pre-processed float model."""
         from onnxruntime.quantization.quant_utils import get_qmin_qmax_for_qType
 
         from passes.gptq import round_weights
 
-        data, specs = self._open_data(prepared.model)
-        batch = data.batch_size_for(specs, self.calib_batch_size)
-        total = min(self.calib_samples or data.num_samples, data.num_samples)
+        feeds, total = self._calibration_feeds(prepared.model)
         qrange = {
             t: tuple(int(v) for v in get_qmin_qmax_for_qType(t, self.reduce_range, signed))
             for t, signed in ((onnx.TensorProto.INT8, True), (onnx.TensorProto.UINT8, False))
         }
-        model = onnx.load(str(out))
         try:
-            feeds = data.batches(specs, batch, limit=total, check_finite=True)
-            stats = round_weights(model, prepared.model, feeds, qrange)
+            stats = round_weights(quantized, prepared.model, feeds, qrange)
         except np.linalg.LinAlgError as e:
             raise PassError(f"GPTQ failed: {e}", "use weight_rounding='nearest'") from e
-        save_model(model, out)
         return {**stats, "samples": total}
 
 

@@ -110,25 +110,19 @@ class SmoothQuant(Pass):
     def _activation_max(self, model: onnx.ModelProto, names: list[str]) -> dict[str, np.ndarray]:
         """Per-channel (last axis) max |x| of each tensor in ``names`` over the data."""
         from converter.data import model_input_specs, open_data
-        from converter.runtime import make_session
+        from converter.runtime import tensor_values
 
-        probe = onnx.ModelProto()
-        probe.CopyFrom(model)
-        for name in names:
-            probe.graph.output.append(
-                onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
-            )
-        session = make_session(probe.SerializeToString())
         specs = model_input_specs(model)
         data = open_data(self.calibration, specs)
-        amax: dict[str, np.ndarray] = {}
-        for feed in data.batches(
+        feeds = data.batches(
             specs,
             data.batch_size_for(specs, self.batch_size),
             limit=self.calib_samples,
             check_finite=True,
-        ):
-            for name, value in zip(names, session.run(names, feed)):
+        )
+        amax: dict[str, np.ndarray] = {}
+        for _, values in tensor_values(model, names, feeds):
+            for name, value in zip(names, values):
                 m = np.abs(value.reshape(-1, value.shape[-1])).max(axis=0)
                 amax[name] = np.maximum(amax[name], m) if name in amax else m
         return amax

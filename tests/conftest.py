@@ -65,6 +65,32 @@ def tiny_encoder() -> RefModel:
     return _ref_model("tiny_encoder")
 
 
+# --- tiny models built in-test ----------------------------------------------------------
+
+
+def two_matmul_mlp(rng):
+    """x [batch, 32] → MatMul (w1, 32×64) → Relu → MatMul (w2, 64×10), weights drawn from
+    ``rng`` (w1 first): a seeded MatMul model for the auto tests."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w1 = rng.standard_normal((32, 64)).astype(np.float32) / 4
+    w2 = rng.standard_normal((64, 10)).astype(np.float32) / 8
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+            helper.make_node("Relu", ["h"], ["r"], name="relu"),
+            helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2"),
+        ],
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 10])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
+    )
+    return onnx.helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
 # --- the CLI, run in-process ----------------------------------------------------------------
 
 

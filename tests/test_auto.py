@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import two_matmul_mlp
 
 from converter.cli import main
 from converter.metrics import accuracy, per_sample_cosine
@@ -183,23 +184,8 @@ def test_accuracy_needs_labels(digits_mlp, tmp_path, capsys) -> None:
 
 def _mlp(path: Path) -> Path:
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
 
-    rng = np.random.default_rng(0)
-    w1 = rng.standard_normal((32, 64)).astype(np.float32) / 4
-    w2 = rng.standard_normal((64, 10)).astype(np.float32) / 8
-    graph = helper.make_graph(
-        [
-            helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
-            helper.make_node("Relu", ["h"], ["r"], name="relu"),
-            helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2"),
-        ],
-        "mlp",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 32])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 10])],
-        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
-    )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    onnx.save(two_matmul_mlp(np.random.default_rng(0)), str(path))
     return path
 
 

@@ -10,8 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import cli
-from onnx import TensorProto, helper, numpy_helper
+from conftest import cli, two_matmul_mlp
 
 from converter.auto import _configs, auto, check_result
 from converter.errors import GateFailed
@@ -35,20 +34,7 @@ def mlp(tmp_path_factory) -> tuple[Path, Path, Path]:
     """A seeded two-MatMul MLP, its scoring data and its calibration data."""
     d = tmp_path_factory.mktemp("mlp")
     rng = np.random.default_rng(3)
-    w1 = rng.standard_normal((32, 64)).astype(np.float32) / 4
-    w2 = rng.standard_normal((64, 10)).astype(np.float32) / 8
-    graph = helper.make_graph(
-        [
-            helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
-            helper.make_node("Relu", ["h"], ["r"], name="relu"),
-            helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2"),
-        ],
-        "mlp",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 32])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 10])],
-        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model = two_matmul_mlp(rng)
     onnx.save(model, str(d / "mlp.onnx"))
     for name in ("score", "calib"):
         np.savez(d / f"{name}.npz", x=rng.standard_normal((40, 32)).astype(np.float32))

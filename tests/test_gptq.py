@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import cli
 from onnx import TensorProto, helper, numpy_helper
 
 from converter.runtime import make_session
 from passes.gptq import gptq_round, proxy_error
 from passes.quantize import StaticQuantize
-from tests.conftest import cli
 
 K, N = 64, 32
 
