@@ -9,28 +9,29 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from converter import _moved
+from converter.core import __version__
 
 # public name -> module that defines it (modules are named apart from the functions, so
 # importing a module never shadows the function of the same name)
 _API = {
-    "export": "converter.exporter",
-    "ExportResult": "converter.exporter",
-    "ExportReport": "converter.exporter",
-    "validate": "converter.validation",
-    "ValidationReport": "converter.validation",
-    "bench": "converter.benchmark",
-    "BenchReport": "converter.benchmark",
-    "BenchGates": "converter.benchmark",
-    "shrink": "converter.shrinker",
-    "ShrinkOptions": "converter.shrinker",
-    "ShrinkReport": "converter.shrinker",
-    "run_recipe": "converter.pipeline",
-    "load_recipe": "converter.recipe",
-    "OnnxshipError": "converter.errors",
-    "BadInputError": "converter.errors",
-    "DataError": "converter.errors",
-    "GateFailed": "converter.errors",
+    "export": "converter.torch.export",
+    "ExportResult": "converter.torch.export",
+    "ExportReport": "converter.torch.export",
+    "validate": "converter.check.validate",
+    "ValidationReport": "converter.check.validate",
+    "bench": "converter.check.bench",
+    "BenchReport": "converter.check.bench_report",
+    "BenchGates": "converter.check.bench_gates",
+    "shrink": "converter.torch.shrink",
+    "ShrinkOptions": "converter.torch.shrink",
+    "ShrinkReport": "converter.torch.shrink",
+    "run_recipe": "converter.recipes.pipeline",
+    "load_recipe": "converter.recipes.schema",
+    "OnnxshipError": "converter.core.errors",
+    "BadInputError": "converter.core.errors",
+    "DataError": "converter.core.errors",
+    "GateFailed": "converter.core.errors",
 }
 
 __all__ = ["__version__", *_API]
@@ -40,3 +41,6 @@ def __getattr__(name: str) -> Any:
     if name in _API:
         return getattr(importlib.import_module(_API[name]), name)
     raise AttributeError(f"module 'converter' has no attribute {name!r}")
+
+
+_moved.install()  # the old flat module paths (converter.validation, ...) as aliases

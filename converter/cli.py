@@ -13,7 +13,6 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from converter import __version__
 from converter.commands import (
     auto,
     bench,
@@ -27,7 +26,8 @@ from converter.commands import (
     shrink,
     validate,
 )
-from converter.errors import OnnxshipError, first_line
+from converter.core import __version__
+from converter.core.errors import OnnxshipError, first_line
 
 __all__ = ["main", "build_parser", "INTERNAL_ERROR"]
 

@@ -20,7 +20,8 @@ from typing import Any
 
 import onnx
 
-from converter.errors import BadInputError, OnnxshipError, PassError, first_line
+from converter.core.errors import BadInputError, OnnxshipError, PassError, first_line
+from converter.core.packed import dense_model
 
 __all__ = [
     "Pass",
@@ -67,7 +68,7 @@ class Pass:
     ``requires`` (preconditions on the input) and ``ensures`` (postconditions)."""
 
     name = "pass"
-    # Reads weights as initializers: the runner unpacks packed weights (passes/pack.py) first.
+    # Reads weights as initializers: the runner unpacks packed weights (core/packed.py) first.
     dense_weights = True
 
     def requires(self, model: onnx.ModelProto) -> None:
@@ -140,8 +141,6 @@ class PassRunner:
         for p in self.passes:
             try:
                 if p.dense_weights:
-                    from passes.pack import dense_model
-
                     model = dense_model(model)
                 result = p(model)
             except OnnxshipError as e:
@@ -162,7 +161,7 @@ def apply_to_file(
 ) -> list[PassResult]:
     """Load ``source``, run ``passes``, write ``output`` atomically; the source (and any
     ``other_inputs``, e.g. calibration data) is never the output and never modified."""
-    from converter.onnxio import check_output_path, load_model, save_model
+    from converter.core.onnxio import check_output_path, load_model, save_model
 
     out = check_output_path(output, source, *other_inputs)
     model, results = PassRunner(passes).run(load_model(source))

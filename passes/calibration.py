@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from converter.errors import BadInputError, first_line
+from converter.core.errors import BadInputError, first_line
 
 __all__ = [
     "MASK_FILL",
@@ -90,7 +90,7 @@ def mean_minmax(
     counted as values."""
     from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
 
-    from converter.runtime import tensor_values
+    from converter.core.runtime import tensor_values
 
     sums = {name: np.zeros(2, np.float64) for name in names}
     seen = 0
@@ -174,7 +174,7 @@ class CalibrationRanges:
         """Write the ranges as JSON (ORT's calibration cache format plus our metadata)."""
         from onnxruntime.quantization.calibrate import CalibrationCacheEncoder
 
-        from converter.onnxio import atomic_write_text
+        from converter.core.onnxio import atomic_write_text
 
         payload = self.tensors.to_dict()
         payload["smooth_quant"] = False

@@ -23,7 +23,7 @@ from typing import Any
 
 import onnx
 
-from converter.errors import BadInputError, PassError, first_line
+from converter.core.errors import BadInputError, PassError, first_line
 from passes.base import Pass, PassResult
 
 __all__ = ["Float16", "FP32_OPS", "default_block_list"]

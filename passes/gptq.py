@@ -71,7 +71,7 @@ def hessians(
 ) -> dict[str, np.ndarray]:
     """``XᵀX / rows`` (float64) of each tensor in ``names``, flattened to [rows, last axis],
     over the batches in ``feeds``."""
-    from converter.runtime import tensor_values
+    from converter.core.runtime import tensor_values
 
     names = sorted(set(names))
     sums: dict[str, np.ndarray] = {}

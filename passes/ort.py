@@ -14,8 +14,8 @@ from pathlib import Path
 
 import onnx
 
-from converter.errors import PassError, first_line
-from converter.onnxio import save_model
+from converter.core.errors import PassError, first_line
+from converter.core.onnxio import save_model
 
 __all__ = ["Prepared", "preprocess"]
 

@@ -46,14 +46,27 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from converter.errors import BadInputError
+from converter.core.errors import BadInputError
+from converter.core.packed import (
+    MARK,
+    MAX_BYTES,
+    PREFIX,
+    Chunk,
+    bit_view,
+    check_size,
+    decode,
+    dense_model,
+    is_packed,
+    packed_weights,
+    records,
+    unpack,
+)
 from passes.base import Pass, PassResult
 
 __all__ = [
@@ -74,10 +87,7 @@ logger = logging.getLogger(__name__)
 
 PACKABLE = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.INT8, TensorProto.UINT8)
 CHUNK = 1 << 19  # elements decoded per chunk (see the module docstring)
-MAX_BYTES = 2**31 - 1  # protobuf's limit; larger models keep their weights in external data
 MIN_OPSET = 11  # CumSum and GatherElements
-PREFIX = "pack/"  # every tensor the decoders add is named PREFIX + something
-MARK = "onnxship pack v1 "  # doc_string of a decoder's last node, followed by JSON
 LUT = f"{PREFIX}bits"
 LUT_NODE = f"{PREFIX}lut"  # name of the node giving the shared LUT
 INT32 = TensorProto.INT32
@@ -122,24 +132,6 @@ class _Names:
         return f"{PREFIX}{self.next - 1}"
 
 
-@dataclass
-class Chunk:
-    """Rows ``[start, start + rows)`` of axis 0 of a weight, packed."""
-
-    shape: tuple[int, ...]
-    mask: np.ndarray  # uint8, ceil(n / 8) bytes
-    values: np.ndarray  # a zero, then the nonzero values in flat order
-
-    @property
-    def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
-
-
-def _bit_view(a: np.ndarray) -> np.ndarray:
-    """The raw bits, so that -0.0 counts as a value (unpack must give back every byte)."""
-    return a.view(np.dtype(f"u{a.dtype.itemsize}"))
-
-
 def encode(array: np.ndarray, chunk: int = CHUNK) -> list[Chunk]:
     """Split ``array`` into row blocks of about ``chunk`` elements and pack each one."""
     rows = array.reshape(array.shape[0] if array.ndim else 1, -1)
@@ -150,41 +142,10 @@ def encode(array: np.ndarray, chunk: int = CHUNK) -> list[Chunk]:
     for start in range(0, rows.shape[0], step):
         block = array[start : start + step]
         flat = block.ravel()
-        keep = _bit_view(flat) != 0
+        keep = bit_view(flat) != 0
         values = np.concatenate([np.zeros(1, flat.dtype), flat[keep]])
         chunks.append(Chunk(tuple(block.shape), np.packbits(keep), values))
     return chunks
-
-
-def check_chunk(c: Chunk, weight: str) -> None:
-    """Refuse a chunk whose mask does not fit its shape and values (a corrupt file)."""
-    n = c.size
-    problem = ""
-    if c.mask.dtype != np.uint8 or c.mask.ndim != 1 or c.mask.size != -(-n // 8):
-        problem = f"mask of {c.mask.size} bytes for {n} elements (needs {-(-n // 8)})"
-    elif n % 8 and int(c.mask[-1]) & ((1 << (8 - n % 8)) - 1):
-        problem = "mask has bits set past the tensor's end"
-    elif int(np.unpackbits(c.mask).sum()) != c.values.size - 1:
-        problem = (
-            f"mask marks {int(np.unpackbits(c.mask).sum())} values, {c.values.size - 1} stored"
-        )
-    elif c.values.size and _bit_view(c.values[:1])[0] != 0:
-        problem = "the values do not start with a zero"
-    if problem:
-        raise BadInputError(
-            f"packed weight {weight!r} is corrupt: {problem}",
-            "re-create the model with `onnxship pack` from the unpacked model",
-        )
-
-
-def decode(chunks: list[Chunk], weight: str = "weight") -> np.ndarray:
-    """The dense array, computed the way the ONNX decoder computes it (after checking)."""
-    parts = []
-    for c in chunks:
-        check_chunk(c, weight)
-        bits = np.unpackbits(c.mask)[: c.size].astype(np.int64)
-        parts.append(c.values[np.cumsum(bits) * bits].reshape(c.shape))
-    return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
 
 # ------------------------------------------------------------------ the decoder subgraph
@@ -243,58 +204,6 @@ def decoder(weight: str, chunks: list[Chunk], fresh: _Names) -> tuple[list, list
 # ------------------------------------------------------------------ reading packed models
 
 
-@dataclass
-class Record:
-    """One packed weight as its decoder describes it."""
-
-    weight: str
-    chunks: list[list[str]]  # [mask, values, shape] initializer names per chunk
-
-
-def _records(model: onnx.ModelProto) -> list[Record]:
-    found = []
-    for node in model.graph.node:
-        if node.doc_string.startswith(MARK):
-            try:
-                data = json.loads(node.doc_string[len(MARK) :])
-                found.append(Record(str(data["weight"]), list(data["chunks"])))
-            except (ValueError, KeyError, TypeError) as e:
-                raise BadInputError(
-                    f"the pack record of node {node.name!r} is unreadable ({e})",
-                    "re-create the model with `onnxship pack` from the unpacked model",
-                ) from e
-    return found
-
-
-def is_packed(model: onnx.ModelProto) -> bool:
-    """Whether ``model`` holds weights packed by this module."""
-    return bool(_records(model))
-
-
-def packed_weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """Every packed weight of ``model``, decoded and checked (a corrupt one is refused)."""
-    inits = {t.name: t for t in model.graph.initializer}
-    out = {}
-    for r in _records(model):
-        if not r.chunks or any(not isinstance(c, list) or len(c) != 3 for c in r.chunks):
-            missing = ["chunks"]
-        else:
-            missing = [name for c in r.chunks for name in c if name not in inits]
-        if missing:
-            raise BadInputError(
-                f"packed weight {r.weight!r} is incomplete (missing {missing[:3] or 'chunks'})",
-                "re-create the model with `onnxship pack` from the unpacked model",
-            )
-        chunks = [_chunk(inits, c) for c in r.chunks]
-        out[r.weight] = decode(chunks, r.weight)
-    return out
-
-
-def _chunk(inits: dict[str, onnx.TensorProto], names: list[str]) -> Chunk:
-    mask, values, shape = (numpy_helper.to_array(inits[n]) for n in names)
-    return Chunk(tuple(int(d) for d in shape), mask, values)
-
-
 # ------------------------------------------------------------------ the passes
 
 
@@ -304,19 +213,6 @@ def _size(protos: list) -> int:
 
 def _opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-
-
-def _check_size(model: onnx.ModelProto) -> None:
-    """Refuse models whose weights live in external data or exceed protobuf's 2 GB."""
-    external = [t.name for t in model.graph.initializer if t.data_location == TensorProto.EXTERNAL]
-    total = sum(t.ByteSize() for t in model.graph.initializer)
-    if external or total > MAX_BYTES:
-        what = f"{len(external)} external tensors" if external else f"{total / 1e9:.2f} GB"
-        raise BadInputError(
-            f"the model keeps its weights in external data ({what}); pack supports models "
-            "below 2 GB",
-            "pack a model below 2 GB (e.g. after int8 quantization), or ship it unpacked",
-        )
 
 
 def _candidates(model: onnx.ModelProto) -> list[onnx.TensorProto]:
@@ -352,7 +248,7 @@ class Pack(Pass):
         self.chunk = chunk
 
     def requires(self, model: onnx.ModelProto) -> None:
-        _check_size(model)
+        check_size(model)
         packed_weights(model)  # refuses a corrupt mask before anything else is done
 
     def call(self, model: onnx.ModelProto) -> PassResult:
@@ -386,7 +282,7 @@ class Pack(Pass):
                 "name": t.name,
                 "dtype": str(array.dtype),
                 "shape": list(array.shape),
-                "zeros": float(np.mean(_bit_view(array.ravel()) == 0)) if array.size else 0.0,
+                "zeros": float(np.mean(bit_view(array.ravel()) == 0)) if array.size else 0.0,
                 "bytes_before": t.ByteSize(),
                 "bytes_after": after,
                 "packed": t.ByteSize() - after >= self.min_saved_bytes,
@@ -407,7 +303,7 @@ class Pack(Pass):
 
     def _stats(self, before: onnx.ModelProto, after: onnx.ModelProto, tensors: list) -> dict:
         packed = [t for t in tensors if t["packed"]]
-        already = len(_records(before))
+        already = len(records(before))
         stats: dict[str, Any] = {
             "tensors_packed": len(packed),
             "already_packed": already,
@@ -463,51 +359,12 @@ class Unpack(Pass):
     dense_weights = False
 
     def requires(self, model: onnx.ModelProto) -> None:
-        _check_size(model)
+        check_size(model)
 
     def call(self, model: onnx.ModelProto) -> PassResult:
-        dense = packed_weights(model)
-        out = onnx.ModelProto()
-        out.CopyFrom(model)
-        nodes = [n for n in out.graph.node if not (set(n.output) & set(dense))]
-        nodes = _live(nodes, {o.name for o in out.graph.output})
-        used = {i for n in nodes for i in n.input}
-        inits = [
-            t for t in out.graph.initializer if not t.name.startswith(PREFIX) or t.name in used
-        ]
-        inits += [numpy_helper.from_array(a, name) for name, a in dense.items()]
-        del out.graph.node[:]
-        out.graph.node.extend(nodes)
-        del out.graph.initializer[:]
-        out.graph.initializer.extend(inits)
-        stats = {
-            "tensors_unpacked": len(dense),
-            "bytes_before": model.ByteSize(),
-            "bytes_after": out.ByteSize(),
-            "summary": f"unpacked {len(dense)} weights" if dense else "nothing to unpack",
-        }
+        out, stats = unpack(model)
         logger.info("%s", stats["summary"])
-        return PassResult(out, bool(dense), stats)
-
-
-def _live(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:
-    """``nodes`` without the decoder nodes (outputs named PREFIX...) nothing reads any more."""
-    while True:
-        read = outputs | {i for n in nodes for i in n.input}
-        dead = [n for n in nodes if all(o.startswith(PREFIX) and o not in read for o in n.output)]
-        if not dead:
-            return nodes
-        gone = {id(n) for n in dead}
-        nodes = [n for n in nodes if id(n) not in gone]
-
-
-def dense_model(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` with its packed weights unpacked (itself when nothing is packed): for the
-    passes and searches that read weights (prune, quantize, sensitivity, auto)."""
-    if not is_packed(model):
-        return model
-    logger.info("unpacking the packed weights first (pack again after this step)")
-    return Unpack()(model).model
+        return PassResult(out, bool(stats["tensors_unpacked"]), stats)
 
 
 def packed_size(path: Any) -> int:
@@ -515,7 +372,7 @@ def packed_size(path: Any) -> int:
     nothing): what a pruned model costs to ship."""
     from pathlib import Path
 
-    from converter.onnxio import load_model
+    from converter.core.onnxio import load_model
 
     model = load_model(path)
     try:

@@ -26,8 +26,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from converter import defaults
-from converter.errors import BadInputError
+from converter.core import defaults
+from converter.core.errors import BadInputError
 from passes.base import Pass, PassResult
 
 __all__ = [
@@ -259,7 +259,7 @@ def _matches(pattern: re.Pattern, w: WeightTensor) -> bool:
 
 
 def _sparsity(array: np.ndarray) -> float:
-    from converter.metrics import sparsity
+    from converter.core.metrics import sparsity
 
     return sparsity(array)
 

@@ -18,7 +18,7 @@ Static quantization calibrates with its own loop over ORT's calibrators: one
 until the reader is exhausted, and cannot take a reader whose last batch is smaller; MinMax's
 ``CalibMaxIntermediateOutputs`` is no way out in ORT 1.32: it discards the outputs it clears
 instead of merging them, so ranges come from the last few batches only), and
-the data is streamed by :func:`converter.data.open_data` one batch at a time with a NaN/Inf
+the data is streamed by :func:`converter.core.data.open_data` one batch at a time with a NaN/Inf
 check per batch, so memory does not grow with the sample count. The ranges then go to
 ``quantize_static`` through its calibration cache file.
 
@@ -32,7 +32,7 @@ keep its pre-processed form in memory, so pre-processing runs once too)::
         result = StaticQuantize(ranges=ranges, nodes_to_exclude=skip)(model)
 
 Weights are per-channel int8; whether they use 7 bits (``reduce_range``) or all 8 is decided
-by the hardware ``target`` (:mod:`converter.targets`): x86 CPUs without VNNI (AVX2, AVX-512F)
+by the hardware ``target`` (:mod:`converter.core.machine`): x86 CPUs without VNNI (AVX2, AVX-512F)
 compute uint8 x int8 dot products with ``vpmaddubsw``, whose 16-bit pair sums saturate once
 255 * |w| * 2 > 32767, so full-range weights saturate often there (measured on an AMD EPYC,
 AVX2: tiny encoder worst cosine 0.974 full range vs 0.999 7-bit, same speed); VNNI and ARM
@@ -57,9 +57,9 @@ from typing import Any
 import numpy as np
 import onnx
 
-from converter import defaults
-from converter.errors import BadInputError, DataError, OnnxshipError, PassError, first_line
-from converter.onnxio import save_model
+from converter.core import defaults
+from converter.core.errors import BadInputError, DataError, OnnxshipError, PassError, first_line
+from converter.core.onnxio import save_model
 from passes.base import Pass, PassResult, fingerprint
 from passes.calibration import CalibrationRanges, OneBatch, negative_activation_ranges
 from passes.ort import Prepared, method_enum, ort_quiet, preprocess, quant_type, run_ort
@@ -164,7 +164,7 @@ class _Int8Pass(Pass):
         nodes_to_exclude: Sequence[str],
         preprocess: bool,
     ) -> None:
-        from converter.targets import resolve_target
+        from converter.core.machine import resolve_target
 
         self.per_channel = bool(per_channel)
         self._target = resolve_target(target)
@@ -251,7 +251,7 @@ class _Int8Pass(Pass):
 
     def target_stats(self) -> dict[str, Any]:
         """The target, what it implied (and whether a setting overrode it), the host's flags."""
-        from converter.targets import target_summary
+        from converter.core.machine import target_summary
 
         summary = target_summary(self._target)
         summary["reduce_range"] = self.reduce_range
@@ -313,7 +313,7 @@ def _float_for_other_readers(model: onnx.ModelProto, ops: Sequence[str]) -> onnx
 
 def _mark_target(model: onnx.ModelProto, target: str) -> None:
     """Record the hardware target in the model's metadata (replacing an earlier one)."""
-    from converter.targets import METADATA_KEY
+    from converter.core.machine import METADATA_KEY
 
     kept = [p for p in model.metadata_props if p.key != METADATA_KEY]
     del model.metadata_props[:]
@@ -499,7 +499,7 @@ class StaticQuantize(_Int8Pass):
         self._open_data(model)
 
     def _open_data(self, model: onnx.ModelProto):
-        from converter.data import model_input_specs, open_data
+        from converter.core.data import model_input_specs, open_data
 
         specs = model_input_specs(model)
         return open_data(self.calibration, specs), specs

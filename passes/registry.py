@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from converter.errors import BadInputError
+from converter.core.errors import BadInputError
 from passes.base import Pass, make_pass
 from passes.fp16 import Float16
 from passes.pack import Pack, Unpack

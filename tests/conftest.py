@@ -35,12 +35,12 @@ def _key(name: str) -> str:
     for f in sorted((ROOT / "models").glob("*.py")) + sorted((ROOT / "models" / name).glob("*")):
         if f.is_file():
             digest.update(f.read_bytes())
-    digest.update((ROOT / "converter" / "exporter.py").read_bytes())
+    digest.update((ROOT / "converter" / "torch" / "export.py").read_bytes())
     return digest.hexdigest()[:12]
 
 
 def _ref_model(name: str) -> RefModel:
-    from converter.exporter import export
+    from converter.torch.export import export
 
     out = CACHE / f"{name}-{_key(name)}.onnx"
     data = ROOT / "build" / "models" / name

@@ -10,8 +10,8 @@ import pytest
 from conftest import two_matmul_mlp
 
 from converter.cli import main
-from converter.metrics import accuracy, per_sample_cosine
-from converter.runtime import make_session
+from converter.core.metrics import accuracy, per_sample_cosine
+from converter.core.runtime import make_session
 
 
 def auto_digits(ref, out: Path) -> int:
@@ -190,7 +190,7 @@ def _mlp(path: Path) -> Path:
 
 
 def _auto_cosine(model: Path, data: Path, calib: Path, out: Path) -> dict:
-    from converter.auto import auto
+    from converter.search.auto import auto
 
     auto(model, data, out, metric="cosine", min_score=0.5, calib=calib, bench_runs=3)
     return json.loads((out / "manifest.json").read_text())
@@ -230,8 +230,8 @@ def test_cache_rescored_when_the_scoring_data_changes(mlp_data):
 
 
 def test_cache_key_changes_with_calibration_metric_and_target(mlp_data):
-    from converter.auto import Budget, _Builder
-    from converter.onnxio import load_model
+    from converter.core.onnxio import load_model
+    from converter.search.auto import Budget, _Builder
 
     model, d = mlp_data
     fp32 = load_model(model)

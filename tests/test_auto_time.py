@@ -12,10 +12,10 @@ import onnx
 import pytest
 from conftest import cli, two_matmul_mlp
 
-from converter.auto import _configs, auto, check_result
-from converter.errors import GateFailed
-from converter.metrics import per_sample_cosine
-from converter.runtime import make_session
+from converter.core.errors import GateFailed
+from converter.core.metrics import per_sample_cosine
+from converter.core.runtime import make_session
+from converter.search.auto import _configs, auto, check_result
 
 
 class Ticks:
@@ -182,8 +182,8 @@ def test_deadline_starts_a_batch_per_executor_width() -> None:
     cached one is read, the others are listed as not tried."""
     from types import SimpleNamespace
 
-    from converter.auto_tasks import Deadline
-    from converter.executor import InProcess
+    from converter.core.executor import InProcess
+    from converter.search.tasks import Deadline
 
     class Builder:
         def __init__(self) -> None:

@@ -17,10 +17,10 @@ import pytest
 from conftest import cli
 from onnx import TensorProto, helper, numpy_helper
 
-from converter import metrics
-from converter.bench_gates import DEFAULT_MAX_SLOWDOWN
-from converter.benchmark import DEFAULT_RUNS, DEFAULT_WARMUP, BenchGates, bench
+from converter.check.bench import DEFAULT_RUNS, DEFAULT_WARMUP, BenchGates, bench
+from converter.check.bench_gates import DEFAULT_MAX_SLOWDOWN
 from converter.cli import main
+from converter.core import metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 

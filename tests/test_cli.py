@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from converter.cli import INTERNAL_ERROR, main
-from converter.errors import first_line
+from converter.core.errors import first_line
 from passes.prune import MagnitudePrune
 
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from converter.cli import main
-from converter.exporter import export
-from converter.runtime import make_session
+from converter.core.runtime import make_session
+from converter.torch.export import export
 
 ROOT = Path(__file__).resolve().parent.parent
 

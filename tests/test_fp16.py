@@ -12,10 +12,10 @@ from conftest import one_line_error, run_batches
 from onnx import TensorProto, helper, numpy_helper
 
 from converter.cli import main
-from converter.data import model_input_specs, open_data
-from converter.errors import BadInputError, PassError
-from converter.metrics import accuracy, per_sample_cosine
-from converter.runtime import make_session
+from converter.core.data import model_input_specs, open_data
+from converter.core.errors import BadInputError, PassError
+from converter.core.metrics import accuracy, per_sample_cosine
+from converter.core.runtime import make_session
 from passes import fp16 as fp16_module
 from passes.base import fingerprint
 from passes.fp16 import FP32_OPS, Float16, default_block_list

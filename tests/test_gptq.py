@@ -12,7 +12,7 @@ import pytest
 from conftest import cli
 from onnx import TensorProto, helper, numpy_helper
 
-from converter.runtime import make_session
+from converter.core.runtime import make_session
 from passes.gptq import gptq_round, proxy_error
 from passes.quantize import StaticQuantize
 
@@ -136,7 +136,7 @@ def test_gptq_is_deterministic(data):
 
 
 def test_gptq_with_reused_ranges_needs_the_data(data):
-    from converter.errors import BadInputError
+    from converter.core.errors import BadInputError
 
     rng, calib, held_out = data
     model = _matmul_model(rng)
@@ -170,7 +170,7 @@ def test_cli_weight_rounding(data, capsys, tmp_path):
 
 
 def test_recipe_setting(data):
-    from converter.errors import BadInputError
+    from converter.core.errors import BadInputError
     from passes.registry import make_recipe_pass
 
     _, calib, _ = data

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from converter.runtime import make_session
+from converter.core.runtime import make_session
 
 
 def test_passes_and_search_run_without_torch(digits_mlp, tmp_path: Path) -> None:

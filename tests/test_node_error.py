@@ -1,4 +1,4 @@
-"""Per-tensor quantization error (converter/node_error.py): every number checked against a
+"""Per-tensor quantization error (converter/check/node_error.py): every number checked against a
 direct computation — numpy round trips of the int8 model's own scales, onnxruntime's
 qdq_loss_debug pipeline, plain onnxruntime runs — on tiny seeded models built here; and the
 same records in `sensitivity --json` and in `auto`'s report and manifest."""
@@ -15,8 +15,8 @@ import pytest
 from conftest import cli
 from onnx import TensorProto, helper, numpy_helper
 
-from converter.node_error import EXACT_DB, node_errors, prepare_reference, sample_feeds
-from converter.runtime import make_session
+from converter.check.node_error import EXACT_DB, node_errors, prepare_reference, sample_feeds
+from converter.core.runtime import make_session
 from passes.quantize import DynamicQuantize, StaticQuantize
 
 OUTLIER = 1000.0  # one calibration sample of input b: its range, and so its int8 step, explodes
@@ -336,7 +336,7 @@ def test_sensitivity_json_and_table_hold_the_records(two_inputs, tmp_path, capsy
 
 
 def _auto(two_inputs, out: Path, min_score: float, **extra) -> dict:
-    from converter.auto import auto
+    from converter.search.auto import auto
 
     folder = two_inputs["folder"]
     auto(

@@ -14,8 +14,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from converter.cli import main
-from converter.errors import BadInputError
-from converter.runtime import make_session
+from converter.core import packed as packed_format
+from converter.core.errors import BadInputError
+from converter.core.runtime import make_session
 from passes import pack as pack_module
 from passes.base import PassRunner
 from passes.fp16 import Float16
@@ -267,7 +268,7 @@ def test_bad_inputs_exit_2_with_one_line(pruned, tmp_path, capsys, case, expecte
 
 
 def test_models_above_2_gb_are_refused(pruned, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(pack_module, "MAX_BYTES", 10_000)  # the check, without 2 GB of data
+    monkeypatch.setattr(packed_format, "MAX_BYTES", 10_000)  # the check, without 2 GB of data
     src, out = tmp_path / "m.onnx", tmp_path / "out.onnx"
     src.write_bytes(pruned.SerializeToString())
     assert "external data" in _cli_error(["pack", str(src), "-o", str(out)], capsys)
@@ -291,8 +292,8 @@ def test_recipes_and_later_passes_see_dense_weights(pruned, qdq, tmp_path):
 
 
 def test_validate_bench_and_auto_size_take_packed_models(qdq, tmp_path):
-    from converter.benchmark import bench
-    from converter.validation import validate
+    from converter.check.bench import bench
+    from converter.check.validate import validate
 
     dense, packed, data = tmp_path / "d.onnx", tmp_path / "p.onnx", tmp_path / "x.npz"
     dense.write_bytes(qdq.SerializeToString())
@@ -311,7 +312,7 @@ def test_validate_bench_and_auto_size_take_packed_models(qdq, tmp_path):
 
 
 def test_sensitivity_of_a_packed_model_equals_the_dense_one(pruned, tmp_path):
-    from converter.sensitivity import sensitivity
+    from converter.check.sensitivity import sensitivity
 
     dense, packed, data = tmp_path / "d.onnx", tmp_path / "p.onnx", tmp_path / "x.npz"
     dense.write_bytes(pruned.SerializeToString())

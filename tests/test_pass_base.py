@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from converter.errors import PassError
+from converter.core.errors import PassError
 from passes.base import Pass, PassResult
 
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from converter.cli import main
-from converter.metrics import accuracy
-from converter.runtime import make_session
+from converter.core.metrics import accuracy
+from converter.core.runtime import make_session
 
 
 def write_recipe(folder: Path, ref, variants: str, gates: str = "max_drop = 0.02") -> Path:
@@ -188,7 +188,7 @@ def test_missing_data_file_names_the_step(digits_mlp, tmp_path: Path, capsys) ->
 
 
 def test_every_bundled_recipe_loads() -> None:
-    from converter.recipe import load_recipe
+    from converter.recipes.schema import load_recipe
 
     root = Path(__file__).resolve().parent.parent / "models"
     recipes = sorted(root.glob("*/recipe.toml"))
@@ -304,7 +304,7 @@ def _row(name, speedup, gates="pass", size=1.0, accuracy=0.9):
 
 
 def test_recommended_is_the_fastest_within_the_gates() -> None:
-    from converter.report import recommended
+    from converter.recipes.report import recommended
 
     fp32 = _row("fp32", 1.0, gates="—", size=4.0)
     rows = [fp32, _row("a", 1.5), _row("b", 2.0, gates="FAIL"), _row("c", 1.45, size=0.5)]
@@ -319,7 +319,7 @@ def test_recommended_is_the_fastest_within_the_gates() -> None:
 
 def test_score_plot_has_one_named_point_per_model() -> None:
     pytest.importorskip("matplotlib")
-    from converter.report import score_vs_latency
+    from converter.recipes.report import score_vs_latency
 
     rows = [
         {"name": n, "p50_ms": t, "accuracy": a}

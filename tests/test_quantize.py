@@ -18,10 +18,10 @@ from conftest import one_line_error, run_batches
 from onnx import TensorProto, helper, numpy_helper
 
 from converter.cli import main
-from converter.data import model_input_specs, open_data
-from converter.errors import BadInputError, DataError
-from converter.metrics import accuracy, agreement, per_sample_cosine
-from converter.runtime import make_session
+from converter.core.data import model_input_specs, open_data
+from converter.core.errors import BadInputError, DataError
+from converter.core.metrics import accuracy, agreement, per_sample_cosine
+from converter.core.runtime import make_session
 from passes.base import PassRunner, fingerprint, make_pass
 from passes.quantize import (
     CalibrationRanges,

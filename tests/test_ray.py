@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from converter.check.validate import validate
 from converter.cli import main
-from converter.errors import DataError
-from converter.executor import InProcess, RayExecutor
-from converter.validation import validate
+from converter.core.errors import DataError
+from converter.core.executor import InProcess, RayExecutor
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARD_SIZES = (100, 37, 150, 1, 162)  # uneven, one single-sample shard: 450 samples
@@ -65,7 +65,7 @@ def small(sharded, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def pruned(digits_cnn, tmp_path_factory) -> Path:
     """A candidate that differs from the fp32 model (50 % of the weights pruned)."""
-    from converter.onnxio import load_model, save_model
+    from converter.core.onnxio import load_model, save_model
     from passes import PassRunner
     from passes.registry import make_recipe_pass
 
@@ -115,8 +115,8 @@ def test_validate_on_ray_writes_the_in_process_report(
 
 def test_the_same_numbers_as_one_pass_over_the_whole_data(sharded, pruned, digits_cnn):
     """Sharding changes nothing: the shards' merge equals scoring the whole data at once."""
-    from converter import metrics as M
-    from converter.runtime import make_session
+    from converter.core import metrics as M
+    from converter.core.runtime import make_session
 
     report = validate(pruned, sharded, reference=digits_cnn.onnx, metrics=["cosine", "accuracy"])
     with np.load(digits_cnn.test) as npz:
@@ -238,7 +238,7 @@ def _candidates(manifest: dict, out: Path) -> list[dict]:
 def one_config(monkeypatch):
     """auto tries one full-int8 configuration only (the search itself runs in this process;
     the tasks build and score what it asks for): the same stages, a third of the time."""
-    from converter import auto
+    from converter.search import auto
 
     every = auto._configs
     monkeypatch.setattr(
@@ -264,7 +264,7 @@ def test_auto_on_ray_builds_and_scores_the_in_process_candidates(
     assert any(stage in c["name"] for c in on_ray["candidates"])  # the stage did run
     # The choice reads the candidates and their local bench timings (noisy even between two
     # in-process runs): given the same timings it is the same model.
-    from converter.auto import Candidate, _choose
+    from converter.search.auto import Candidate, _choose
 
     timed = {c["name"]: c["speedup"] for c in local["candidates"]}
     fields = [*_SAME, "cached"]
@@ -292,7 +292,7 @@ def _recipe(tmp_path: Path, ref, data: Path, executor: str) -> Path:
 
 
 def test_recipe_executor_ray_validates_as_in_process(ray_local, digits_cnn, sharded, tmp_path):
-    from converter.pipeline import run_recipe
+    from converter.recipes.pipeline import run_recipe
 
     runs = {
         executor: run_recipe(_recipe(tmp_path, digits_cnn, sharded, executor), tmp_path / executor)
@@ -307,8 +307,8 @@ def test_recipe_executor_ray_validates_as_in_process(ray_local, digits_cnn, shar
 
 
 def test_recipe_executor_is_checked_before_anything_runs(monkeypatch, digits_cnn, tmp_path):
-    from converter.errors import BadInputError
-    from converter.recipe import load_recipe
+    from converter.core.errors import BadInputError
+    from converter.recipes.schema import load_recipe
 
     with pytest.raises(BadInputError, match="executor 'dask' is unknown"):
         load_recipe(_recipe(tmp_path, digits_cnn, tmp_path, "dask"))
@@ -321,8 +321,8 @@ def test_recipe_executor_is_checked_before_anything_runs(monkeypatch, digits_cnn
 def test_an_address_nobody_answers_is_a_quick_clear_error(capsys, pruned, sharded):
     import socket
 
-    from converter.errors import BadInputError
-    from converter.executor import _check_reachable
+    from converter.core.errors import BadInputError
+    from converter.core.executor import _check_reachable
 
     with socket.socket() as s:  # a port that was free a moment ago: nobody listens there
         s.bind(("127.0.0.1", 0))
@@ -337,7 +337,7 @@ def test_an_address_nobody_answers_is_a_quick_clear_error(capsys, pruned, sharde
 def test_a_worker_dying_every_time_is_an_error_not_a_short_count(
     ray_local, sharded, pruned, tmp_path
 ):
-    from converter.errors import OnnxshipError
+    from converter.core.errors import OnnxshipError
 
     with RayExecutor(max_retries=0) as no_retry:
         faulty = _crash_once(no_retry, tmp_path / "died", victim=1)

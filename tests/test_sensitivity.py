@@ -15,10 +15,10 @@ import pytest
 from conftest import cli
 from onnx import TensorProto, helper, numpy_helper
 
-from converter import metrics
-from converter.errors import BadInputError
-from converter.runtime import make_session
-from converter.sensitivity import DEFAULT_BATCH_SIZE, DEFAULT_SAMPLES, sensitivity
+from converter.check.sensitivity import DEFAULT_BATCH_SIZE, DEFAULT_SAMPLES, sensitivity
+from converter.core import metrics
+from converter.core.errors import BadInputError
+from converter.core.runtime import make_session
 from passes.quantize import DynamicQuantize, StaticQuantize
 
 ROOT = Path(__file__).resolve().parent.parent

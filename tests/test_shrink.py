@@ -24,9 +24,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("torch_pruning")
 
 from converter.cli import main  # noqa: E402
-from converter.distill import DistillSettings, kd_loss  # noqa: E402
-from converter.shrinker import ShrinkOptions, shrink  # noqa: E402
-from converter.structured import PruneSettings  # noqa: E402
+from converter.torch.distill import DistillSettings, kd_loss  # noqa: E402
+from converter.torch.shrink import ShrinkOptions, shrink  # noqa: E402
+from converter.torch.structured import PruneSettings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 # torchscript exports in a fraction of dynamo's time; the first test below uses the default
@@ -367,7 +367,7 @@ def test_torchrun_two_processes_matches_one(nets, data, tmp_path):
 def test_early_stopping_keeps_the_best_weights():
     """A student equal to its teacher cannot improve on step 0; a huge learning rate makes
     every step worse, so training stops after `patience` scores and restores step 0."""
-    from converter.distill import distill
+    from converter.torch.distill import distill
 
     torch.manual_seed(0)
     teacher = torch.nn.Linear(6, 4)
@@ -404,7 +404,7 @@ def test_recipe_variant_starts_with_shrink(digits_mlp, tmp_path, capsys):
     import json
 
     from converter.cli import main
-    from converter.runtime import make_session
+    from converter.core.runtime import make_session
 
     (tmp_path / "net.py").write_text(
         "import torch\n"

@@ -8,9 +8,9 @@ import numpy as np
 import onnx
 import pytest
 
-from converter.errors import BadInputError
-from converter.metrics import per_sample_cosine
-from converter.runtime import make_session
+from converter.core.errors import BadInputError
+from converter.core.metrics import per_sample_cosine
+from converter.core.runtime import make_session
 from passes import fingerprint
 from passes.quantize import StaticQuantize
 from passes.smooth import SmoothQuant

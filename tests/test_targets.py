@@ -12,10 +12,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from converter import targets
 from converter.cli import main
-from converter.errors import BadInputError
-from converter.targets import METADATA_KEY, resolve_target
+from converter.core import machine as targets
+from converter.core.errors import BadInputError
+from converter.core.machine import METADATA_KEY, resolve_target
 from passes.quantize import DynamicQuantize, StaticQuantize
 
 

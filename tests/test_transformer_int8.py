@@ -11,10 +11,10 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from converter.auto import _configs, _passes_of
-from converter.profile import op_time_shares, unfused_dq_nodes, unfused_dq_share
-from converter.runtime import make_session
-from converter.sensitivity import sensitivity
+from converter.check.profile import op_time_shares, unfused_dq_nodes, unfused_dq_share
+from converter.check.sensitivity import sensitivity
+from converter.core.runtime import make_session
+from converter.search.auto import _configs, _passes_of
 from passes.calibration import MASK_FILL, MaskSafeHistogramCollector, matmul_inputs
 from passes.quantize import StaticQuantize
 from passes.smooth import SmoothQuant
@@ -368,7 +368,7 @@ def test_cli_sensitivity_scheme(tiny_encoder, capsys):
 
 
 def test_auto_tries_gptq_after_smoothing(tiny_encoder, tmp_path: Path, monkeypatch):
-    from converter import auto as auto_module
+    from converter.search import auto as auto_module
     from tests.test_gptq import _int_weights
 
     every = auto_module._configs

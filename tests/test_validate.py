@@ -15,10 +15,10 @@ import pytest
 from conftest import cli
 from onnx import TensorProto, helper, numpy_helper
 
-from converter import metrics
+from converter.check.validate import DEFAULT_BASELINE_TOLERANCE, DEFAULT_BATCH_SIZE, validate
 from converter.cli import main
-from converter.runtime import make_session
-from converter.validation import DEFAULT_BASELINE_TOLERANCE, DEFAULT_BATCH_SIZE, validate
+from converter.core import metrics
+from converter.core.runtime import make_session
 
 ROOT = Path(__file__).resolve().parent.parent
 

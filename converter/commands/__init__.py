@@ -36,7 +36,8 @@ TARGET_HELP = (
 
 
 def add_target_argument(group: argparse._ActionsContainer) -> None:
-    """``--target``, validated (with its aliases) by converter.targets when the command runs."""
+    """``--target``, validated (with its aliases) by converter.core.machine when the command
+    runs."""
     group.add_argument("--target", default="host", metavar="TARGET", help=TARGET_HELP)
 
 

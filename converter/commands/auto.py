@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from converter import defaults
 from converter.commands import add_command, add_executor_args, add_target_argument
+from converter.core import defaults
 
 HELP = "search int8/pruning configurations for the fastest model within an accuracy budget"
 EPILOG = """\
@@ -88,8 +88,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 
 def run(args: argparse.Namespace) -> int:
-    from converter.auto import check_result
-    from converter.executor import make_executor
+    from converter.core.executor import make_executor
+    from converter.search.auto import check_result
 
     with make_executor(args.executor, args.ray_address) as executor:
         result = _auto(args, executor)
@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _auto(args: argparse.Namespace, executor):
     """The search the flags describe, its candidates built and scored by ``executor``."""
-    from converter.auto import auto
+    from converter.search.auto import auto
 
     return auto(
         args.model,

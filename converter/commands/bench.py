@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from converter import defaults
 from converter.commands import add_command
+from converter.core import defaults
 
 HELP = "measure edge-style latency (batch 1, one thread) of one or more models, interleaved"
 EPILOG = """\
@@ -144,10 +144,10 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 
 def run(args: argparse.Namespace) -> int:
-    from converter.benchmark import BenchGates, bench, check_plot_path, plot_latencies
-    from converter.gates import check_report_paths, failure
-    from converter.inputs import parse_dims
-    from converter.onnxio import atomic_write_text, check_output_path
+    from converter.check.bench import BenchGates, bench, check_plot_path, plot_latencies
+    from converter.core.gates import check_report_paths, failure
+    from converter.core.inputs import parse_dims
+    from converter.core.onnxio import atomic_write_text, check_output_path
 
     inputs = (*args.models, args.data, args.baseline)
     check_report_paths(args.json, args.junit, *inputs)

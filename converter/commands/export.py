@@ -41,7 +41,7 @@ def add_module_args(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    from converter.defaults import DEFAULT_OPSET, EXPORT_ATOL, EXPORT_RTOL, EXPORTERS
+    from converter.core.defaults import DEFAULT_OPSET, EXPORT_ATOL, EXPORT_RTOL, EXPORTERS
 
     p = add_command(sub, common, "export", HELP, EPILOG, run)
     add_module_args(p)
@@ -102,9 +102,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 
 def run(args: argparse.Namespace) -> int:
-    from converter.errors import VerificationFailed
-    from converter.exporter import export
-    from converter.inputs import parse_dims
+    from converter.core.errors import VerificationFailed
+    from converter.core.inputs import parse_dims
+    from converter.torch.export import export
 
     try:
         result = export(

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from converter import defaults
 from converter.commands import add_command
+from converter.core import defaults
 
 HELP = "zero the smallest-magnitude weights of Conv, Gemm and MatMul"
 EPILOG = """\

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from converter import defaults
 from converter.commands import add_command, add_target_argument
+from converter.core import defaults
 
 HELP = "int8 quantization with onnxruntime: dynamic, or static with calibration data"
 EPILOG = """\
@@ -157,7 +157,7 @@ _STATIC_ONLY = {
 
 def build_pass(args: argparse.Namespace):
     """The quantization pass the arguments describe (settings validated here)."""
-    from converter.errors import BadInputError
+    from converter.core.errors import BadInputError
     from passes.quantize import DynamicQuantize, StaticQuantize
 
     common = dict(

@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 
 def run(args: argparse.Namespace) -> int:
-    from converter.pipeline import check_gates, run_recipe
+    from converter.recipes.pipeline import check_gates, run_recipe
 
     result = run_recipe(args.recipe, args.output)
     if not args.quiet:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from converter import defaults
 from converter.commands import add_command, add_executor_args
 from converter.commands.quantize import CALIB_METHODS, QUANT_TYPES, SCHEMES, add_weight_args
+from converter.core import defaults
 
 HELP = "rank the nodes by the fidelity lost when each alone is quantized to int8"
 EPILOG = """\
@@ -118,7 +118,7 @@ _SETTINGS = (
 
 def _quant_settings(args: argparse.Namespace) -> dict:
     """The quantization settings given on the command line (the passes' defaults otherwise)."""
-    from converter.errors import BadInputError
+    from converter.core.errors import BadInputError
 
     given = [flag for dest, flag in _STATIC_ONLY.items() if getattr(args, dest) is not None]
     if args.mode == "dynamic" and given:
@@ -129,9 +129,9 @@ def _quant_settings(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from converter.errors import BadInputError
-    from converter.executor import make_executor
-    from converter.onnxio import atomic_write_text, check_output_path
+    from converter.core.errors import BadInputError
+    from converter.core.executor import make_executor
+    from converter.core.onnxio import atomic_write_text, check_output_path
 
     settings = _quant_settings(args)
     if args.top < 0:
@@ -154,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _sensitivity(args: argparse.Namespace, settings: dict, executor):
     """The sensitivity run the flags describe, its nodes scored by ``executor``."""
-    from converter.sensitivity import sensitivity
+    from converter.check.sensitivity import sensitivity
 
     return sensitivity(
         args.model,

@@ -29,7 +29,7 @@ report. The result is exported and verified against torch as `export` does.
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    from converter.defaults import DEFAULT_OPSET, EXPORTERS
+    from converter.core.defaults import DEFAULT_OPSET, EXPORTERS
 
     p = add_command(sub, common, "shrink", HELP, EPILOG, run)
     add_module_args(p)
@@ -70,9 +70,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 
 def run(args: argparse.Namespace) -> int:
-    from converter.benchmark import check_plot_path
-    from converter.onnxio import check_output_path
-    from converter.shrinker import ShrinkOptions, plot_loss, shrink, write_json
+    from converter.check.bench import check_plot_path
+    from converter.core.onnxio import check_output_path
+    from converter.torch.shrink import ShrinkOptions, plot_loss, shrink, write_json
 
     for out in (args.json, args.plot):
         if out:
@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _settings(args: argparse.Namespace):
-    from converter.shrinker import import_torch_side
+    from converter.torch.shrink import import_torch_side
 
     mods = import_torch_side()
     PruneSettings, DistillSettings = mods.structured.PruneSettings, mods.distill.DistillSettings

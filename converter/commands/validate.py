@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from converter import defaults
 from converter.commands import add_command, add_executor_args
+from converter.core import defaults
 
 HELP = "score a model on data (labels and/or a reference model) and gate it for CI"
 EPILOG = """\
@@ -101,9 +101,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 
 def run(args: argparse.Namespace) -> int:
-    from converter.executor import make_executor
-    from converter.gates import check_report_paths, failure
-    from converter.onnxio import atomic_write_text
+    from converter.core.executor import make_executor
+    from converter.core.gates import check_report_paths, failure
+    from converter.core.onnxio import atomic_write_text
 
     check_report_paths(
         args.json, args.junit, args.candidate, args.data, args.reference, args.baseline
@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _validate(args: argparse.Namespace, executor, options: dict):
     """The validation the flags describe, run by ``executor``."""
-    from converter.validation import validate
+    from converter.check.validate import validate
 
     return validate(
         args.candidate,

@@ -133,8 +133,8 @@ def bare_dynamic(fp32: Path, folder: Path, per_channel: bool) -> Path:
 def onnxship_models(fp32: Path, calib: Path, folder: Path, target: str) -> dict[str, Path]:
     import onnx
 
-    from converter.auto import SMOOTH_ALPHA
-    from converter.onnxio import save_model
+    from converter.core.onnxio import save_model
+    from converter.search.auto import SMOOTH_ALPHA
     from passes.quantize import DynamicQuantize, StaticQuantize
     from passes.smooth import SmoothQuant
 
@@ -171,12 +171,12 @@ def cpu_name() -> str:
 def main() -> None:
     import onnxruntime
 
-    from converter.auto import auto
-    from converter.benchmark import bench
-    from converter.exporter import export
-    from converter.profile import first_feed, unfused_dq_share
-    from converter.targets import host_target
-    from converter.validation import validate
+    from converter.check.bench import bench
+    from converter.check.profile import first_feed, unfused_dq_share
+    from converter.check.validate import validate
+    from converter.core.machine import host_target
+    from converter.search.auto import auto
+    from converter.torch.export import export
 
     run_auto = "--no-auto" not in sys.argv
     target = host_target().name

@@ -9,7 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from converter.exporter import export
+from converter.torch.export import export
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = {

@@ -20,9 +20,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from converter.benchmark import bench
-from converter.provenance import machine
-from converter.runtime import make_session
+from converter.check.bench import bench
+from converter.core.machine import machine
+from converter.core.runtime import make_session
 
 RUNS, WARMUP, WIDTH = 300, 20, 256
 

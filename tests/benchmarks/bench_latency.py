@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 def main() -> None:
     from run_all import machine_header
 
-    from converter.exporter import export
+    from converter.torch.export import export
     from passes import StaticQuantize
     from passes.base import apply_to_file
 

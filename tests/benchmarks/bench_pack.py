@@ -8,7 +8,7 @@ pruned + static int8 (StaticQuantize, QDQ, calibrated on 16 random images). Each
 (passes/pack.py) and compared with its unpacked self: outputs on 4 inputs must be equal bit
 for bit and the graph onnxruntime runs after folding and fusions the same op for op
 ("identical" column: QLinearConv etc. kept for int8); latency (batch 1, one thread) is
-timed interleaved by converter.benchmark.bench;
+timed interleaved by converter.check.bench.bench;
 session creation (the cold start) is timed in fresh processes, interleaved, median of 7, wall
 and CPU time; the time packing adds is given per 10 M packed values, also for the
 alternative of decoding each weight in one piece.
@@ -34,8 +34,8 @@ from onnx import TensorProto, helper, numpy_helper
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from converter.benchmark import bench  # noqa: E402
-from converter.runtime import make_session  # noqa: E402
+from converter.check.bench import bench  # noqa: E402
+from converter.core.runtime import make_session  # noqa: E402
 from passes.pack import CHUNK, Pack  # noqa: E402
 from passes.prune import MagnitudePrune  # noqa: E402
 from passes.quantize import StaticQuantize  # noqa: E402

@@ -72,7 +72,7 @@ def run(code: str) -> tuple[float, float]:
 
 def encoder(folder: Path) -> tuple[str, Path, Path]:
     """(name, fp32 model, calibration data) — MiniLM when installed, else the BERT stand-in."""
-    from converter.exporter import export
+    from converter.torch.export import export
 
     inputs = ["input_ids:batch,seq:int64", "attention_mask:batch,seq:int64"]
     try:
@@ -112,7 +112,7 @@ def measure(label: str, bare: str, ours: str) -> str:
 
 
 def main() -> int:
-    from converter.provenance import machine
+    from converter.core.machine import machine
 
     m = machine()
     with tempfile.TemporaryDirectory() as tmp:

@@ -2,7 +2,7 @@
 
 Models: a ResNet-18-shaped CNN (random init, 224x224), the trained tiny_encoder (seq 64) and
 a BERT-style encoder (transformers BertConfig, hidden 256, 4 layers, seq 128, random init).
-Each quantized variant is timed interleaved with its fp32 model by `converter.benchmark.bench`
+Each quantized variant is timed interleaved with its fp32 model by `converter.check.bench.bench`
 (every round runs each model once, so machine drift cancels); cosine to fp32 is the mean
 (and min) over held-out inputs. Variants: dynamic, static with uint8 and int8 activations
 for --target avx2 (7-bit weights), and both modes for --target avx512-vnni (8-bit weights):
@@ -149,7 +149,7 @@ def _save_npz(path: Path, **arrays: np.ndarray) -> Path:
 
 
 def export_models(folder: Path) -> list[Case]:
-    from converter.exporter import export
+    from converter.torch.export import export
 
     rng = np.random.default_rng(0)
     cnn = folder / "resnet18.onnx"
@@ -186,7 +186,7 @@ def quantize_variants(case: Case, folder: Path) -> dict[str, Path]:
     """Every variant of VARIANTS, static ones sharing one calibration run."""
     import onnx
 
-    from converter.onnxio import save_model
+    from converter.core.onnxio import save_model
     from passes.quantize import DynamicQuantize, StaticQuantize
 
     model = onnx.load(str(case.onnx))
@@ -210,9 +210,9 @@ def quantize_variants(case: Case, folder: Path) -> dict[str, Path]:
 def cosine(case: Case, path: Path) -> tuple[float, float]:
     import onnx
 
-    from converter.data import model_input_specs, open_data
-    from converter.metrics import per_sample_cosine
-    from converter.runtime import make_session
+    from converter.core.data import model_input_specs, open_data
+    from converter.core.metrics import per_sample_cosine
+    from converter.core.runtime import make_session
 
     specs = model_input_specs(onnx.load(str(case.onnx), load_external_data=False))
     data = open_data(case.held_out, specs)
@@ -225,7 +225,7 @@ def cosine(case: Case, path: Path) -> tuple[float, float]:
 
 
 def measure(case: Case, variants: dict[str, Path]) -> tuple[list[Row], dict]:
-    from converter.benchmark import bench
+    from converter.check.bench import bench
 
     paths = [case.onnx, *variants.values()]
     report = bench(paths, threads=(1,), data=case.held_out, runs=case.runs, warmup=5)
@@ -360,7 +360,7 @@ def main() -> int:
             why.append(explain(case, variant, variants[variant], folder))
     lines = [
         f"bench_quantize: batch 1, 1 intra-op thread, sequential, interleaved with fp32 "
-        f"(converter.benchmark), p50 latency; onnxruntime {onnxruntime.__version__}",
+        f"(converter.check.bench), p50 latency; onnxruntime {onnxruntime.__version__}",
         f"cpu: {machine.get('cpu', 'unknown')}; {cpu_flags()}; load average at the end "
         f"{os.getloadavg()[0]:.2f} (other processes share the cores: expect +-10% noise)",
         "dynamic = per-channel int8 weights, uint8 activations; static = QDQ, minmax, uint8 "
@@ -382,7 +382,7 @@ def main() -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     if NOTES.parent.is_dir():
-        from converter.onnxio import atomic_write_text
+        from converter.core.onnxio import atomic_write_text
 
         atomic_write_text(NOTES, text)
     return 0

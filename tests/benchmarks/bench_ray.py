@@ -23,9 +23,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from converter.executor import InProcess, RayExecutor  # noqa: E402
-from converter.provenance import machine  # noqa: E402
-from converter.validation import validate  # noqa: E402
+from converter.check.validate import validate  # noqa: E402
+from converter.core.executor import InProcess, RayExecutor  # noqa: E402
+from converter.core.machine import machine  # noqa: E402
 
 SHARDS, PER_SHARD = 20, 1000
 REPEATS = 3

@@ -61,10 +61,10 @@ def _data(path: Path) -> Path:
 
 
 def _fp32_pass_seconds(model: Path, data: Path, samples: int) -> float:
-    from converter.data import model_input_specs, open_data
-    from converter.onnxio import load_model
-    from converter.runtime import make_session, run_batches
-    from converter.sensitivity import DEFAULT_BATCH_SIZE
+    from converter.check.sensitivity import DEFAULT_BATCH_SIZE
+    from converter.core.data import model_input_specs, open_data
+    from converter.core.onnxio import load_model
+    from converter.core.runtime import make_session, run_batches
 
     specs = model_input_specs(load_model(model))
     feeds = list(open_data(data, specs).batches(specs, DEFAULT_BATCH_SIZE, limit=samples))
@@ -76,7 +76,7 @@ def _fp32_pass_seconds(model: Path, data: Path, samples: int) -> float:
 
 
 def _timed(model, data: Path, **options):
-    from converter.sensitivity import sensitivity
+    from converter.check.sensitivity import sensitivity
 
     start = time.perf_counter()
     report = sensitivity(model, data, progress=False, **options)
@@ -85,7 +85,7 @@ def _timed(model, data: Path, **options):
 
 def _calibrated(model: Path, data: Path):
     """Calibration ranges measured once (what auto does), and the seconds it took."""
-    from converter.onnxio import load_model
+    from converter.core.onnxio import load_model
     from passes.quantize import calibrate
 
     proto = load_model(model)
@@ -127,8 +127,8 @@ def main() -> None:
     parser.add_argument("--gain", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    from converter.exporter import export
-    from converter.sensitivity import DEFAULT_SAMPLES
+    from converter.check.sensitivity import DEFAULT_SAMPLES
+    from converter.torch.export import export
 
     with tempfile.TemporaryDirectory() as tmp:
         model, data = Path(tmp) / "encoder.onnx", _data(Path(tmp) / "data.npz")

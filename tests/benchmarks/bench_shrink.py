@@ -5,7 +5,7 @@
    of the pruned model before distillation (torch, the same pruning) and of the shrunk model.
 2. A ResNet-18-shaped CNN (tests/benchmarks/bench_quantize.py:resnet18, random weights,
    224x224) at --keep 0.5: unpruned fp32, shrunk fp32 and shrunk + static int8
-   (passes.quantize.StaticQuantize, U8/S8 QDQ) timed interleaved by converter.benchmark.bench,
+   (passes.quantize.StaticQuantize, U8/S8 QDQ) timed interleaved by converter.check.bench.bench,
    batch 1, one thread. Its distillation runs a couple of steps on random images: only the
    speed is measured here, the weights are random.
 
@@ -65,7 +65,7 @@ def _ort_accuracy(path: Path, test: Path) -> float:
 
 def _pruned_only_accuracy(module, prune, example: list[torch.Tensor]) -> float:
     """Test accuracy of the same pruning with no recovery (torch)."""
-    from converter.structured import prune_structured
+    from converter.torch.structured import prune_structured
 
     model = copy.deepcopy(module.trained())
     prune_structured(model, example, prune)
@@ -75,10 +75,10 @@ def _pruned_only_accuracy(module, prune, example: list[torch.Tensor]) -> float:
 def digits_rows(folder: Path) -> list[str]:
     import _shared
 
-    from converter.distill import DistillSettings
-    from converter.exporter import export
-    from converter.shrinker import ShrinkOptions, shrink
-    from converter.structured import PruneSettings
+    from converter.torch.distill import DistillSettings
+    from converter.torch.export import export
+    from converter.torch.shrink import ShrinkOptions, shrink
+    from converter.torch.structured import PruneSettings
 
     rows = []
     for name, (inputs, ignore, settings) in DIGITS.items():
@@ -137,7 +137,7 @@ def half_width():
 def _int8(path: Path, data: Path) -> Path:
     import onnx
 
-    from converter.onnxio import save_model
+    from converter.core.onnxio import save_model
     from passes.quantize import StaticQuantize
 
     out = path.with_name(path.stem + "-int8.onnx")
@@ -146,10 +146,10 @@ def _int8(path: Path, data: Path) -> Path:
 
 
 def resnet_rows(folder: Path, with_half_width: bool = False) -> list[str]:
-    from converter.benchmark import bench
-    from converter.distill import DistillSettings
-    from converter.exporter import export
-    from converter.shrinker import ShrinkOptions, shrink
+    from converter.check.bench import bench
+    from converter.torch.distill import DistillSettings
+    from converter.torch.export import export
+    from converter.torch.shrink import ShrinkOptions, shrink
 
     images = np.random.default_rng(0).standard_normal((24, 3, 224, 224)).astype(np.float32)
     data = folder / "images.npz"

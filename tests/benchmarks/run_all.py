@@ -16,7 +16,7 @@ def machine_header() -> str:
     import onnxruntime
 
     sys.path.insert(0, str(HERE.parents[1]))
-    from converter.provenance import machine
+    from converter.core.machine import machine
 
     m = machine()
     flags = [f for f, present in m["int8_flags"].items() if present]

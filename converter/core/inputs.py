@@ -8,8 +8,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from converter.data import InputSpec
-from converter.errors import BadInputError
+from converter.core.data import InputSpec
+from converter.core.errors import BadInputError
 
 __all__ = [
     "DTYPES",

@@ -24,12 +24,12 @@ from typing import Any, NamedTuple
 import numpy as np
 import onnx
 
-from converter.data import Dataset, InputSpec
-from converter.defaults import DEFAULT_OPSET, EXPORT_ATOL, EXPORT_RTOL, EXPORTERS
-from converter.errors import BadInputError, ExportError, VerificationFailed, first_line
-from converter.inputs import generate_inputs, resized_dims, symbols
-from converter.onnxio import check_output_path, save_model
-from converter.verify import Comparison, compare_outputs
+from converter.core.data import Dataset, InputSpec
+from converter.core.defaults import DEFAULT_OPSET, EXPORT_ATOL, EXPORT_RTOL, EXPORTERS
+from converter.core.errors import BadInputError, ExportError, VerificationFailed, first_line
+from converter.core.inputs import generate_inputs, resized_dims, symbols
+from converter.core.onnxio import check_output_path, save_model
+from converter.torch.verify import Comparison, compare_outputs
 
 __all__ = ["export", "export_module", "ExportSettings", "ExportReport", "ExportResult"]
 
@@ -102,12 +102,12 @@ def export(
     refused (VerificationFailed, nothing written) naming the user's line, unless
     ``accept_traced_branches`` says the user accepts it."""
     try:
-        from converter import torchload
+        from converter.torch import load as torchload
     except ImportError as e:
         raise BadInputError(
             f"export needs PyTorch ({e.name} is not installed)", "pip install 'onnxship[torch]'"
         ) from e
-    from converter.inputs import parse_input_spec
+    from converter.core.inputs import parse_input_spec
 
     specs = [parse_input_spec(s) if isinstance(s, str) else s for s in inputs]
     _check_options(specs, exporter, opset, atol, rtol)

@@ -26,7 +26,7 @@ from typing import Any, Protocol, TypeVar
 
 from tqdm import tqdm
 
-from converter.errors import BadInputError, OnnxshipError
+from converter.core.errors import BadInputError, OnnxshipError
 
 __all__ = [
     "EXECUTORS",

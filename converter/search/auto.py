@@ -36,14 +36,14 @@ from typing import Any
 import numpy as np
 import onnx
 
-from converter import defaults
-from converter.auto_tasks import Deadline, notes
-from converter.data import LABELS, Dataset, model_input_specs, open_data
-from converter.errors import BadInputError, GateFailed, OnnxshipError
-from converter.executor import Executor, InProcess
-from converter.gates import failure, fmt, score_gates
-from converter.onnxio import atomic_path, atomic_write_text, load_model, save_model
-from converter.provenance import sha256_data, sha256_file, versions
+from converter.core import defaults
+from converter.core.data import LABELS, Dataset, model_input_specs, open_data
+from converter.core.errors import BadInputError, GateFailed, OnnxshipError
+from converter.core.executor import Executor, InProcess
+from converter.core.gates import failure, fmt, score_gates
+from converter.core.machine import sha256_data, sha256_file, versions
+from converter.core.onnxio import atomic_path, atomic_write_text, load_model, save_model
+from converter.search.tasks import Deadline, notes
 from passes.base import quiet_passes
 from passes.pack import dense_model, packed_size
 
@@ -82,7 +82,7 @@ class Budget:
         return text + (f", worst cosine ≥ {self.min_worst:g}" if self.min_worst is not None else "")
 
     def gates(self, reference_score: float, score: float | None, worst: float | None) -> list:
-        """This budget as the gates ``validate`` checks (converter.gates)."""
+        """This budget as the gates ``validate`` checks (converter.core.gates)."""
         drop = None if score is None else reference_score - score
         detail = f"reference {fmt(reference_score)}, candidate {fmt(score)}"
         return score_gates(
@@ -350,7 +350,7 @@ class _Builder:
         return self.ranges[key]
 
     def _score(self, c: Candidate) -> None:
-        from converter.validation import validate
+        from converter.check.validate import validate
 
         metrics = list(dict.fromkeys([self.budget.metric, "cosine"]))
         report = validate(
@@ -443,7 +443,7 @@ def _exclusions(
     at a time as the executor runs at once; the list ends at the first that meets). The
     ranking is not cached: with the time spent, none of these is tried (``max_excluded`` of
     them are listed as not tried)."""
-    from converter.sensitivity import sensitivity
+    from converter.check.sensitivity import sensitivity
 
     if deadline.spent():
         deadline.not_tried += [f"{best.name}_fp32x{k}" for k in range(1, max_excluded + 1)]
@@ -511,12 +511,12 @@ def auto(
     """Search configurations; write the fastest one meeting the budget to OUTDIR/model.onnx.
     Returns the result; ``result.best`` is None when nothing met the budget, and then the
     closest candidate is written instead (``result.written``; None when no candidate was
-    scored). ``target`` is the CPU kind the int8 candidates are made for (converter.targets).
+    scored). ``target`` is the CPU kind the int8 candidates are made for (converter.core.machine).
     ``executor`` builds and scores the candidates (default: in this process; see
-    converter.auto_tasks); the bench of the candidates always runs here, interleaved on this
+    converter.search.tasks); the bench of the candidates always runs here, interleaved on this
     machine. ``time_budget``: seconds of wall time on ``clock``, counted from here, after
     which no new candidate starts (auto_tasks.Deadline)."""
-    from converter.targets import resolve_target
+    from converter.core.machine import resolve_target
 
     deadline = Deadline(time_budget, clock)
     budget = _check(metric, min_score, max_drop, min_worst, sparsity_grid, time_budget)
@@ -563,7 +563,7 @@ def auto(
     result.best = _choose(candidates)
     _note_node_errors(result, builder, threads)
     _write_model(result)
-    from converter.auto_report import write_auto_outputs
+    from converter.recipes.auto_report import write_auto_outputs
 
     write_auto_outputs(result, model)
     return result
@@ -660,14 +660,14 @@ def _reference_score(reference: Path, score: Path, metric: str) -> float:
     """The fp32 model's own score: its accuracy, or 1.0 for fidelity to itself."""
     if metric != "accuracy":
         return 1.0
-    from converter.validation import validate
+    from converter.check.validate import validate
 
     report = validate(reference, score, metrics=["accuracy"], progress=False)
     return report.outputs[report.output]["accuracy"].value
 
 
 def _bench(result: AutoResult, reference: Path, score: Path, runs: int, threads: int) -> None:
-    from converter.benchmark import bench
+    from converter.check.bench import bench
 
     built = [c for c in result.candidates if c.path is not None]
     result.bench = bench(
@@ -677,18 +677,18 @@ def _bench(result: AutoResult, reference: Path, score: Path, runs: int, threads:
         m = result.bench.get(i, threads)
         c.p50_ms, c.p90_ms, c.speedup = m.latency.p50_ms, m.latency.p90_ms, m.speedup
         c.size = packed_size(c.path)  # what shipping it costs: pruned zeros pack away
-    from converter.profile import note_unfused_dq
+    from converter.check.profile import note_unfused_dq
 
     note_unfused_dq(result, built, score, threads)
 
 
 def _note_node_errors(result: AutoResult, builder: _Builder, threads: int) -> None:
-    """The per-tensor error (converter/node_error.py) of the chosen candidate, or of the
+    """The per-tensor error (converter/check/node_error.py) of the chosen candidate, or of the
     closest one when none meets the budget, if it is quantized: against the model its
     quantize pass was given (after its prune/smooth passes), pre-processed as that pass
     does, on the first scoring samples. Stored on the candidate (manifest, report); a failure
     is a report note, not the end of the search."""
-    from converter.node_error import node_errors, prepare_reference, sample_feeds
+    from converter.check.node_error import node_errors, prepare_reference, sample_feeds
 
     c = result.best or result.closest()
     passes = c.passes if c is not None and c.path is not None else []

@@ -26,7 +26,7 @@ session and one run over the samples per variant: time ≈ nodes × one fp32 pas
 
 Per-tensor error (``tensor_errors`` samples, 0 = off): the SQNR and cosine of every tensor
 the fully quantized model quantizes, against the pre-processed fp32 model, on the first
-samples of ``data`` one at a time (converter/node_error.py) — where the int8 error enters,
+samples of ``data`` one at a time (converter/check/node_error.py) — where the int8 error enters,
 not what it costs at the output. ``report.tensor_errors``, worst first.
 
 Candidates are the nodes the fully quantized model has quantized, minus the ops onnxruntime
@@ -53,16 +53,16 @@ from typing import Any
 import numpy as np
 import onnx
 
-from converter import __version__, defaults
-from converter.data import model_input_specs, open_data
-from converter.errors import BadInputError
-from converter.executor import Executor, InProcess
-from converter.gates import fmt as _fmt
-from converter.gates import json_number as _num
-from converter.metrics import per_sample_cosine
-from converter.node_error import TensorError, error_rows
-from converter.onnxio import load_model
-from converter.runtime import make_session, run_session
+from converter.check.node_error import TensorError, error_rows
+from converter.core import __version__, defaults
+from converter.core.data import model_input_specs, open_data
+from converter.core.errors import BadInputError
+from converter.core.executor import Executor, InProcess
+from converter.core.gates import fmt as _fmt
+from converter.core.gates import json_number as _num
+from converter.core.metrics import per_sample_cosine
+from converter.core.onnxio import load_model
+from converter.core.runtime import make_session, run_session
 from passes.base import make_pass, quiet_passes
 from passes.pack import dense_model
 from passes.quant_report import describe_settings
@@ -303,8 +303,8 @@ def sensitivity(
 
 def _profile_full(report: SensitivityReport, model: onnx.ModelProto, scorer, threads: int) -> None:
     """Unfused DequantizeLinear nodes of the fully quantized model, and their run time share
-    on one scoring sample (converter/profile.py)."""
-    from converter.profile import unfused_dq_nodes, unfused_dq_share
+    on one scoring sample (converter/check/profile.py)."""
+    from converter.check.profile import unfused_dq_nodes, unfused_dq_share
 
     data = model.SerializeToString()
     feed = {k: v[:1] for k, v in scorer.feeds[0].items()}
@@ -317,7 +317,7 @@ def _tensor_errors(
 ) -> None:
     """The per-tensor error of the fully quantized model against the model it was made
     from (the pre-processed fp32 one: same tensor and weight names)."""
-    from converter.node_error import node_errors, sample_feeds
+    from converter.check.node_error import node_errors, sample_feeds
 
     feeds = sample_feeds(data, variants.prepared, samples)
     report.tensor_errors = node_errors(variants.prepared, variants.full.model, feeds, threads)
@@ -698,7 +698,7 @@ def _error_summary(r: SensitivityReport, rows: int) -> str:
     """The ``rows`` worst tensors of the fully quantized model, as a table."""
     if not rows or r.tensor_errors is None:
         return ""
-    from converter.node_error import ERROR_HEADER
+    from converter.check.node_error import ERROR_HEADER
 
     lines = [
         "",

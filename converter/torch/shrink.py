@@ -1,10 +1,10 @@
 """``onnxship shrink``: structured pruning + distillation recovery + verified export.
 
 Steps, each its own function: load the module and the data (split into training and
-held-out samples), prune whole channels/neurons with torch-pruning (converter.structured),
-recover by distilling from the unpruned model (converter.distill), export and verify with
-the functions ``export`` uses (converter.exporter), then measure: params, MACs, file size,
-latency before/after (interleaved, batch 1, converter.benchmark) and the held-out
+held-out samples), prune whole channels/neurons with torch-pruning (converter.torch.structured),
+recover by distilling from the unpruned model (converter.torch.distill), export and verify with
+the functions ``export`` uses (converter.torch.export), then measure: params, MACs, file size,
+latency before/after (interleaved, batch 1, converter.check.bench) and the held-out
 accuracy/fidelity of the unpruned, the pruned and the distilled model.
 """
 
@@ -23,15 +23,15 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from converter import exporter
-from converter.data import LABELS, Dataset, InputSpec
-from converter.defaults import DEFAULT_OPSET, EXPORT_ATOL, EXPORT_RTOL
-from converter.errors import BadInputError, DataError
-from converter.onnxio import atomic_path, atomic_write_text, check_output_path
+from converter.core.data import LABELS, Dataset, InputSpec
+from converter.core.defaults import DEFAULT_OPSET, EXPORT_ATOL, EXPORT_RTOL
+from converter.core.errors import BadInputError, DataError
+from converter.core.onnxio import atomic_path, atomic_write_text, check_output_path
+from converter.torch import export as exporter
 
 if TYPE_CHECKING:  # torch-side classes: imported at run time only when shrink runs
-    from converter.distill import DistillSettings
-    from converter.structured import PruneSettings
+    from converter.torch.distill import DistillSettings
+    from converter.torch.structured import PruneSettings
 
 __all__ = [
     "shrink",
@@ -145,7 +145,7 @@ def shrink(
 ) -> ShrinkResult:
     """Prune ``file.py:callable`` to ``prune.keep`` of its channels, distill it back from
     the unpruned model on ``data``, export and verify it to ``output``. ``prune`` is a
-    converter.structured.PruneSettings, ``distill`` a converter.distill.DistillSettings
+    converter.torch.structured.PruneSettings, ``distill`` a converter.torch.distill.DistillSettings
     (defaults when None)."""
     mods = import_torch_side()
     options = options or ShrinkOptions()
@@ -182,7 +182,8 @@ def import_torch_side() -> _TorchSide:
     try:
         import torch_pruning  # noqa: F401
 
-        from converter import distill, structured, torchload
+        from converter.torch import distill, structured
+        from converter.torch import load as torchload
     except ImportError as e:
         raise BadInputError(
             f"shrink needs PyTorch and torch-pruning ({e.name} is not installed)",
@@ -192,7 +193,7 @@ def import_torch_side() -> _TorchSide:
 
 
 def _check(inputs, prune, distill, options: ShrinkOptions) -> list[InputSpec]:
-    from converter.inputs import parse_input_spec
+    from converter.core.inputs import parse_input_spec
 
     specs = [parse_input_spec(s) if isinstance(s, str) else s for s in inputs]
     exporter._check_options(specs, options.exporter, options.opset, options.atol, options.rtol)
@@ -268,8 +269,8 @@ class _State:
 
 def _shrink_model(model, specs, train, held, prune, distill, options, where) -> _State:
     """Prune, score, distill, score: the PyTorch part, run on every torchrun rank."""
-    from converter import distill as kd
-    from converter import structured
+    from converter.torch import distill as kd
+    from converter.torch import structured
 
     names = [s.name for s in specs]
     example = [held[n][:TRACE_SAMPLES] for n in names]
@@ -301,7 +302,7 @@ def _shrink_model(model, specs, train, held, prune, distill, options, where) -> 
 
 def _taylor_loss(teacher, train, names, distill):
     """The loss whose gradient Taylor importance ranks by: kd_loss on one training batch."""
-    from converter.distill import kd_loss
+    from converter.torch.distill import kd_loss
 
     def loss(model):
         batch = {k: v[: distill.batch_size] for k, v in train.items()}
@@ -321,9 +322,9 @@ def _no_grad():
 
 def _score(model, teacher, held: dict, names: list[str]) -> dict:
     """Held-out metrics of ``model``: accuracy (with labels), agreement and mean cosine with
-    the unpruned model; the numbers come from converter.metrics."""
-    from converter import metrics
-    from converter.distill import predict
+    the unpruned model; the numbers come from converter.core.metrics."""
+    from converter.core import metrics
+    from converter.torch.distill import predict
 
     got, want = predict(model, held, names).numpy(), predict(teacher, held, names).numpy()
     out = {
@@ -373,8 +374,8 @@ def _latency(before: Path, after: Path, data, runs: int) -> dict:
     """p50 latency (ms) of both models, batch 1, one thread, interleaved in one run."""
     if runs == 0:
         return {}
-    from converter.benchmark import bench
-    from converter.metrics import speedup
+    from converter.check.bench import bench
+    from converter.core.metrics import speedup
 
     report = bench([before, after], threads=(1,), runs=runs, data=data)
     p50 = [report.get(i, 1).latency.p50_ms for i in (0, 1)]
@@ -449,7 +450,7 @@ def _summary(r: ShrinkReport) -> str:
 def plot_loss(report: ShrinkReport, out: str | os.PathLike) -> Path:
     """The distillation loss curve (training loss per step, held-out loss where scored);
     png, svg or pdf from the suffix. Needs matplotlib."""
-    from converter.benchmark import check_plot_path
+    from converter.check.bench import check_plot_path
 
     fmt = check_plot_path(out)
     from matplotlib.figure import Figure

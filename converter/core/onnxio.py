@@ -10,7 +10,7 @@ from pathlib import Path
 
 import onnx
 
-from converter.errors import BadInputError
+from converter.core.errors import BadInputError
 
 __all__ = [
     "load_model",

@@ -3,9 +3,9 @@ against a reference model, or both — and check gates (the CI use).
 
 One streaming pass per shard: each batch runs through the candidate (and the reference) and
 the metrics accumulate per output, so one batch of outputs is in memory at a time. The shards
-are scored by one pure function mapped over them by an executor (converter.executor: in this
+are scored by one pure function mapped over them by an executor (converter.core.executor: in this
 process, or one Ray task per shard) and their sums are merged in shard order, so the numbers
-do not depend on where the shards ran. Every number comes from :mod:`converter.metrics`. Gates
+do not depend on where the shards ran. Every number comes from :mod:`converter.core.metrics`. Gates
 read one output: the first, or ``output=``.
 
 A failed gate is not an exception here: :func:`validate` returns the report and
@@ -28,16 +28,16 @@ from pathlib import Path
 
 import numpy as np
 
-from converter import __version__, defaults
-from converter import metrics as M
-from converter.data import Dataset, InputSpec, model_input_specs, open_data
-from converter.errors import BadInputError, DataError, OnnxshipError
-from converter.executor import Executor, InProcess
-from converter.gates import Gate, Gated, gate_lines, junit_xml, score_gates
-from converter.gates import fmt as _fmt
-from converter.gates import json_number as _num
-from converter.onnxio import load_model
-from converter.runtime import cached_session, run_session
+from converter.core import __version__, defaults
+from converter.core import metrics as M
+from converter.core.data import Dataset, InputSpec, model_input_specs, open_data
+from converter.core.errors import BadInputError, DataError, OnnxshipError
+from converter.core.executor import Executor, InProcess
+from converter.core.gates import Gate, Gated, gate_lines, junit_xml, score_gates
+from converter.core.gates import fmt as _fmt
+from converter.core.gates import json_number as _num
+from converter.core.onnxio import load_model
+from converter.core.runtime import cached_session, run_session
 
 __all__ = [
     "validate",
@@ -219,7 +219,7 @@ def _check_numbers(min_score, max_drop, min_worst, tolerance, batch_size, thread
 
 def _load_interfaces(candidate, reference) -> tuple[list[InputSpec], list[str], list | None]:
     """Input specs and output names of the candidate; input specs of the reference."""
-    from converter.targets import warn_if_other_target
+    from converter.core.machine import warn_if_other_target
 
     model = load_model(candidate, what="candidate model")
     specs, outputs = model_input_specs(model), [o.name for o in model.graph.output]

@@ -9,10 +9,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from converter import __version__, defaults
-from converter.onnxio import atomic_write_text
-from converter.provenance import machine, versions
-from converter.render import (
+from converter.core import __version__, defaults
+from converter.core.machine import machine, resolve_target, target_line, target_summary, versions
+from converter.core.onnxio import atomic_write_text
+from converter.core.render import (
     cell,
     embedded_png,
     figure,
@@ -21,8 +21,7 @@ from converter.render import (
     markdown_table,
     save_figure,
 )
-from converter.report import artifact_entry
-from converter.targets import resolve_target, target_line, target_summary
+from converter.recipes.report import artifact_entry
 
 __all__ = ["write_auto_outputs"]
 
@@ -116,8 +115,8 @@ def _summary_line(result: Any) -> str:
 
 def _error_table(result: Any) -> tuple[str, str, list[list[str]]] | None:
     """(Heading, explanation, header and rows) of the per-tensor error of the candidate auto
-    measured it on (the chosen one, or the closest on a miss; converter/node_error.py)."""
-    from converter.node_error import ERROR_HEADER, TensorError, error_rows
+    measured it on (the chosen one, or the closest on a miss; converter/check/node_error.py)."""
+    from converter.check.node_error import ERROR_HEADER, TensorError, error_rows
 
     c = next((c for c in result.candidates if c.node_errors is not None), None)
     if c is None:

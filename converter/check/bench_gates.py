@@ -4,7 +4,7 @@ against a stored run.
 Absolute times are only compared with thresholds the user sets for the machine CI runs on
 (``max_p90_ms``). Across runs and machines only *ratios* are compared: the speedup of each
 model against the first model of the same run, measured interleaved (see
-:mod:`converter.benchmark`). A ratio still depends on the CPU kind — int8 gains much more
+:mod:`converter.check.bench`). A ratio still depends on the CPU kind — int8 gains much more
 with VNNI than without — so a baseline is only meaningful on the CPU kind it was recorded on.
 
 Everything that can be wrong with the settings or the baseline is checked before measuring.
@@ -18,13 +18,10 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from converter.errors import BadInputError
-from converter.gates import Gate
-
-if TYPE_CHECKING:
-    from converter.benchmark import BenchReport, ModelInfo
+from converter.check.bench_report import BenchReport, ModelInfo
+from converter.core.errors import BadInputError
+from converter.core.gates import Gate
 
 __all__ = ["BenchGates", "BenchBaseline", "DEFAULT_MAX_SLOWDOWN", "MB"]
 

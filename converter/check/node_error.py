@@ -63,9 +63,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from converter import defaults
-from converter.gates import json_number as _num
-from converter.runtime import make_session, run_session
+from converter.core import defaults
+from converter.core.gates import json_number as _num
+from converter.core.runtime import make_session, run_session
 from passes.quant_report import is_quant_op  # (loads onnxruntime.quantization without torch)
 
 __all__ = [
@@ -164,7 +164,7 @@ def sample_feeds(
 ) -> list[dict[str, np.ndarray]]:
     """The first ``samples`` samples of ``data``, one per feed (batch 1 unless the model
     fixes its batch size), without labels."""
-    from converter.data import model_input_specs, open_data
+    from converter.core.data import model_input_specs, open_data
 
     specs = model_input_specs(model)
     dataset = open_data(data, specs)
@@ -545,7 +545,7 @@ ERROR_HEADER = ["tensor", "kind", "node", "SQNR (dB)", "cosine", "propagated SQN
 
 def error_rows(records: Sequence[TensorError], top: int | None = None) -> list[list[str]]:
     """Table rows (``ERROR_HEADER``) of the first ``top`` records, for the CLI and reports."""
-    from converter.render import cell
+    from converter.core.render import cell
 
     rows = []
     for r in records[:top] if top else records:

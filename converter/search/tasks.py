@@ -1,4 +1,4 @@
-"""``auto``'s candidates as a map over an executor (converter.executor): each candidate is
+"""``auto``'s candidates as a map over an executor (converter.core.executor): each candidate is
 built, scored and cached by ``_Builder.evaluate`` — in this process, or in a Ray task that
 reads the builder (the fp32 model, the paths, the budget) from Ray's object store.
 
@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from converter.executor import Executor
+from converter.core.executor import Executor
 
 __all__ = ["Deadline", "evaluate_all", "notes"]
 

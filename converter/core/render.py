@@ -1,7 +1,7 @@
 """One rendering layer for every verb's reports: number cells, Markdown and HTML tables, the
 self-contained HTML page (one stylesheet, images embedded), and matplotlib figures saved
-atomically. ``run``'s report (converter.report) and ``auto``'s (converter.auto_report) are
-both written with it."""
+atomically. ``run``'s report (converter.recipes.report) and ``auto``'s
+(converter.recipes.auto_report) are both written with it."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from converter.onnxio import atomic_path
+from converter.core.onnxio import atomic_path
 
 __all__ = [
     "cell",

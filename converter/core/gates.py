@@ -2,7 +2,7 @@
 print them, one JUnit writer, one exception for a failure and one check of the report paths.
 
 A gate is ``value op threshold`` with ``op`` ``>=`` or ``<=``; a missing or NaN value fails.
-The CLI exits 1 (:class:`~converter.errors.GateFailed`) when any gate fails, after writing
+The CLI exits 1 (:class:`~converter.core.errors.GateFailed`) when any gate fails, after writing
 the ``--json`` and ``--junit`` reports.
 """
 
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from converter.errors import BadInputError, GateFailed
+from converter.core.errors import BadInputError, GateFailed
 
 __all__ = [
     "Gate",
@@ -202,7 +202,7 @@ def check_report_paths(
     json_path: str | None, junit_path: str | None, *inputs: str | os.PathLike | None
 ) -> None:
     """Before any work: each report path is writable and none is an input or the other."""
-    from converter.onnxio import check_output_path
+    from converter.core.onnxio import check_output_path
 
     for path in (json_path, junit_path):
         if path:

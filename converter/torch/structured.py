@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from converter.errors import BadInputError
+from converter.core.errors import BadInputError
 
 __all__ = ["PruneSettings", "IMPORTANCES", "prune_structured", "output_layers", "count"]
 

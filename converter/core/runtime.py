@@ -8,7 +8,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from converter.errors import BadInputError, first_line
+from converter.core.errors import BadInputError, first_line
 
 __all__ = ["make_session", "cached_session", "run_session", "tensor_values"]
 

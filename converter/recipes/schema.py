@@ -30,8 +30,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from converter import defaults
-from converter.errors import BadInputError
+from converter.core import defaults
+from converter.core.errors import BadInputError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -224,7 +224,7 @@ def load_recipe(path: str | Path) -> Recipe:
 def _target(value: Any) -> str:
     """The recipe's target, checked now (an unknown one fails before anything runs); kept as
     written so the manifest shows it, resolved per pass."""
-    from converter.targets import resolve_target
+    from converter.core.machine import resolve_target
 
     if not isinstance(value, str):
         raise BadInputError(f"recipe `target` must be a string, got {value!r}", 'target = "host"')
@@ -234,7 +234,7 @@ def _target(value: Any) -> str:
 
 def _check_executor(recipe: Recipe) -> None:
     """A bad ``executor`` (or a missing Ray) fails here, before anything runs."""
-    from converter.executor import EXECUTORS, import_ray
+    from converter.core.executor import EXECUTORS, import_ray
 
     if recipe.executor not in EXECUTORS:
         raise BadInputError(

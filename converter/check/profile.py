@@ -83,7 +83,7 @@ def first_feed(data: str | os.PathLike, model) -> dict[str, np.ndarray]:
     """The first sample of ``data`` as a batch-1 feed for ``model`` (a path or proto)."""
     import onnx
 
-    from converter.data import model_input_specs, open_data
+    from converter.core.data import model_input_specs, open_data
 
     proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
     specs = model_input_specs(proto)

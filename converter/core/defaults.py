@@ -37,7 +37,7 @@ SENSITIVITY_MODES = ("static", "dynamic")
 DEFAULT_SENSITIVITY_SAMPLES = 64
 DEFAULT_SENSITIVITY_BATCH = 32
 
-# --- per-tensor error (converter/node_error.py), in sensitivity and auto's report
+# --- per-tensor error (converter/check/node_error.py), in sensitivity and auto's report
 NODE_ERROR_SAMPLES = 8  # one run of each model per sample (batch 1): memory stays one sample's
 NODE_ERROR_ROWS = 10  # worst tensors shown; the JSON and the manifest have all
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from converter.errors import DataError
+from converter.core.errors import DataError
 
 __all__ = ["InputSpec", "Dataset", "open_data", "model_input_specs", "LABELS"]
 

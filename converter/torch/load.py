@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from converter.errors import BadInputError
+from converter.core.errors import BadInputError
 
 __all__ = ["load_module", "load_weights"]
 

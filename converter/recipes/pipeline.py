@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from converter.errors import BadInputError, OnnxshipError
-from converter.onnxio import atomic_path, atomic_write_text, load_model, save_model
-from converter.recipe import Recipe, Variant, load_recipe, to_plain
+from converter.core.errors import BadInputError, OnnxshipError
+from converter.core.onnxio import atomic_path, atomic_write_text, load_model, save_model
+from converter.recipes.schema import Recipe, Variant, load_recipe, to_plain
 
 __all__ = ["run_recipe", "RunResult", "ArtifactResult", "build_passes"]
 
@@ -36,8 +36,8 @@ class ArtifactResult:
     name: str
     path: Path
     passes: list[dict[str, Any]] = field(default_factory=list)
-    validation: Any = None  # converter.validation.ValidationReport
-    bench: Any = None  # the per-model part of converter.benchmark.BenchReport
+    validation: Any = None  # converter.check.validate.ValidationReport
+    bench: Any = None  # the per-model part of converter.check.bench.BenchReport
 
 
 @dataclass
@@ -122,7 +122,7 @@ def run_recipe(
     for variant in recipe.variants:  # every pass setting is checked before anything runs
         build_passes(variant, recipe)
         if variant.shrink is not None:
-            from converter.shrinker import shrink_settings
+            from converter.torch.shrink import shrink_settings
 
             shrink_settings(variant.shrink, f"variant {variant.name!r} shrink")
     out = Path(outdir) if outdir is not None else Path("build") / recipe.name
@@ -169,8 +169,8 @@ def _reference(recipe: Recipe, out: Path, result: RunResult) -> ArtifactResult:
         with atomic_path(path) as tmp:
             shutil.copyfile(m.onnx, tmp)
         return ArtifactResult(REFERENCE, path)
-    from converter.defaults import DEFAULT_OPSET, EXPORT_ATOL, EXPORT_RTOL
-    from converter.exporter import export
+    from converter.core.defaults import DEFAULT_OPSET, EXPORT_ATOL, EXPORT_RTOL
+    from converter.torch.export import export
 
     exported = export(
         m.spec,
@@ -210,7 +210,7 @@ def _variant(variant: Variant, recipe: Recipe, out: Path) -> ArtifactResult:
 def _shrink(variant: Variant, recipe: Recipe, out: Path) -> tuple[Path, dict[str, Any]]:
     """Structured pruning + distillation of the recipe's PyTorch model (`onnxship shrink`),
     exported and verified to OUTDIR/<variant>.shrunk.onnx; the variant's passes start there."""
-    from converter.shrinker import shrink, shrink_settings
+    from converter.torch.shrink import shrink, shrink_settings
 
     prune, distill, options = shrink_settings(variant.shrink, f"variant {variant.name!r} shrink")
     m = recipe.model
@@ -231,15 +231,15 @@ def _shrink(variant: Variant, recipe: Recipe, out: Path) -> tuple[Path, dict[str
 
 
 def _validate_all(result: RunResult) -> None:
-    from converter.executor import make_executor
+    from converter.core.executor import make_executor
 
     with make_executor(result.recipe.executor, result.recipe.ray_address) as executor:
         _validate_each(result, executor)
 
 
 def _validate_each(result: RunResult, executor: Any) -> None:
-    from converter.data import Dataset
-    from converter.validation import validate
+    from converter.check.validate import validate
+    from converter.core.data import Dataset
 
     gates = result.recipe.gates
     data = result.recipe.data.validation
@@ -274,7 +274,7 @@ def _metrics(gates: Any, result: RunResult) -> list[str]:
 
 
 def _bench_all(result: RunResult) -> None:
-    from converter.benchmark import bench
+    from converter.check.bench import bench
 
     b = result.recipe.bench
     data = result.recipe.data.validation
@@ -291,7 +291,7 @@ def _bench_all(result: RunResult) -> None:
 
 
 def _write_outputs(result: RunResult) -> None:
-    from converter.report import build_manifest, write_reports
+    from converter.recipes.report import build_manifest, write_reports
 
     manifest = build_manifest(result)
     result.manifest = atomic_write_text(
@@ -303,7 +303,7 @@ def _write_outputs(result: RunResult) -> None:
 def check_gates(result: RunResult) -> None:
     """Raise GateFailed naming every failed gate of every variant (after the report is
     written)."""
-    from converter.gates import failure
+    from converter.core.gates import failure
 
     gates = result.gates()
     if not all(g.passed for g in gates):

@@ -1,0 +1,1 @@
+"""Checks on ONNX models: validate, bench and its gates, per-node errors, sensitivity, profile."""

@@ -1,0 +1,1 @@
+"""Recipes: schema, pipeline, the run report and auto's report."""

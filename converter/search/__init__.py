@@ -1,0 +1,1 @@
+"""auto: the search for the fastest model within an accuracy budget."""

@@ -1,0 +1,1 @@
+"""The torch side: the only place torch is imported."""
