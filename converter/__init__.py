@@ -1,4 +1,7 @@
-"""onnxship: PyTorch → deployable ONNX, with the evidence that it is fit to ship.
+"""The application: the Python API (here, names imported on first use), the command line
+(``cli.py``, ``__main__.py``) and the old flat module paths (``_moved.py``).
+
+onnxship: PyTorch → deployable ONNX, with the evidence that it is fit to ship.
 
 The Python API mirrors the CLI. Names are imported on first use, so ``import converter``
 stays fast and never imports torch (only ``export`` needs it).

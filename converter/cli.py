@@ -28,6 +28,7 @@ from converter.commands import (
 )
 from converter.core import __version__
 from converter.core.errors import OnnxshipError, first_line
+from converter.core.machine import resolve_target
 
 __all__ = ["main", "build_parser", "INTERNAL_ERROR"]
 
@@ -101,6 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     _setup_logging(args.debug, args.quiet)
     try:
+        if getattr(args, "target", None) is not None:  # resolved once, here: exit 2 if unknown
+            args.target = resolve_target(args.target).name  # a name: settings stay JSON
         return int(args.run(args) or 0)
     except OnnxshipError as e:
         if args.debug:

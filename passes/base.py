@@ -21,6 +21,7 @@ from typing import Any
 import onnx
 
 from converter.core.errors import BadInputError, OnnxshipError, PassError, first_line
+from converter.core.onnxio import check_output_path, load_model, save_model
 from converter.core.packed import dense_model
 
 __all__ = [
@@ -161,7 +162,6 @@ def apply_to_file(
 ) -> list[PassResult]:
     """Load ``source``, run ``passes``, write ``output`` atomically; the source (and any
     ``other_inputs``, e.g. calibration data) is never the output and never modified."""
-    from converter.core.onnxio import check_output_path, load_model, save_model
 
     out = check_output_path(output, source, *other_inputs)
     model, results = PassRunner(passes).run(load_model(source))

@@ -29,6 +29,8 @@ import numpy as np
 import onnx
 
 from converter.core.errors import BadInputError, first_line
+from converter.core.onnxio import atomic_write_text
+from converter.core.runtime import tensor_values
 
 __all__ = [
     "MASK_FILL",
@@ -89,8 +91,6 @@ def mean_minmax(
     maxima). Also returns the number of samples seen. Mask fills (|x| ≥ MASK_FILL) are not
     counted as values."""
     from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
-
-    from converter.core.runtime import tensor_values
 
     sums = {name: np.zeros(2, np.float64) for name in names}
     seen = 0
@@ -173,8 +173,6 @@ class CalibrationRanges:
     def save(self, path: str | os.PathLike) -> Path:
         """Write the ranges as JSON (ORT's calibration cache format plus our metadata)."""
         from onnxruntime.quantization.calibrate import CalibrationCacheEncoder
-
-        from converter.core.onnxio import atomic_write_text
 
         payload = self.tensors.to_dict()
         payload["smooth_quant"] = False

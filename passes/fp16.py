@@ -22,9 +22,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import onnx
+from onnxconverter_common.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
 from converter.core.errors import BadInputError, PassError, first_line
 from passes.base import Pass, PassResult
+from passes.quantize import is_quantized, quantized_nodes
 
 __all__ = ["Float16", "FP32_OPS", "default_block_list"]
 
@@ -37,7 +39,6 @@ _CLAMP_WARNING = re.compile(r"the float32 number (\S+) will be truncated to (\S+
 
 def default_block_list() -> list[str]:
     """The op types kept in fp32 unless the caller gives its own list."""
-    from onnxconverter_common.float16 import DEFAULT_OP_BLOCK_LIST
 
     return sorted(set(DEFAULT_OP_BLOCK_LIST) | set(FP32_OPS))
 
@@ -71,7 +72,6 @@ class Float16(Pass):
                 ) from e
 
     def requires(self, model: onnx.ModelProto) -> None:
-        from passes.quantize import is_quantized, quantized_nodes
 
         if is_quantized(model):
             raise BadInputError(
@@ -113,7 +113,6 @@ class Float16(Pass):
         return ops, nodes
 
     def call(self, model: onnx.ModelProto) -> PassResult:
-        from onnxconverter_common.float16 import convert_float_to_float16
 
         ops, nodes = self.blocked(model)
         source = onnx.ModelProto()

@@ -22,6 +22,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from converter.core.runtime import tensor_values
+
 __all__ = ["WeightJob", "gptq_round", "hessians", "round_weights", "weight_jobs"]
 
 logger = logging.getLogger(__name__)
@@ -71,7 +73,6 @@ def hessians(
 ) -> dict[str, np.ndarray]:
     """``XᵀX / rows`` (float64) of each tensor in ``names``, flattened to [rows, last axis],
     over the batches in ``feeds``."""
-    from converter.core.runtime import tensor_values
 
     names = sorted(set(names))
     sums: dict[str, np.ndarray] = {}

@@ -5,9 +5,11 @@ with its fallbacks), and turning its failures into PassError."""
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +29,6 @@ def _load_ort_tools_without_torch() -> None:
     whenever torch is installed (for a helper onnxship never uses): 1-5 s and ~400 MB per
     quantize call. Load that package once with torch hidden from its find_spec check;
     torch itself stays importable (and untouched when something already imported it)."""
-    import importlib
-    import sys
 
     if "onnxruntime.tools" in sys.modules or "torch" in sys.modules:
         return

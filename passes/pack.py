@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -53,6 +54,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from converter.core.errors import BadInputError
+from converter.core.onnxio import load_model
 from converter.core.packed import (
     MARK,
     MAX_BYTES,
@@ -370,9 +372,6 @@ class Unpack(Pass):
 def packed_size(path: Any) -> int:
     """The size in bytes ``path`` would have after `pack` (its file size when packing saves
     nothing): what a pruned model costs to ship."""
-    from pathlib import Path
-
-    from converter.core.onnxio import load_model
 
     model = load_model(path)
     try:

@@ -28,7 +28,9 @@ from onnx import numpy_helper
 
 from converter.core import defaults
 from converter.core.errors import BadInputError
+from converter.core.metrics import sparsity
 from passes.base import Pass, PassResult
+from passes.quantize import is_quantized
 
 __all__ = [
     "MagnitudePrune",
@@ -137,7 +139,6 @@ class MagnitudePrune(Pass):
         self._patterns = [_compile(p) for p in self.exclude]
 
     def requires(self, model: onnx.ModelProto) -> None:
-        from passes.quantize import is_quantized
 
         if is_quantized(model):
             raise BadInputError(
@@ -259,7 +260,6 @@ def _matches(pattern: re.Pattern, w: WeightTensor) -> bool:
 
 
 def _sparsity(array: np.ndarray) -> float:
-    from converter.core.metrics import sparsity
 
     return sparsity(array)
 

@@ -56,12 +56,23 @@ from typing import Any
 
 import numpy as np
 import onnx
+from tqdm import tqdm
 
 from converter.core import defaults
+from converter.core.data import model_input_specs, open_data
 from converter.core.errors import BadInputError, DataError, OnnxshipError, PassError, first_line
+from converter.core.machine import METADATA_KEY, Target, resolve_target
 from converter.core.onnxio import save_model
 from passes.base import Pass, PassResult, fingerprint
-from passes.calibration import CalibrationRanges, OneBatch, negative_activation_ranges
+from passes.calibration import (
+    CalibrationRanges,
+    OneBatch,
+    install_mask_safe_collector,
+    mean_minmax,
+    negative_activation_ranges,
+    tensors_of,
+)
+from passes.gptq import round_weights
 from passes.ort import Prepared, method_enum, ort_quiet, preprocess, quant_type, run_ort
 from passes.quant_report import (
     candidate_ops,
@@ -157,15 +168,13 @@ class _Int8Pass(Pass):
         self,
         per_channel: bool,
         reduce_range: bool | None,
-        target: str | None,
+        target: str | Target | None,
         weight_type: str,
         exclude: Sequence[str],
         exclude_ops: Sequence[str],
         nodes_to_exclude: Sequence[str],
         preprocess: bool,
     ) -> None:
-        from converter.core.machine import resolve_target
-
         self.per_channel = bool(per_channel)
         self._target = resolve_target(target)
         self.target = self._target.name
@@ -251,12 +260,7 @@ class _Int8Pass(Pass):
 
     def target_stats(self) -> dict[str, Any]:
         """The target, what it implied (and whether a setting overrode it), the host's flags."""
-        from converter.core.machine import target_summary
-
-        summary = target_summary(self._target)
-        summary["reduce_range"] = self.reduce_range
-        summary["overridden"] = self.reduce_range != self._target.reduce_range
-        return summary
+        return self._target.summary(self.reduce_range)
 
     @property
     def report_mode(self) -> str:
@@ -266,6 +270,12 @@ class _Int8Pass(Pass):
         self, prepared: Prepared, excluded: Mapping[str, str], out: Path, folder: Path
     ) -> dict[str, Any]:
         raise NotImplementedError
+
+
+def default_calib_method(scheme: str) -> str:
+    """The range estimator a static ``scheme`` ("default" or "transformer") uses unless one
+    is given: measured best for each (README, "Transformer int8")."""
+    return "mean_minmax" if scheme == "transformer" else "minmax"
 
 
 def looks_like_transformer(model: onnx.ModelProto) -> bool:
@@ -313,8 +323,6 @@ def _float_for_other_readers(model: onnx.ModelProto, ops: Sequence[str]) -> onnx
 
 def _mark_target(model: onnx.ModelProto, target: str) -> None:
     """Record the hardware target in the model's metadata (replacing an earlier one)."""
-    from converter.core.machine import METADATA_KEY
-
     kept = [p for p in model.metadata_props if p.key != METADATA_KEY]
     del model.metadata_props[:]
     model.metadata_props.extend(kept)
@@ -344,7 +352,7 @@ class DynamicQuantize(_Int8Pass):
         exclude_ops: Sequence[str] = (),
         nodes_to_exclude: Sequence[str] = (),
         preprocess: bool = True,
-        target: str = "host",
+        target: str | Target = "host",
     ) -> None:
         self._init_common(**{k: v for k, v in locals().items() if k in _COMMON_SETTINGS})
 
@@ -418,7 +426,7 @@ class StaticQuantize(_Int8Pass):
         nodes_to_exclude: Sequence[str] = (),
         preprocess: bool = True,
         progress: bool = True,
-        target: str = "host",
+        target: str | Target = "host",
         scheme: str = "auto",
         weight_rounding: str = "nearest",
     ) -> None:
@@ -499,7 +507,6 @@ class StaticQuantize(_Int8Pass):
         self._open_data(model)
 
     def _open_data(self, model: onnx.ModelProto):
-        from converter.core.data import model_input_specs, open_data
 
         specs = model_input_specs(model)
         return open_data(self.calibration, specs), specs
@@ -538,8 +545,8 @@ class StaticQuantize(_Int8Pass):
         if self.scheme == "auto":
             self.scheme = "transformer" if looks_like_transformer(model) else "default"
             logger.debug("scheme auto: %s", self.scheme)
-        if self.calib_method is None:  # README, "Transformer int8"
-            self.calib_method = "mean_minmax" if self.scheme == "transformer" else "minmax"
+        if self.calib_method is None:
+            self.calib_method = default_calib_method(self.scheme)
 
     def _calibration_feeds(self, model: onnx.ModelProto):
         """(The calibration batches for ``model``, streamed and checked for NaN/Inf; how
@@ -552,9 +559,6 @@ class StaticQuantize(_Int8Pass):
     def _collect(self, prepared: Prepared, folder: Path):
         """Feed the calibration data through ORT's calibrator one batch per call."""
         from onnxruntime.quantization import create_calibrator
-        from tqdm import tqdm
-
-        from passes.calibration import install_mask_safe_collector, mean_minmax, tensors_of
 
         feeds, total = self._calibration_feeds(prepared.model)
         ops = self._calibrated_ops()
@@ -683,8 +687,6 @@ class StaticQuantize(_Int8Pass):
         """Re-round the weights of ``quantized`` in place with GPTQ (passes/gptq.py), XᵀX
         measured on the calibration samples through the pre-processed float model."""
         from onnxruntime.quantization.quant_utils import get_qmin_qmax_for_qType
-
-        from passes.gptq import round_weights
 
         feeds, total = self._calibration_feeds(prepared.model)
         qrange = {

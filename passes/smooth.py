@@ -27,7 +27,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from converter.core.data import model_input_specs, open_data
 from converter.core.errors import BadInputError
+from converter.core.runtime import tensor_values
 from passes.base import Pass, PassResult
 
 __all__ = ["SmoothQuant", "DEFAULT_ALPHA"]
@@ -109,8 +111,6 @@ class SmoothQuant(Pass):
 
     def _activation_max(self, model: onnx.ModelProto, names: list[str]) -> dict[str, np.ndarray]:
         """Per-channel (last axis) max |x| of each tensor in ``names`` over the data."""
-        from converter.core.data import model_input_specs, open_data
-        from converter.core.runtime import tensor_values
 
         specs = model_input_specs(model)
         data = open_data(self.calibration, specs)

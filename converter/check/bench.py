@@ -32,7 +32,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime
 import psutil
+from onnx import TensorProto, helper
 from tqdm import tqdm
 
 from converter.check.bench_gates import BenchGates
@@ -49,6 +51,7 @@ from converter.core import defaults
 from converter.core.data import InputSpec, model_input_specs, open_data
 from converter.core.errors import BadInputError, DataError, first_line
 from converter.core.inputs import generate_inputs
+from converter.core.machine import machine, warn_if_other_target
 from converter.core.metrics import speedup
 from converter.core.onnxio import load_model
 from converter.core.runtime import make_session, run_session
@@ -179,7 +182,6 @@ class _Prepared:
 
 def _prepare(path, data, dims: Mapping[str, int], seed: int, batch: int | None) -> _Prepared:
     """Check the model file, build its feeds, measure its size; keep nothing else."""
-    from converter.core.machine import warn_if_other_target
 
     model = load_model(path)
     specs = model_input_specs(model)
@@ -274,7 +276,6 @@ def _file_size(path: Path) -> int:
 def _prime_onnxruntime() -> float:
     """Create and run a one-node session first, so onnxruntime's one-time setup of the
     process (about 30 MB and tens of ms) is not charged to the first model; returns its ms."""
-    from onnx import TensorProto, helper
 
     value = helper.make_tensor_value_info
     graph = helper.make_graph(
@@ -418,8 +419,5 @@ def _memory_method() -> str:
 
 def _machine() -> dict:
     """machine.machine() plus the versions that shape latency."""
-    import onnxruntime
-
-    from converter.core.machine import machine
 
     return {**machine(), "onnxruntime": onnxruntime.__version__, "numpy": np.__version__}

@@ -64,8 +64,11 @@ import onnx
 from onnx import numpy_helper
 
 from converter.core import defaults
+from converter.core.data import model_input_specs, open_data
 from converter.core.gates import json_number as _num
+from converter.core.render import cell
 from converter.core.runtime import make_session, run_session
+from passes.ort import preprocess
 from passes.quant_report import is_quant_op  # (loads onnxruntime.quantization without torch)
 
 __all__ = [
@@ -153,7 +156,6 @@ def _worst_first(sqnr: float) -> float:
 def prepare_reference(model: onnx.ModelProto, enabled: bool = True) -> onnx.ModelProto:
     """``model`` pre-processed as the int8 passes pre-process it (``quant_pre_process``),
     so that its tensor and weight names are those of the int8 model."""
-    from passes.ort import preprocess
 
     with tempfile.TemporaryDirectory(prefix="onnxship-node-error-") as tmp:
         return preprocess(model, Path(tmp), enabled).model
@@ -164,7 +166,6 @@ def sample_feeds(
 ) -> list[dict[str, np.ndarray]]:
     """The first ``samples`` samples of ``data``, one per feed (batch 1 unless the model
     fixes its batch size), without labels."""
-    from converter.core.data import model_input_specs, open_data
 
     specs = model_input_specs(model)
     dataset = open_data(data, specs)
@@ -545,7 +546,6 @@ ERROR_HEADER = ["tensor", "kind", "node", "SQNR (dB)", "cosine", "propagated SQN
 
 def error_rows(records: Sequence[TensorError], top: int | None = None) -> list[list[str]]:
     """Table rows (``ERROR_HEADER``) of the first ``top`` records, for the CLI and reports."""
-    from converter.core.render import cell
 
     rows = []
     for r in records[:top] if top else records:

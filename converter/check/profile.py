@@ -23,6 +23,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime as ort
+
+from converter.core.data import model_input_specs, open_data
 
 # Unfused DequantizeLinear time above this share of the run time is worth a report note.
 UNFUSED_NOTE = 0.02
@@ -39,7 +43,6 @@ def op_time_shares(
     """Op type → share (0..1) of the node kernel time of ``runs`` runs of ``feeds``, largest
     first. The op types are those of the optimized graph onnxruntime runs (fused kernels
     appear under their own names, e.g. ``MatMulIntegerToFloat``)."""
-    import onnxruntime as ort
 
     with tempfile.TemporaryDirectory(prefix="onnxship-profile-") as tmp:
         opts = ort.SessionOptions()
@@ -81,9 +84,6 @@ def unfused_dq_share(
 
 def first_feed(data: str | os.PathLike, model) -> dict[str, np.ndarray]:
     """The first sample of ``data`` as a batch-1 feed for ``model`` (a path or proto)."""
-    import onnx
-
-    from converter.core.data import model_input_specs, open_data
 
     proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
     specs = model_input_specs(proto)
@@ -94,8 +94,6 @@ def unfused_dq_nodes(model: str | os.PathLike | bytes) -> int:
     """How many ``DequantizeLinear`` nodes remain in the graph onnxruntime optimizes
     ``model`` into (CPU, all optimizations): the count behind :func:`unfused_dq_share`,
     deterministic for a given onnxruntime version."""
-    import onnx
-    import onnxruntime as ort
 
     with tempfile.TemporaryDirectory(prefix="onnxship-profile-") as tmp:
         opts = ort.SessionOptions()

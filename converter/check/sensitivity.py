@@ -53,7 +53,14 @@ from typing import Any
 import numpy as np
 import onnx
 
-from converter.check.node_error import TensorError, error_rows
+from converter.check.node_error import (
+    ERROR_HEADER,
+    TensorError,
+    error_rows,
+    node_errors,
+    sample_feeds,
+)
+from converter.check.profile import unfused_dq_nodes, unfused_dq_share
 from converter.core import __version__, defaults
 from converter.core.data import model_input_specs, open_data
 from converter.core.errors import BadInputError
@@ -304,7 +311,6 @@ def sensitivity(
 def _profile_full(report: SensitivityReport, model: onnx.ModelProto, scorer, threads: int) -> None:
     """Unfused DequantizeLinear nodes of the fully quantized model, and their run time share
     on one scoring sample (converter/check/profile.py)."""
-    from converter.check.profile import unfused_dq_nodes, unfused_dq_share
 
     data = model.SerializeToString()
     feed = {k: v[:1] for k, v in scorer.feeds[0].items()}
@@ -317,7 +323,6 @@ def _tensor_errors(
 ) -> None:
     """The per-tensor error of the fully quantized model against the model it was made
     from (the pre-processed fp32 one: same tensor and weight names)."""
-    from converter.check.node_error import node_errors, sample_feeds
 
     feeds = sample_feeds(data, variants.prepared, samples)
     report.tensor_errors = node_errors(variants.prepared, variants.full.model, feeds, threads)
@@ -698,7 +703,6 @@ def _error_summary(r: SensitivityReport, rows: int) -> str:
     """The ``rows`` worst tensors of the fully quantized model, as a table."""
     if not rows or r.tensor_errors is None:
         return ""
-    from converter.check.node_error import ERROR_HEADER
 
     lines = [
         "",

@@ -36,6 +36,7 @@ from converter.core.executor import Executor, InProcess
 from converter.core.gates import Gate, Gated, gate_lines, junit_xml, score_gates
 from converter.core.gates import fmt as _fmt
 from converter.core.gates import json_number as _num
+from converter.core.machine import warn_if_other_target
 from converter.core.onnxio import load_model
 from converter.core.runtime import cached_session, run_session
 
@@ -219,7 +220,6 @@ def _check_numbers(min_score, max_drop, min_worst, tolerance, batch_size, thread
 
 def _load_interfaces(candidate, reference) -> tuple[list[InputSpec], list[str], list | None]:
     """Input specs and output names of the candidate; input specs of the reference."""
-    from converter.core.machine import warn_if_other_target
 
     model = load_model(candidate, what="candidate model")
     specs, outputs = model_input_specs(model), [o.name for o in model.graph.output]

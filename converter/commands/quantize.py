@@ -199,13 +199,14 @@ def run(args: argparse.Namespace) -> int:
 
 def summary(stats: dict[str, Any], settings: dict[str, Any], source: Any, out: Any) -> str:
     """A short human-readable report of the quantization stats."""
+    from converter.core.machine import target_line
     from passes.quant_report import describe_settings
 
     nodes = stats["nodes"]
     ops = ", ".join(f"{op} {c['quantized']}" for op, c in stats["by_op"].items() if c["quantized"])
     lines = [
         f"quantized {source} → {out} ({describe_settings(stats['mode'], settings, bits=False)})",
-        f"  target: {_target_line(stats['target'])}",
+        f"  {target_line(stats['target'])}",
         f"  pre-processing: {stats['preprocess']}",
     ]
     if "calibration" in stats:
@@ -228,14 +229,6 @@ def summary(stats: dict[str, Any], settings: dict[str, Any], source: Any, out: A
     )
     lines += [f"  warning: {w}" for w in stats.get("warnings", [])]
     return "\n".join(lines)
-
-
-def _target_line(target: dict[str, Any]) -> str:
-    bits = "7-bit" if target["reduce_range"] else "8-bit"
-    why = "set explicitly" if target["overridden"] else target["why"]
-    flags = ", ".join(target["host_flags"]) or "no int8 flags"
-    host = f"this host is {target['host_target']} ({flags})"
-    return f"{target['target']} → {bits} weights ({why}); {host}"
 
 
 def _grouped(fp32: dict[str, str], shown: int = 4) -> list[str]:

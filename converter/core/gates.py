@@ -14,13 +14,17 @@ import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from converter.core.errors import BadInputError, GateFailed
+from converter.core.onnxio import check_output_path
 
 __all__ = [
     "Gate",
     "Gated",
     "score_gates",
+    "ScoreLimits",
+    "check_fraction",
     "gate_lines",
     "junit_xml",
     "failure",
@@ -97,6 +101,59 @@ class Gated:
     @property
     def failed(self) -> list[Gate]:
         return [g for g in self.gates if not g.passed]
+
+
+@dataclass(frozen=True)
+class ScoreLimits:
+    """The accuracy and fidelity limits, declared once for ``validate`` (its flags), ``run``
+    (a recipe's ``[gates]``) and ``auto`` (its budget). ``min_score``: the metric's value must
+    be ≥ this; ``max_drop``: at most this far below the fp32 reference's; ``min_worst``: the
+    worst sample's cosine to the reference ≥ this. None is no limit. Checked when made: a
+    value out of its range is exit 2, naming the flag."""
+
+    min_score: float | None = None
+    max_drop: float | None = None
+    min_worst: float | None = None
+
+    # field -> (flag, low, high): the one place these ranges are written
+    RANGES: ClassVar[dict[str, tuple[str, float, float]]] = {
+        "min_score": ("--min-score", -1.0, 1.0),
+        "max_drop": ("--max-drop", 0.0, 1.0),
+        "min_worst": ("--min-worst", -1.0, 1.0),
+    }
+
+    def __post_init__(self) -> None:
+        for name, (flag, low, high) in self.RANGES.items():
+            check_fraction(getattr(self, name), flag, low, high)
+
+    @property
+    def given(self) -> bool:
+        return any(getattr(self, name) is not None for name in self.RANGES)
+
+    def gates(
+        self,
+        output: str,
+        score: tuple[str, float | None],
+        drop: tuple[str, float | None, str],
+        worst: tuple[float | None, str],
+    ) -> list[Gate]:
+        """These limits as gates, see :func:`score_gates`."""
+        return score_gates(
+            output, self.min_score, self.max_drop, self.min_worst, score, drop, worst
+        )
+
+
+def check_fraction(value: object, flag: str, low: float, high: float) -> None:
+    """Refuse (exit 2) a value that is not a number in ``[low, high]`` (NaN included);
+    None passes (no limit)."""
+    if value is None:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or not low <= value <= high:
+        raise BadInputError(
+            f"{flag} {value} is outside [{low:g}, {high:g}]",
+            "scores and drops are fractions, e.g. 0.9 for 90 %",
+        )
 
 
 def score_gates(
@@ -202,7 +259,6 @@ def check_report_paths(
     json_path: str | None, junit_path: str | None, *inputs: str | os.PathLike | None
 ) -> None:
     """Before any work: each report path is writable and none is an input or the other."""
-    from converter.core.onnxio import check_output_path
 
     for path in (json_path, junit_path):
         if path:

@@ -46,6 +46,8 @@ __all__ = [
     "METADATA_KEY",
     "warn_if_other_target",
     "target_line",
+    "machine_line",
+    "TARGET_FLAGS",
     "sha256_file",
     "sha256_data",
     "versions",
@@ -61,10 +63,34 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Target:
+    """The CPU kind an int8 model is made for, resolved once (from ``--target``, a recipe's
+    ``target`` or ``host``) by :func:`resolve_target` and carried as this object through
+    quantize, validate, bench, auto, the manifests and the reports."""
+
     name: str
     reduce_range: bool  # 7-bit weights: needed where u8×s8 pair sums saturate int16
     why: str
 
+    def summary(self, reduce_range: bool | None = None) -> dict[str, object]:
+        """What stats, reports and manifests record about this target and this host;
+        ``reduce_range`` given: the weight bits a setting chose instead of the target's."""
+        host = host_target()
+        bits = self.reduce_range if reduce_range is None else bool(reduce_range)
+        return {
+            "target": self.name,
+            "reduce_range": bits,
+            "overridden": bits != self.reduce_range,
+            "why": self.why,
+            "host_target": host.name,
+            "host_flags": sorted(f for f in host_flags() if f in TARGET_FLAGS),
+        }
+
+    def __str__(self) -> str:
+        return self.name
+
+
+# The CPU flags a target summary shows: the ones that decide which int8 kernels run.
+TARGET_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "asimddp", "amx_int8")
 
 TARGETS: dict[str, Target] = {
     "avx2": Target(
@@ -98,8 +124,6 @@ TARGET_CHOICES = ("host", *TARGETS)
 
 def host_flags() -> frozenset[str]:
     """The CPU flags this process sees (Linux /proc/cpuinfo; empty elsewhere)."""
-    from converter.core.machine import cpu_model_and_flags
-
     return cpu_model_and_flags()[1]
 
 
@@ -113,9 +137,12 @@ def host_target() -> Target:
     return TARGETS["avx2"]
 
 
-def resolve_target(name: str | None) -> Target:
-    """``host`` (or None) → this CPU's target; a name or alias → its target; else exit 2."""
-    key = (name or "host").strip().lower()
+def resolve_target(name: str | Target | None) -> Target:
+    """``host`` (or None) → this CPU's target; a name or alias → its target; a Target →
+    itself; anything else (an empty name too) → exit 2."""
+    if isinstance(name, Target):
+        return name
+    key = "host" if name is None else str(name).strip().lower()
     if key == "host":
         return host_target()
     key = ALIASES.get(key, key)
@@ -127,30 +154,31 @@ def resolve_target(name: str | None) -> Target:
     return TARGETS[key]
 
 
-def target_summary(target: Target) -> dict[str, object]:
-    """What stats, reports and manifests record about a target and this host."""
-    host = host_target()
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "asimddp", "amx_int8")
-    return {
-        "target": target.name,
-        "reduce_range": target.reduce_range,
-        "why": target.why,
-        "host_target": host.name,
-        "host_flags": sorted(f for f in host_flags() if f in wanted),
-    }
+def target_summary(target: str | Target | None) -> dict[str, object]:
+    """:meth:`Target.summary` of the resolved ``target``."""
+    return resolve_target(target).summary()
 
 
 def target_line(summary: dict[str, object]) -> str:
-    """One line for reports, from :func:`target_summary`: the target, its weight bits, and
-    whether this host is that CPU kind (latency measured here is the target's only then)."""
+    """The one rendering of a target, from :meth:`Target.summary` (quantize's output, the
+    run and auto reports): the target, its weight bits and why, and whether this host is
+    that CPU kind (int8 results and latency measured here are the target's only then)."""
     bits = "7-bit" if summary["reduce_range"] else "8-bit"
+    why = "set explicitly" if summary.get("overridden") else summary["why"]
     host = summary["host_target"]
+    flags = ", ".join(summary.get("host_flags", ())) or "no int8 flags"
     where = (
-        "this host"
+        f"this host ({flags})"
         if summary["target"] == host
-        else f"not this host ({host}): latency here is not the target's"
+        else f"not this host ({host}; {flags}): int8 results and latency here are not the target's"
     )
-    return f"int8 target: {summary['target']} ({bits} weights), {where}."
+    return f"int8 target: {summary['target']} → {bits} weights ({why}); {where}."
+
+
+def machine_line(m: dict[str, object]) -> str:
+    """The one rendering of :func:`machine` (every report's machine line)."""
+    vnni = "VNNI" if m["vnni"] else "no VNNI"
+    return f"{m['cpu']} ({m['logical_cores']} logical cores, {vnni}, host target {m['target']})"
 
 
 def warn_if_other_target(model, path: object) -> str | None:

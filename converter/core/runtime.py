@@ -7,6 +7,8 @@ from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 
 from converter.core.errors import BadInputError, first_line
 
@@ -20,7 +22,6 @@ def make_session(
     optimize: bool = True,
 ):
     """A CPU InferenceSession (``model`` is a path or serialized bytes)."""
-    import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
@@ -90,7 +91,6 @@ def tensor_values(
 ) -> Iterator[tuple[Mapping[str, np.ndarray], list[np.ndarray]]]:
     """Each batch of ``feeds`` with the values of the float tensors ``names`` (an
     ``onnx.ModelProto``; intermediate tensors are made graph outputs of a copy)."""
-    import onnx
 
     probe = onnx.ModelProto()
     probe.CopyFrom(model)

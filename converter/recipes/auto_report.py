@@ -9,8 +9,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from converter.check.node_error import ERROR_HEADER, TensorError, error_rows
 from converter.core import __version__, defaults
-from converter.core.machine import machine, resolve_target, target_line, target_summary, versions
+from converter.core.machine import machine, target_line, versions
 from converter.core.onnxio import atomic_write_text
 from converter.core.render import (
     cell,
@@ -116,7 +117,6 @@ def _summary_line(result: Any) -> str:
 def _error_table(result: Any) -> tuple[str, str, list[list[str]]] | None:
     """(Heading, explanation, header and rows) of the per-tensor error of the candidate auto
     measured it on (the chosen one, or the closest on a miss; converter/check/node_error.py)."""
-    from converter.check.node_error import ERROR_HEADER, TensorError, error_rows
 
     c = next((c for c in result.candidates if c.node_errors is not None), None)
     if c is None:
@@ -135,7 +135,7 @@ def _error_table(result: Any) -> tuple[str, str, list[list[str]]] | None:
 
 
 def _target_line(result: Any) -> str:
-    return target_line(target_summary(resolve_target(result.target)))
+    return target_line(result.target.summary())
 
 
 def _markdown(result: Any, mach: dict, plot: Path | None) -> str:
@@ -213,7 +213,7 @@ def write_auto_outputs(result: Any, source_model: Any) -> None:
         "bench": result.bench.to_dict() if result.bench is not None else None,
         "versions": versions(with_torch=False),
         "machine": mach,
-        "target": target_summary(resolve_target(result.target)),
+        "target": result.target.summary(),
     }
     result.manifest = atomic_write_text(
         out / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True) + "\n"

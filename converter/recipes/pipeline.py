@@ -13,13 +13,24 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from converter.check.bench import bench
+from converter.check.validate import validate
+from converter.core.data import Dataset
+from converter.core.defaults import DEFAULT_OPSET, EXPORT_ATOL, EXPORT_RTOL
 from converter.core.errors import BadInputError, OnnxshipError
+from converter.core.executor import make_executor
+from converter.core.gates import failure
 from converter.core.onnxio import atomic_path, atomic_write_text, load_model, save_model
+from converter.recipes.report import build_manifest, write_reports
 from converter.recipes.schema import Recipe, Variant, load_recipe, to_plain
+from converter.torch.export import export
+from converter.torch.shrink import shrink, shrink_settings
+from passes import PassRunner
+from passes.registry import make_recipe_pass
 
 __all__ = ["run_recipe", "RunResult", "ArtifactResult", "build_passes"]
 
@@ -59,7 +70,6 @@ class RunResult:
 
     def gates(self) -> list:
         """Every variant's gates, each named ``<variant>.<output>``."""
-        from dataclasses import replace
 
         return [
             replace(g, output=f"{a.name}.{g.output}")
@@ -79,7 +89,6 @@ class RunResult:
 
 def build_passes(variant: Variant, recipe: Recipe) -> list:
     """The pass objects of one variant; settings are checked by each pass's constructor."""
-    from passes.registry import make_recipe_pass
 
     built = []
     for i, entry in enumerate(variant.passes):
@@ -122,8 +131,6 @@ def run_recipe(
     for variant in recipe.variants:  # every pass setting is checked before anything runs
         build_passes(variant, recipe)
         if variant.shrink is not None:
-            from converter.torch.shrink import shrink_settings
-
             shrink_settings(variant.shrink, f"variant {variant.name!r} shrink")
     out = Path(outdir) if outdir is not None else Path("build") / recipe.name
     _prepare_outdir(out, recipe)
@@ -169,8 +176,6 @@ def _reference(recipe: Recipe, out: Path, result: RunResult) -> ArtifactResult:
         with atomic_path(path) as tmp:
             shutil.copyfile(m.onnx, tmp)
         return ArtifactResult(REFERENCE, path)
-    from converter.core.defaults import DEFAULT_OPSET, EXPORT_ATOL, EXPORT_RTOL
-    from converter.torch.export import export
 
     exported = export(
         m.spec,
@@ -191,7 +196,6 @@ def _reference(recipe: Recipe, out: Path, result: RunResult) -> ArtifactResult:
 
 
 def _variant(variant: Variant, recipe: Recipe, out: Path) -> ArtifactResult:
-    from passes import PassRunner
 
     passes = build_passes(variant, recipe)
     records, source = [], out / f"{REFERENCE}.onnx"
@@ -210,7 +214,6 @@ def _variant(variant: Variant, recipe: Recipe, out: Path) -> ArtifactResult:
 def _shrink(variant: Variant, recipe: Recipe, out: Path) -> tuple[Path, dict[str, Any]]:
     """Structured pruning + distillation of the recipe's PyTorch model (`onnxship shrink`),
     exported and verified to OUTDIR/<variant>.shrunk.onnx; the variant's passes start there."""
-    from converter.torch.shrink import shrink, shrink_settings
 
     prune, distill, options = shrink_settings(variant.shrink, f"variant {variant.name!r} shrink")
     m = recipe.model
@@ -231,15 +234,12 @@ def _shrink(variant: Variant, recipe: Recipe, out: Path) -> tuple[Path, dict[str
 
 
 def _validate_all(result: RunResult) -> None:
-    from converter.core.executor import make_executor
 
     with make_executor(result.recipe.executor, result.recipe.ray_address) as executor:
         _validate_each(result, executor)
 
 
 def _validate_each(result: RunResult, executor: Any) -> None:
-    from converter.check.validate import validate
-    from converter.core.data import Dataset
 
     gates = result.recipe.gates
     data = result.recipe.data.validation
@@ -274,7 +274,6 @@ def _metrics(gates: Any, result: RunResult) -> list[str]:
 
 
 def _bench_all(result: RunResult) -> None:
-    from converter.check.bench import bench
 
     b = result.recipe.bench
     data = result.recipe.data.validation
@@ -291,7 +290,6 @@ def _bench_all(result: RunResult) -> None:
 
 
 def _write_outputs(result: RunResult) -> None:
-    from converter.recipes.report import build_manifest, write_reports
 
     manifest = build_manifest(result)
     result.manifest = atomic_write_text(
@@ -303,7 +301,6 @@ def _write_outputs(result: RunResult) -> None:
 def check_gates(result: RunResult) -> None:
     """Raise GateFailed naming every failed gate of every variant (after the report is
     written)."""
-    from converter.core.gates import failure
 
     gates = result.gates()
     if not all(g.passed for g in gates):

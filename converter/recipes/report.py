@@ -8,8 +8,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from converter.check.bench import plot_latencies
 from converter.core import __version__
-from converter.core.machine import machine, sha256_file, versions
+from converter.core.machine import machine, sha256_file, target_line, versions
 from converter.core.onnxio import atomic_write_text
 from converter.core.render import (
     cell,
@@ -67,9 +68,7 @@ def build_manifest(result: Any) -> dict[str, Any]:
 
 
 def _target(result: Any) -> dict[str, Any]:
-    from converter.core.machine import resolve_target, target_summary
-
-    return {"recipe": result.recipe.target, **target_summary(resolve_target(result.recipe.target))}
+    return {"recipe": result.recipe.target_as_written, **result.recipe.target.summary()}
 
 
 def _scoring_note(result: Any) -> str:
@@ -87,8 +86,6 @@ def _scoring_note(result: Any) -> str:
 
 
 def _target_line(manifest: dict) -> str:
-    from converter.core.machine import target_line
-
     return f"{target_line(manifest['target'])} The recipe says {manifest['target']['recipe']!r}."
 
 
@@ -273,8 +270,6 @@ def _plots(result: Any, rows: list[dict[str, Any]]) -> dict[str, Path]:
     ax.tick_params(axis="x", labelrotation=30)
     plots["size"] = save_figure(fig, out / "size.png")
     if result.bench is not None:
-        from converter.check.bench import plot_latencies
-
         plots["latency"] = plot_latencies(result.bench, out / "latency.png")
     return plots
 

@@ -32,6 +32,8 @@ from typing import Any
 
 from converter.core import defaults
 from converter.core.errors import BadInputError
+from converter.core.executor import EXECUTORS, import_ray
+from converter.core.machine import Target, resolve_target
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -109,7 +111,9 @@ class Recipe:
     variants: list[Variant]
     gates: Gates
     bench: BenchSection
-    target: str = "host"  # hardware target of every quantize pass that names none
+    # hardware target of every quantize pass that names none, resolved once at load
+    target: Target = field(default_factory=lambda: resolve_target("host"))
+    target_as_written: str = "host"  # what the recipe says (the manifest shows both)
     executor: str = "in-process"  # where validation's shards are scored: or "ray"
     ray_address: str | None = None
 
@@ -124,6 +128,8 @@ def to_plain(value: Any) -> Any:
     they are, anything else (paths, calibration ranges) as its string."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
+    if isinstance(value, Target):
+        return value.name
     if hasattr(value, "__dataclass_fields__"):
         return {f.name: to_plain(getattr(value, f.name)) for f in fields(value)}
     if isinstance(value, dict):
@@ -212,6 +218,7 @@ def load_recipe(path: str | Path) -> Recipe:
         gates=_section(Gates, raw.get("gates", {}), "gates", base),
         bench=_section(BenchSection, raw.get("bench", {}), "bench", base),
         target=_target(raw.get("target", "host")),
+        target_as_written=str(raw.get("target", "host")),
         executor=str(raw.get("executor", "in-process")),
         ray_address=None if raw.get("ray_address") is None else str(raw["ray_address"]),
     )
@@ -221,20 +228,15 @@ def load_recipe(path: str | Path) -> Recipe:
     return recipe
 
 
-def _target(value: Any) -> str:
-    """The recipe's target, checked now (an unknown one fails before anything runs); kept as
-    written so the manifest shows it, resolved per pass."""
-    from converter.core.machine import resolve_target
-
+def _target(value: Any) -> Target:
+    """The recipe's target, resolved now (an unknown one fails before anything runs)."""
     if not isinstance(value, str):
         raise BadInputError(f"recipe `target` must be a string, got {value!r}", 'target = "host"')
-    resolve_target(value)
-    return value
+    return resolve_target(value)
 
 
 def _check_executor(recipe: Recipe) -> None:
     """A bad ``executor`` (or a missing Ray) fails here, before anything runs."""
-    from converter.core.executor import EXECUTORS, import_ray
 
     if recipe.executor not in EXECUTORS:
         raise BadInputError(

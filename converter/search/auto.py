@@ -36,16 +36,32 @@ from typing import Any
 import numpy as np
 import onnx
 
+from converter.check.bench import bench
+from converter.check.node_error import node_errors, prepare_reference, sample_feeds
+from converter.check.profile import note_unfused_dq
+from converter.check.sensitivity import sensitivity
+from converter.check.validate import validate
 from converter.core import defaults
 from converter.core.data import LABELS, Dataset, model_input_specs, open_data
 from converter.core.errors import BadInputError, GateFailed, OnnxshipError
 from converter.core.executor import Executor, InProcess
 from converter.core.gates import failure, fmt, score_gates
-from converter.core.machine import sha256_data, sha256_file, versions
+from converter.core.machine import (
+    Target,
+    host_target,
+    resolve_target,
+    sha256_data,
+    sha256_file,
+    versions,
+)
 from converter.core.onnxio import atomic_path, atomic_write_text, load_model, save_model
+from converter.recipes.auto_report import write_auto_outputs
 from converter.search.tasks import Deadline, notes
+from passes import PassRunner, fingerprint
 from passes.base import quiet_passes
 from passes.pack import dense_model, packed_size
+from passes.quantize import StaticQuantize, default_calib_method, is_quantized
+from passes.registry import make_recipe_pass
 
 __all__ = ["auto", "AutoResult", "Budget", "Candidate", "METRICS"]
 
@@ -133,7 +149,7 @@ class AutoResult:
     report_md: Path | None = None
     report_html: Path | None = None
     notes: list[str] = field(default_factory=list)
-    target: str = "host"  # the resolved hardware target of every candidate
+    target: Target = field(default_factory=host_target)  # of every candidate
     written: Candidate | None = None  # in OUTDIR/model.onnx: best, or on a miss the closest
     time_budget: dict[str, Any] | None = None  # with --time-budget: see _time_summary
 
@@ -228,13 +244,14 @@ def _configs(model: onnx.ModelProto, target: str) -> list[tuple[str, dict[str, A
             (f"smooth{SMOOTH_ALPHA:g}_static_transformer", smooth),
             (f"smooth{SMOOTH_ALPHA:g}_static_transformer_gptq", {**smooth, **_GPTQ}),
         ]
+    # every-op Q/DQ, named explicitly (StaticQuantize's own default is "auto", which picks
+    # the transformer scheme for encoders: tried above as static_transformer)
+    every_op = {"pass": "quantize-static", "scheme": "default"}
     for method in ("minmax", "percentile", "entropy"):
-        configs.append(
-            (f"static_u8_pc_{method}", {"pass": "quantize-static", "calib_method": method})
-        )
+        configs.append((f"static_u8_pc_{method}", {**every_op, "calib_method": method}))
     configs += [
-        ("static_s8_pc_minmax", {"pass": "quantize-static", "activation_type": "int8"}),
-        ("static_u8_pt_minmax", {"pass": "quantize-static", "per_channel": False}),
+        ("static_s8_pc_minmax", {**every_op, "activation_type": "int8"}),
+        ("static_u8_pt_minmax", {**every_op, "per_channel": False}),
     ]
     return [(name, {**config, "target": target}) for name, config in configs]
 
@@ -253,7 +270,6 @@ class _Builder:
         cache: Path,
         target: str,
     ) -> None:
-        from passes import fingerprint
 
         self.model = model
         self.calib, self.score, self.reference = calib, score, reference
@@ -311,8 +327,6 @@ class _Builder:
         return c
 
     def _build(self, passes: list[dict[str, Any]]) -> onnx.ModelProto:
-        from passes import PassRunner
-        from passes.registry import make_recipe_pass
 
         model = self.model
         built = []
@@ -322,7 +336,7 @@ class _Builder:
                 settings = {
                     **settings,
                     "progress": False,
-                    "ranges": self._ranges(model, _calib_of(settings), settings.get("scheme")),
+                    "ranges": self._ranges(model, _calib_of(settings), settings["scheme"]),
                 }
                 if settings.get("weight_rounding") == "gptq":  # reads the samples again
                     settings["calibration"] = self.calib
@@ -333,11 +347,8 @@ class _Builder:
             built.append(make_recipe_pass(entry["pass"], settings))
         return PassRunner(built).run(model)[0]
 
-    def _ranges(self, model: onnx.ModelProto, method: str, scheme: str | None = None) -> Any:
-        from passes import fingerprint
-        from passes.quantize import StaticQuantize
+    def _ranges(self, model: onnx.ModelProto, method: str, scheme: str) -> Any:
 
-        scheme = scheme or "default"
         key = (fingerprint(model), method, scheme)
         if key not in self.ranges:
             self.ranges[key] = StaticQuantize(
@@ -350,7 +361,6 @@ class _Builder:
         return self.ranges[key]
 
     def _score(self, c: Candidate) -> None:
-        from converter.check.validate import validate
 
         metrics = list(dict.fromkeys([self.budget.metric, "cosine"]))
         report = validate(
@@ -366,8 +376,7 @@ _CACHED = ("score", "cosine", "worst")
 
 def _calib_of(settings: dict[str, Any]) -> str:
     """The calibration method a static config uses (its scheme's default when unset)."""
-    default = "mean_minmax" if settings.get("scheme") == "transformer" else "minmax"
-    return settings.get("calib_method") or default
+    return settings.get("calib_method") or default_calib_method(settings["scheme"])
 
 
 def _cached(path: Path, record: Path) -> dict[str, float] | None:
@@ -443,7 +452,6 @@ def _exclusions(
     at a time as the executor runs at once; the list ends at the first that meets). The
     ranking is not cached: with the time spent, none of these is tried (``max_excluded`` of
     them are listed as not tried)."""
-    from converter.check.sensitivity import sensitivity
 
     if deadline.spent():
         deadline.not_tried += [f"{best.name}_fp32x{k}" for k in range(1, max_excluded + 1)]
@@ -503,7 +511,7 @@ def auto(
     max_score_samples: int = 2000,
     bench_runs: int = defaults.AUTO_BENCH_RUNS,
     threads: int = 1,
-    target: str = "host",
+    target: str | Target = "host",
     executor: Executor | None = None,
     time_budget: float | None = None,
     clock: Callable[[], float] = time.monotonic,
@@ -516,11 +524,9 @@ def auto(
     converter.search.tasks); the bench of the candidates always runs here, interleaved on this
     machine. ``time_budget``: seconds of wall time on ``clock``, counted from here, after
     which no new candidate starts (auto_tasks.Deadline)."""
-    from converter.core.machine import resolve_target
-
     deadline = Deadline(time_budget, clock)
     budget = _check(metric, min_score, max_drop, min_worst, sparsity_grid, time_budget)
-    resolved = resolve_target(target).name
+    resolved = resolve_target(target)
     out = Path(outdir)
     fp32 = dense_model(load_model(model))  # a packed input is searched on its dense weights
     _refuse_quantized(fp32, model)
@@ -541,7 +547,9 @@ def auto(
         open_data(calib, specs)
         calib_path, score_path = Path(calib), Path(data)
         split = f"calibration: {calib}; scoring: {data} (all {dataset.num_samples} samples)"
-    builder = _Builder(fp32, calib_path, score_path, reference, budget, out / "cache", resolved)
+    builder = _Builder(
+        fp32, calib_path, score_path, reference, budget, out / "cache", resolved.name
+    )
     builder.cache.mkdir(exist_ok=True)
     builder.reference_score = _reference_score(reference, score_path, metric)
     builder.threshold = budget.threshold(builder.reference_score)
@@ -563,7 +571,6 @@ def auto(
     result.best = _choose(candidates)
     _note_node_errors(result, builder, threads)
     _write_model(result)
-    from converter.recipes.auto_report import write_auto_outputs
 
     write_auto_outputs(result, model)
     return result
@@ -647,7 +654,6 @@ def _check(metric, min_score, max_drop, min_worst, sparsity_grid, time_budget=No
 
 
 def _refuse_quantized(model: onnx.ModelProto, path: Any) -> None:
-    from passes.quantize import is_quantized
 
     if is_quantized(model):
         raise BadInputError(
@@ -660,14 +666,12 @@ def _reference_score(reference: Path, score: Path, metric: str) -> float:
     """The fp32 model's own score: its accuracy, or 1.0 for fidelity to itself."""
     if metric != "accuracy":
         return 1.0
-    from converter.check.validate import validate
 
     report = validate(reference, score, metrics=["accuracy"], progress=False)
     return report.outputs[report.output]["accuracy"].value
 
 
 def _bench(result: AutoResult, reference: Path, score: Path, runs: int, threads: int) -> None:
-    from converter.check.bench import bench
 
     built = [c for c in result.candidates if c.path is not None]
     result.bench = bench(
@@ -677,7 +681,6 @@ def _bench(result: AutoResult, reference: Path, score: Path, runs: int, threads:
         m = result.bench.get(i, threads)
         c.p50_ms, c.p90_ms, c.speedup = m.latency.p50_ms, m.latency.p90_ms, m.speedup
         c.size = packed_size(c.path)  # what shipping it costs: pruned zeros pack away
-    from converter.check.profile import note_unfused_dq
 
     note_unfused_dq(result, built, score, threads)
 
@@ -688,7 +691,6 @@ def _note_node_errors(result: AutoResult, builder: _Builder, threads: int) -> No
     quantize pass was given (after its prune/smooth passes), pre-processed as that pass
     does, on the first scoring samples. Stored on the candidate (manifest, report); a failure
     is a report note, not the end of the search."""
-    from converter.check.node_error import node_errors, prepare_reference, sample_feeds
 
     c = result.best or result.closest()
     passes = c.passes if c is not None and c.path is not None else []

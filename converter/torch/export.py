@@ -15,6 +15,7 @@ import os
 import re
 import sys
 import tempfile
+import traceback
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,11 +24,12 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 from converter.core.data import Dataset, InputSpec
 from converter.core.defaults import DEFAULT_OPSET, EXPORT_ATOL, EXPORT_RTOL, EXPORTERS
 from converter.core.errors import BadInputError, ExportError, VerificationFailed, first_line
-from converter.core.inputs import generate_inputs, resized_dims, symbols
+from converter.core.inputs import generate_inputs, parse_input_spec, resized_dims, symbols
 from converter.core.onnxio import check_output_path, save_model
 from converter.torch.verify import Comparison, compare_outputs
 
@@ -107,7 +109,6 @@ def export(
         raise BadInputError(
             f"export needs PyTorch ({e.name} is not installed)", "pip install 'onnxship[torch]'"
         ) from e
-    from converter.core.inputs import parse_input_spec
 
     specs = [parse_input_spec(s) if isinstance(s, str) else s for s in inputs]
     _check_options(specs, exporter, opset, atol, rtol)
@@ -376,7 +377,6 @@ def _exporter_reason(e: BaseException) -> str:
 def _user_frame() -> str:
     """``file:line: code`` of the innermost frame outside torch, the stdlib and onnxship: the
     line of the user's model that made the tracer warn."""
-    import traceback
 
     skip = (str(Path(os.__file__).parent), str(Path(__file__).parent))
     for frame in reversed(traceback.extract_stack()[:-2]):
@@ -516,7 +516,6 @@ def _describe_io(value: onnx.ValueInfoProto) -> str:
 
 def _verify(model, path, specs, feeds, dims, names, atol, rtol, seed) -> list[Comparison]:
     """Compare onnxruntime with torch on the example and on resized generated inputs."""
-    import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     onnx_names = [o.name for o in session.get_outputs()]

@@ -11,21 +11,26 @@ accuracy/fidelity of the unpruned, the pruned and the distilled model.
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import logging
 import os
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
+from converter.check.bench import bench, check_plot_path
+from converter.core import metrics
 from converter.core.data import LABELS, Dataset, InputSpec
 from converter.core.defaults import DEFAULT_OPSET, EXPORT_ATOL, EXPORT_RTOL
 from converter.core.errors import BadInputError, DataError
+from converter.core.inputs import parse_input_spec
+from converter.core.metrics import speedup
 from converter.core.onnxio import atomic_path, atomic_write_text, check_output_path
 from converter.torch import export as exporter
 
@@ -115,7 +120,6 @@ def shrink_settings(settings: dict, where: str) -> tuple:
     (`keep`, `epochs`, `held_out`, ...; its `data` is the caller's); an unknown key names the
     allowed ones. The bench of shrink itself is off: the recipe's bench measures every
     variant."""
-    from dataclasses import fields
 
     mods = import_torch_side()
     kinds = (mods.structured.PruneSettings, mods.distill.DistillSettings, ShrinkOptions)
@@ -193,7 +197,6 @@ def import_torch_side() -> _TorchSide:
 
 
 def _check(inputs, prune, distill, options: ShrinkOptions) -> list[InputSpec]:
-    from converter.core.inputs import parse_input_spec
 
     specs = [parse_input_spec(s) if isinstance(s, str) else s for s in inputs]
     exporter._check_options(specs, options.exporter, options.opset, options.atol, options.rtol)
@@ -216,7 +219,6 @@ def _check(inputs, prune, distill, options: ShrinkOptions) -> list[InputSpec]:
 
 def _check_forward_arity(model, specs: Sequence[InputSpec]) -> None:
     """The module's forward must take as many tensors as there are --input."""
-    import inspect
 
     params = list(inspect.signature(model.forward).parameters.values())
     if any(p.kind == p.VAR_POSITIONAL for p in params):
@@ -323,7 +325,6 @@ def _no_grad():
 def _score(model, teacher, held: dict, names: list[str]) -> dict:
     """Held-out metrics of ``model``: accuracy (with labels), agreement and mean cosine with
     the unpruned model; the numbers come from converter.core.metrics."""
-    from converter.core import metrics
     from converter.torch.distill import predict
 
     got, want = predict(model, held, names).numpy(), predict(teacher, held, names).numpy()
@@ -374,8 +375,6 @@ def _latency(before: Path, after: Path, data, runs: int) -> dict:
     """p50 latency (ms) of both models, batch 1, one thread, interleaved in one run."""
     if runs == 0:
         return {}
-    from converter.check.bench import bench
-    from converter.core.metrics import speedup
 
     report = bench([before, after], threads=(1,), runs=runs, data=data)
     p50 = [report.get(i, 1).latency.p50_ms for i in (0, 1)]
@@ -450,7 +449,6 @@ def _summary(r: ShrinkReport) -> str:
 def plot_loss(report: ShrinkReport, out: str | os.PathLike) -> Path:
     """The distillation loss curve (training loss per step, held-out loss where scored);
     png, svg or pdf from the suffix. Needs matplotlib."""
-    from converter.check.bench import check_plot_path
 
     fmt = check_plot_path(out)
     from matplotlib.figure import Figure
