@@ -8,15 +8,9 @@ then move the file into place.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 import os
-import re
-import sys
 import tempfile
-import traceback
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,9 +25,19 @@ from converter.core.defaults import DEFAULT_OPSET, EXPORT_ATOL, EXPORT_RTOL, EXP
 from converter.core.errors import BadInputError, ExportError, VerificationFailed, first_line
 from converter.core.inputs import generate_inputs, parse_input_spec, resized_dims, symbols
 from converter.core.onnxio import check_output_path, save_model
+from converter.torch.backends import export_any, exporter_reason, symbolic_axes, torch_feeds
 from converter.torch.verify import Comparison, compare_outputs
 
-__all__ = ["export", "export_module", "ExportSettings", "ExportReport", "ExportResult"]
+__all__ = [
+    "export",
+    "export_module",
+    "ExportSettings",
+    "ExportReport",
+    "ExportResult",
+    "check_options",
+    "example_inputs",
+    "move_into_place",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -111,12 +115,12 @@ def export(
         ) from e
 
     specs = [parse_input_spec(s) if isinstance(s, str) else s for s in inputs]
-    _check_options(specs, exporter, opset, atol, rtol)
+    check_options(specs, exporter, opset, atol, rtol)
     out = check_output_path(output, *(p for p in (weights, example, spec.rpartition(":")[0])))
     model = torchload.load_module(spec)
     if weights is not None:
         torchload.load_weights(model, weights)
-    feeds, dims = _example_inputs(specs, dims or {}, example, seed)
+    feeds, dims = example_inputs(specs, dims or {}, example, seed)
     settings = ExportSettings(exporter, opset, atol, rtol, verify, seed, accept_traced_branches)
     return export_module(model, out, specs, feeds, dims, settings, output_names)
 
@@ -149,7 +153,7 @@ def export_module(
     s = settings
     names = _output_names(model, feeds, output_names)
     with tempfile.TemporaryDirectory(prefix=".onnxship-", dir=out.parent) as tmp:
-        onnx_path, used, notes, risks = _export_any(
+        onnx_path, used, notes, risks = export_any(
             model, feeds, specs, names, s.opset, s.exporter, tmp
         )
         notes += _traced_branches(risks, s.accept_traced_branches)
@@ -173,7 +177,7 @@ def export_module(
             _verify_or_raise(model, final, specs, feeds, dims, names, s, report)
         else:
             logger.warning("warning: --no-verify: the ONNX model was NOT compared with PyTorch")
-        _move_into_place(final, out)
+        move_into_place(final, out)
     return ExportResult(out, report)
 
 
@@ -190,7 +194,7 @@ def _verify_or_raise(model, final, specs, feeds, dims, names, s: ExportSettings,
         raise error
 
 
-def _check_options(
+def check_options(
     specs: Sequence[InputSpec], exporter: str, opset: int, atol: float, rtol: float
 ) -> None:
     if not specs:
@@ -206,7 +210,7 @@ def _check_options(
         raise BadInputError("tolerances must be ≥ 0", "pass --atol/--rtol ≥ 0")
 
 
-def _example_inputs(
+def example_inputs(
     specs: Sequence[InputSpec], dims: Mapping[str, int], example: Any, seed: int
 ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """Feeds for tracing and the size each symbol has in them."""
@@ -218,7 +222,7 @@ def _example_inputs(
     feeds = next(data.batches(specs, batch_size=EXAMPLE_SAMPLES))
     sizes: dict[str, int] = {}
     for spec in specs:
-        for axis, dim in _symbolic_axes(spec).items():
+        for axis, dim in symbolic_axes(spec).items():
             size = feeds[spec.name].shape[axis]
             if sizes.setdefault(dim, size) != size:
                 raise BadInputError(
@@ -233,12 +237,6 @@ def _example_inputs(
             "give at least 2 samples (and length ≥ 2) on every dynamic axis",
         )
     return feeds, sizes
-
-
-def _torch_feeds(feeds: Mapping[str, np.ndarray]) -> tuple:
-    import torch
-
-    return tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in feeds.values())
 
 
 def _flatten(obj: Any) -> list:
@@ -256,7 +254,7 @@ def _run_torch(model: Any, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
     import torch
 
     with torch.no_grad():
-        out = model(*_torch_feeds(feeds))
+        out = model(*torch_feeds(feeds))
     return [t.detach().cpu().numpy() for t in _flatten(out)]
 
 
@@ -284,7 +282,7 @@ def _output_names(
     import torch
 
     with torch.no_grad():
-        out = model(*_torch_feeds(feeds))
+        out = model(*torch_feeds(feeds))
     found = _names_of(out, "")
     if not given:
         return (
@@ -314,177 +312,6 @@ def _traced_branches(risks: list[str], accepted: bool) -> list[str]:
     note = f"accepted traced branches (--accept-traced-branches): {shown}"
     logger.warning("warning: %s", note)
     return [note]
-
-
-def _export_any(
-    model: Any,
-    feeds: Mapping[str, np.ndarray],
-    specs: Sequence[InputSpec],
-    names: list[str],
-    opset: int,
-    exporter: str,
-    tmp: str,
-) -> tuple[Path, str, list[str], list[str]]:
-    """Run the chosen exporter; ``auto`` falls back from dynamo to TorchScript, saying so.
-    Returns the file, the exporter used, notes and the tracer's risks."""
-    tried = ["dynamo", "torchscript"] if exporter == "auto" else [exporter]
-    errors: dict[str, str] = {}
-    notes = []
-    for name in tried:
-        path = Path(tmp) / f"{name}.onnx"
-        try:
-            risks = _EXPORTERS[name](model, feeds, specs, names, opset, path)
-        except Exception as e:  # exporters raise many types; each is reported below
-            errors[name] = _exporter_reason(e)
-            logger.debug("%s exporter failed", name, exc_info=True)
-            continue
-        if errors:
-            notes.append(f"dynamo exporter failed ({errors['dynamo']}); used torchscript")
-            logger.warning("warning: " + notes[-1])
-        return path, name, notes, risks
-    detail = "; ".join(f"{k}: {v}" for k, v in errors.items())
-    raise ExportError(
-        f"the model could not be exported ({detail})",
-        "replace the named op/construct with one ONNX supports, or try the other --exporter; "
-        "--debug shows the full trace",
-    )
-
-
-_OP_PATTERNS = (
-    re.compile(r"OpOverload\(op='([^']+)'"),  # dynamo: no ONNX function for an aten op
-    re.compile(r"operator '([^']+)'"),  # torchscript: UnsupportedOperatorError
-    re.compile(r"function '\w*\(<function (\w+)"),  # dynamo: a torchlib function raised
-)
-
-
-def _exporter_reason(e: BaseException) -> str:
-    """The telling part of an exporter's error: the failing op when one is named, else the
-    innermost exception's first line."""
-    chain = []
-    while e is not None and len(chain) < 8:
-        chain.append(e)
-        e = e.__cause__ or e.__context__
-    text = "\n".join(str(err) for err in chain)
-    for pattern in _OP_PATTERNS:
-        match = pattern.search(text)
-        if match:
-            innermost = str(chain[-1]).strip().splitlines() or [type(chain[-1]).__name__]
-            return f"op {match.group(1)} failed: {innermost[0][:200]}"
-    lines = [ln.strip() for err in reversed(chain) for ln in str(err).splitlines() if ln.strip()]
-    return f"{type(chain[-1]).__name__}: {lines[0][:300]}" if lines else type(chain[-1]).__name__
-
-
-def _user_frame() -> str:
-    """``file:line: code`` of the innermost frame outside torch, the stdlib and onnxship: the
-    line of the user's model that made the tracer warn."""
-
-    skip = (str(Path(os.__file__).parent), str(Path(__file__).parent))
-    for frame in reversed(traceback.extract_stack()[:-2]):
-        name = frame.filename
-        if "/torch/" in name or name.startswith(skip) or name.startswith("<"):
-            continue
-        return f"{name}:{frame.lineno}: {(frame.line or '').strip()}"
-    return "an unknown line"
-
-
-@contextlib.contextmanager
-def _recording_tracer_warnings(risks: list[str] | None):
-    """Ignore the exporters' warnings, except torch.jit.TracerWarning: each one (a tensor
-    turned into a Python bool/number, so the trace froze one branch or value) is appended
-    to ``risks`` with the user's line that caused it."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if risks is None:
-            yield
-            return
-        import torch
-
-        warnings.filterwarnings("always", category=torch.jit.TracerWarning)
-
-        def record(message, category, filename, lineno, file=None, line=None):
-            text = str(message).strip().split(". ")[0]
-            entry = f"{_user_frame()} ({text[:120]})"
-            if entry not in risks:
-                risks.append(entry)
-
-        warnings.showwarning = record
-        yield
-
-
-@contextlib.contextmanager
-def _quiet_exporter(risks: list[str] | None = None):
-    """Keep the exporters' prints (Python and C++, stdout and stderr) and warnings off the
-    user's terminal; what they printed goes to the debug log. Tracer warnings go to
-    ``risks`` (see _recording_tracer_warnings)."""
-    torch_log = logging.getLogger("torch")
-    level = torch_log.level
-    torch_log.setLevel(logging.ERROR)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = {fd: os.dup(fd) for fd in (1, 2)}
-    with tempfile.TemporaryFile(mode="w+b") as sink, _recording_tracer_warnings(risks):
-        try:
-            for fd in saved:
-                os.dup2(sink.fileno(), fd)
-            with (
-                contextlib.redirect_stdout(io.StringIO()),
-                contextlib.redirect_stderr(io.StringIO()),
-            ):
-                yield
-        finally:
-            for fd, copy in saved.items():
-                os.dup2(copy, fd)
-                os.close(copy)
-            torch_log.setLevel(level)
-            sink.seek(0)
-            logger.debug("exporter output:\n%s", sink.read().decode(errors="replace"))
-
-
-def _symbolic_axes(spec: InputSpec) -> dict[int, str]:
-    """Axis → symbol name for the dynamic axes of one input."""
-    return {axis: d for axis, d in enumerate(spec.shape) if isinstance(d, str)}
-
-
-def _export_dynamo(model, feeds, specs, names, opset, path: Path) -> list[str]:
-    """Export with torch.export (which refuses data-dependent branches rather than freezing
-    them: no trace risks to report)."""
-    import torch
-
-    dim_objs = {s: torch.export.Dim(s) for s in symbols(specs)}
-    dynamic = tuple(
-        {axis: dim_objs[d] for axis, d in _symbolic_axes(spec).items()} or None for spec in specs
-    )
-    options = {"dynamic_shapes": dynamic, "external_data": True, "verbose": False}
-    _torch_export(model, feeds, specs, names, opset, path, dynamo=True, **options)
-    return []
-
-
-def _export_torchscript(model, feeds, specs, names, opset, path: Path) -> list[str]:
-    """Export by tracing; returns the tracer's warnings (each with the user's line)."""
-    axes = {spec.name: _symbolic_axes(spec) for spec in specs}
-    options = {"dynamic_axes": {k: v for k, v in axes.items() if v}, "do_constant_folding": True}
-    risks: list[str] = []
-    _torch_export(model, feeds, specs, names, opset, path, risks, dynamo=False, **options)
-    return risks
-
-
-def _torch_export(model, feeds, specs, names, opset, path, risks=None, **options) -> None:
-    """torch.onnx.export with what both exporters share, quietly (see _quiet_exporter)."""
-    import torch
-
-    with _quiet_exporter(risks):
-        torch.onnx.export(
-            model,
-            _torch_feeds(feeds),
-            str(path),
-            input_names=[s.name for s in specs],
-            output_names=names,
-            opset_version=opset,
-            **options,
-        )
-
-
-_EXPORTERS = {"dynamo": _export_dynamo, "torchscript": _export_torchscript}
 
 
 def _check_and_save(src: Path, final: Path, data_name: str) -> None:
@@ -526,7 +353,7 @@ def _verify(model, path, specs, feeds, dims, names, atol, rtol, seed) -> list[Co
             got = session.run(None, case)
         except Exception as e:  # onnxruntime raises its own Fail/InvalidArgument types
             comp = Comparison(label, atol, rtol)
-            comp.problems.append(f"onnxruntime failed: {_exporter_reason(e)}")
+            comp.problems.append(f"onnxruntime failed: {exporter_reason(e)}")
             comparisons.append(comp)
             continue
         comparisons.append(compare_outputs(label, onnx_names, got, names, want, atol, rtol))
@@ -537,7 +364,7 @@ def _verification_inputs(specs, feeds, dims, seed) -> list[tuple[str, dict[str, 
     """The example; the example negated (float inputs) and new random values at its sizes,
     so that a graph frozen on the example's values shows; a resized input per dynamic axis."""
     ranges = {n: (int(a.min()), int(a.max()) + 1) for n, a in feeds.items() if a.dtype.kind in "iu"}
-    same = {d: feeds[s.name].shape[axis] for s in specs for axis, d in _symbolic_axes(s).items()}
+    same = {d: feeds[s.name].shape[axis] for s in specs for axis, d in symbolic_axes(s).items()}
     cases = [("the example input", dict(feeds))]
     if any(a.dtype.kind == "f" for a in feeds.values()):
         negated = {n: -a if a.dtype.kind == "f" else a for n, a in feeds.items()}
@@ -550,7 +377,7 @@ def _verification_inputs(specs, feeds, dims, seed) -> list[tuple[str, dict[str, 
     return cases
 
 
-def _move_into_place(final: Path, out: Path) -> None:
+def move_into_place(final: Path, out: Path) -> None:
     data_name = out.name + ".data"
     if (final.parent / data_name).exists():  # a model over 2 GB: its external data first
         os.replace(final.parent / data_name, out.parent / data_name)

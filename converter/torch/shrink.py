@@ -199,7 +199,7 @@ def import_torch_side() -> _TorchSide:
 def _check(inputs, prune, distill, options: ShrinkOptions) -> list[InputSpec]:
 
     specs = [parse_input_spec(s) if isinstance(s, str) else s for s in inputs]
-    exporter._check_options(specs, options.exporter, options.opset, options.atol, options.rtol)
+    exporter.check_options(specs, options.exporter, options.opset, options.atol, options.rtol)
     prune.check()
     problems = {
         "--temperature must be > 0": distill.temperature <= 0,
@@ -341,7 +341,7 @@ def _export_and_measure(state: _State, out: Path, specs, data, prune, distill, o
     """Export both models exactly as ``export`` does (checker, shape inference, verification
     against torch), bench them interleaved, then move the pruned model into place; nothing
     is written to ``out`` on any failure."""
-    feeds, dims = exporter._example_inputs(specs, {}, data, 0)
+    feeds, dims = exporter.example_inputs(specs, {}, data, 0)
     settings = exporter.ExportSettings(options.exporter, options.opset, options.atol, options.rtol)
     with tempfile.TemporaryDirectory(prefix=".onnxship-", dir=out.parent) as tmp:
         before = Path(tmp) / "unpruned.onnx"
@@ -367,7 +367,7 @@ def _export_and_measure(state: _State, out: Path, specs, data, prune, distill, o
             seconds=state.seconds,
             export=report,
         )
-        exporter._move_into_place(after_path, out)
+        exporter.move_into_place(after_path, out)
     return ShrinkResult(out, result, state.student)
 
 
