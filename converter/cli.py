@@ -1,17 +1,22 @@
 """The command line: a thin layer over the Python API.
 
-Exit codes: 0 ok, 1 a gate failed (validation, verification, budget), 2 bad input, 3 an
-internal error (a bug: an exception onnxship did not expect). Errors print one line
+Exit codes: 0 ok, 1 a gate failed (validation, verification, budget), 2 bad input, 3 the
+environment (disk full, permissions, out of memory) or an internal error (a bug: an exception
+onnxship did not expect), 128 + N a signal (130 SIGINT, 143 SIGTERM). Errors print one line
 ``error: <what> — <how to fix>``; ``--debug`` adds the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import logging
+import signal
 import sys
+import threading
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from converter.commands import (
     auto,
@@ -27,12 +32,13 @@ from converter.commands import (
     validate,
 )
 from converter.core import __version__
-from converter.core.errors import OnnxshipError, first_line
+from converter.core.errors import Interrupted, OnnxshipError, first_line
 from converter.core.machine import resolve_target
 
-__all__ = ["main", "build_parser", "INTERNAL_ERROR"]
+__all__ = ["main", "build_parser", "INTERNAL_ERROR", "ENVIRONMENT"]
 
-INTERNAL_ERROR = 3
+INTERNAL_ERROR = 3  # a bug
+ENVIRONMENT = 3  # the disk, permissions, memory
 
 # Explicit list, in the order `--help` shows them. Each module has register() and run().
 COMMANDS = [export, shrink, prune, quantize, fp16, pack, validate, bench, sensitivity, run, auto]
@@ -101,22 +107,67 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     _setup_logging(args.debug, args.quiet)
+    with _signals_interrupt():
+        try:
+            if getattr(args, "target", None) is not None:  # resolved once, here: exit 2
+                args.target = resolve_target(args.target).name  # a name: settings stay JSON
+            return int(args.run(args) or 0)
+        except (OnnxshipError, KeyboardInterrupt, OSError, MemoryError) as e:
+            if args.debug:
+                traceback.print_exc()
+            code, message = _outcome(e)
+        except Exception as e:  # a bug, not a verdict on the model: CI must not read it as 1
+            if args.debug:
+                traceback.print_exc()
+            code = INTERNAL_ERROR
+            message = f"internal error: {first_line(e)} — rerun with --debug and report it"
+    sys.stderr.write(f"error: {message}\n")
+    return code
+
+
+# errno of the environment's faults: full disk or quota, permissions, a read-only or missing
+# file system, too many open files.
+_ENVIRONMENT_FIX = {
+    errno.ENOSPC: "free disk space (or point TMPDIR and -o at a larger disk)",
+    errno.EDQUOT: "free disk space within your quota",
+    errno.EACCES: "check the permissions of that path",
+    errno.EPERM: "check the permissions of that path",
+    errno.EROFS: "write to a writable file system",
+    errno.EMFILE: "raise the open-file limit (ulimit -n)",
+}
+
+
+def _outcome(e: BaseException) -> tuple[int, str]:
+    """Exit code and one-line message for an expected failure: ours (its own code), a
+    signal (128 + its number), the environment (3)."""
+    if isinstance(e, OnnxshipError):
+        return e.exit_code, e.message
+    if isinstance(e, Interrupted):
+        return 128 + e.signum, f"interrupted by {e.name} — nothing was written; run it again"
+    if isinstance(e, KeyboardInterrupt):
+        return 128 + signal.SIGINT, "interrupted — nothing was written; run the command again"
+    if isinstance(e, MemoryError):
+        return ENVIRONMENT, "out of memory — use a smaller --batch-size or fewer samples"
+    where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+    fix = _ENVIRONMENT_FIX.get(e.errno, "check the path and the machine, or rerun with --debug")
+    return ENVIRONMENT, f"{e.strerror or first_line(e)}{where} — {fix}"
+
+
+@contextlib.contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """SIGTERM (CI runners, ``timeout``) and SIGINT raise :class:`Interrupted` where the
+    process is, so every ``with`` block unwinds and removes its temporaries. The earlier
+    handlers come back afterwards; outside the main thread nothing is changed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise Interrupted(signum, signal.Signals(signum).name)
+
+    before = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        if getattr(args, "target", None) is not None:  # resolved once, here: exit 2 if unknown
-            args.target = resolve_target(args.target).name  # a name: settings stay JSON
-        return int(args.run(args) or 0)
-    except OnnxshipError as e:
-        if args.debug:
-            traceback.print_exc()
-        sys.stderr.write(f"error: {e.message}\n")
-        return e.exit_code
-    except KeyboardInterrupt:
-        sys.stderr.write("error: interrupted — run the command again\n")
-        return 130
-    except Exception as e:  # a bug, not a verdict on the model: CI must not read it as 1
-        if args.debug:
-            traceback.print_exc()
-        sys.stderr.write(
-            f"error: internal error: {first_line(e)} — rerun with --debug and report it\n"
-        )
-        return INTERNAL_ERROR
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)

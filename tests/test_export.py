@@ -16,6 +16,7 @@ import torch
 from converter.cli import main
 from converter.core.runtime import make_session
 from converter.torch.export import export
+from converter.torch.verify import compare_outputs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -632,3 +633,12 @@ def test_wrong_number_of_output_names(capsys, tmp_path, user_code):
         capsys, tmp_path, [f"{user_code}:dicty", "--input", "x:batch,4", "--output-name", "a"]
     )
     assert "1 --output-name given (a) for a model with 2 outputs (logits, aux)" in msg
+
+
+def test_verification_reports_its_rule_and_how_close_each_output_came():
+    want = [np.array([1.0, 2.0, 0.0])]
+    near = compare_outputs("x", ["y"], [np.array([1.0, 2.0001, 0.00005])], ["y"], want, 1e-4, 1e-4)
+    far = compare_outputs("x", ["y"], [np.array([1.0, 2.0005, 0.0])], ["y"], want, 1e-4, 1e-4)
+    assert near.ok and near.outputs[0].worst_ratio == pytest.approx(0.5)  # 5e-5 / 1e-4
+    assert not far.ok
+    assert far.outputs[0].worst_ratio == pytest.approx(5e-4 / 3e-4, rel=1e-6)  # 1e-4 + 1e-4·2

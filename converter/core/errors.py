@@ -14,6 +14,7 @@ __all__ = [
     "PassError",
     "GateFailed",
     "VerificationFailed",
+    "Interrupted",
     "first_line",
 ]
 
@@ -63,6 +64,17 @@ class VerificationFailed(GateFailed):
     holds every output's diffs."""
 
     report: object | None = None
+
+
+class Interrupted(KeyboardInterrupt):
+    """A signal asked the process to stop (SIGTERM, as CI runners and ``timeout`` send, or
+    SIGINT). Raised where the process is, so that every ``with`` block unwinds and removes
+    its temporaries; the CLI exits 128 + the signal's number."""
+
+    def __init__(self, signum: int, name: str) -> None:
+        super().__init__(name)
+        self.signum = signum
+        self.name = name
 
 
 def first_line(e: BaseException, limit: int = 300) -> str:

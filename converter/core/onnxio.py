@@ -18,6 +18,7 @@ __all__ = [
     "check_output_path",
     "atomic_path",
     "atomic_write_text",
+    "remove_stale_temporaries",
     "TWO_GB",
 ]
 
@@ -60,11 +61,18 @@ def check_output_path(out: str | os.PathLike, *inputs: str | os.PathLike | None)
     return out
 
 
+# Temporaries are named ``.<out name>.onnxship-<pid>-<random><suffix>``: the pid tells a
+# later run whether the process that made one is gone (killed by SIGKILL, power loss).
+_TMP_MARK = "onnxship-"
+
+
 @contextlib.contextmanager
 def atomic_path(out: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path next to ``out``; rename it to ``out`` only on success."""
+    """Yield a temporary path next to ``out``; rename it to ``out`` only on success. Stale
+    temporaries of dead onnxship processes in that folder are removed first."""
     out = Path(out)
-    tmp_path = _new_file(out.parent, f".{out.name}.", suffix or ".tmp")
+    remove_stale_temporaries(out.parent)
+    tmp_path = _new_file(out.parent, f".{out.name}.{_TMP_MARK}{os.getpid()}-", suffix or ".tmp")
     try:
         yield tmp_path
         os.replace(tmp_path, out)
@@ -84,6 +92,28 @@ def _new_file(folder: Path, prefix: str, suffix: str) -> Path:
             continue
         return path
     raise FileExistsError(f"no free temporary name in {folder}")
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Remove the temporaries in ``folder`` left by onnxship processes that no longer run
+    (a SIGKILL gives no chance to clean up); returns what was removed."""
+    removed = []
+    for path in folder.glob(f".*.{_TMP_MARK}*-*"):
+        pid = path.name.rpartition(_TMP_MARK)[2].partition("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
 
 
 def atomic_write_text(out: str | os.PathLike, text: str) -> Path:

@@ -68,10 +68,11 @@ class ExportReport:
         if not self.verified:
             lines.append("  VERIFICATION SKIPPED (--no-verify): outputs were not compared")
         for comp in self.comparisons:
-            lines.append(f"  verified on {comp.label} (atol {comp.atol:g}, rtol {comp.rtol:g}):")
+            rule = f"|onnx − torch| ≤ {comp.atol:g} + {comp.rtol:g}·|torch|"
+            lines.append(f"  verified on {comp.label} ({rule} for every value):")
             lines += [
-                f"    {o.name} {o.shape}: max abs {o.max_abs:.3g}, max rel {o.max_rel:.3g}"
-                f"{'' if o.ok else '  FAIL'}"
+                f"    {o.name} {o.shape}: max abs {o.max_abs:.3g}, max rel {o.max_rel:.3g}, "
+                f"worst diff / allowed {o.worst_ratio:.3g}{'' if o.ok else '  FAIL'}"
                 for o in comp.outputs
             ]
         return "\n".join(lines)

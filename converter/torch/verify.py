@@ -20,6 +20,8 @@ class OutputCheck:
     shape: tuple[int, ...]
     max_abs: float = 0.0
     max_rel: float = 0.0
+    # max over elements of |got − want| / (atol + rtol·|want|): the rule holds while ≤ 1
+    worst_ratio: float = 0.0
     problem: str = ""
 
     @property
@@ -59,6 +61,13 @@ def _diffs(got: np.ndarray, want: np.ndarray) -> tuple[float, float, np.ndarray]
     return float(np.nanmax(diff, initial=0.0)), float(np.nanmax(rel, initial=0.0)), diff
 
 
+def _worst_ratio(diff: np.ndarray, allowed: np.ndarray) -> float:
+    """max |d| / (atol + rtol·|ref|); inf where a difference meets a zero allowance."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(diff == 0, 0.0, diff / allowed)
+    return float(np.nanmax(ratio, initial=0.0))
+
+
 def compare_outputs(
     label: str,
     names: Sequence[str],
@@ -86,7 +95,9 @@ def compare_outputs(
             if bad:
                 check.problem = f"{bad} of {g.size} values differ (exact match required)"
             continue
-        bad_mask = ~(diff <= atol + rtol * np.abs(w.astype(np.float64)))
+        allowed = atol + rtol * np.abs(w.astype(np.float64))
+        bad_mask = ~(diff <= allowed)
+        check.worst_ratio = _worst_ratio(diff, allowed)
         bad = int(np.count_nonzero(bad_mask))
         if bad:
             check.problem = (
