@@ -21,6 +21,8 @@ from converter.check.bench import DEFAULT_RUNS, DEFAULT_WARMUP, BenchGates, benc
 from converter.check.bench_gates import DEFAULT_MAX_SLOWDOWN
 from converter.cli import main
 from converter.core import metrics
+from converter.core.machine import machine_line
+from converter.core.render import MB
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -165,6 +167,9 @@ def test_cli_table_json_and_plot(tiny, tmp_path, capsys):
     assert {"session_create_ms", "peak_rss_mb"} <= set(row)
     assert doc["models"][0]["file_size"] == os.path.getsize(tiny["small"])
     assert doc["machine"]["onnxruntime"] and doc["settings"]["warmup"] == 2
+    m = doc["machine"]
+    assert out.splitlines()[0] == f"bench on {machine_line(m)}, onnxruntime {m['onnxruntime']}"
+    assert f"{doc['models'][0]['file_size'] / 1e6:.2f}" in out  # size MB: 10^6 bytes
     assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -411,4 +416,4 @@ def test_peak_rss_counts_the_memory_a_model_adds(tmp_path):
     path = tmp_path / "big.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
     r = bench([path], runs=2, warmup=1).results[0]
-    assert r.peak_rss_mb >= 0.9 * 4 * n / 2**20
+    assert r.peak_rss_mb >= 0.9 * 4 * n / MB  # MB: 10^6 bytes, as the size column

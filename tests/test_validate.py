@@ -18,6 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from converter.check.validate import DEFAULT_BASELINE_TOLERANCE, DEFAULT_BATCH_SIZE, validate
 from converter.cli import main
 from converter.core import metrics
+from converter.core.errors import BadInputError
 from converter.core.runtime import make_session
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -303,6 +304,14 @@ BAD = {
         ["validate", "{good}", "--data", "{test}", "--reference", "{ref}", "--max-drop", "-0.1"],
         "outside",
     ),
+    "min-worst nan": (
+        ["validate", "{good}", "--data", "{test}", "--reference", "{ref}", "--min-worst", "nan"],
+        "finite",
+    ),
+    "baseline-tolerance above 1": (
+        ["validate", "{good}", "--data", "{test}", "--baseline-tolerance", "2"],
+        "--baseline-tolerance 2.0 is outside [0, 1]",
+    ),
     "batch size zero": (["validate", "{good}", "--data", "{test}", "--batch-size", "0"], "≥ 1"),
     "accuracy without labels": (
         ["validate", "{good}", "--data", "{calib}", "--reference", "{ref}", "--metric", "accuracy"],
@@ -387,6 +396,25 @@ def test_bad_input_is_exit_2_with_one_line(case, bad_paths, capsys):
     assert words in err, err
     assert "Traceback" not in err
     assert sorted(Path(bad_paths["tmp"]).iterdir()) == before  # nothing written
+
+
+@pytest.mark.parametrize(
+    "option, value, what",
+    [
+        ("min_score", 1.5, "--min-score 1.5 is outside [-1, 1]"),
+        ("max_drop", -0.1, "--max-drop -0.1 is outside [0, 1]"),
+        ("min_worst", float("nan"), "--min-worst nan is outside [-1, 1]"),
+        ("baseline_tolerance", 2, "--baseline-tolerance 2 is outside [0, 1]"),
+        ("baseline_tolerance", float("nan"), "--baseline-tolerance nan is outside [0, 1]"),
+    ],
+)
+def test_api_refuses_a_limit_out_of_range_before_reading_anything(tmp_path, option, value, what):
+    """The score limits are checked by core.gates.ScoreLimits, the tolerance by
+    check_fraction: the same message as the CLI's, before the (missing) files are read."""
+    with pytest.raises(BadInputError) as e:
+        validate(tmp_path / "nope.onnx", tmp_path / "nope.npz", **{option: value})
+    assert e.value.what == what
+    assert e.value.fix == "scores and drops are fractions, e.g. 0.9 for 90 %"
 
 
 def test_runs_without_torch(tmp_path):

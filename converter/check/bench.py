@@ -14,7 +14,8 @@ scenario reports the 90th percentile.
 Memory: all models share the process, so each model's number is the peak resident memory
 (RSS) while its session was created and warmed up, minus the RSS just before: what that
 model added at its peak. On Linux the peak is the kernel's high-water mark (VmHWM, reset
-through /proc/self/clear_refs before each model); elsewhere it is the RSS after warmup.
+through /proc/self/clear_refs before each model); elsewhere it is the RSS after warmup. It is
+reported in MB of 10^6 bytes (:data:`converter.core.render.MB`), as the file sizes are.
 """
 
 from __future__ import annotations
@@ -47,13 +48,14 @@ from converter.check.bench_report import (
     plot_latencies,
     table_rows,
 )
-from converter.core import defaults
 from converter.core.data import InputSpec, model_input_specs, open_data
+from converter.core.defaults import DEFAULT_RUNS, DEFAULT_WARMUP
 from converter.core.errors import BadInputError, DataError, first_line
 from converter.core.inputs import generate_inputs
 from converter.core.machine import machine, warn_if_other_target
 from converter.core.metrics import speedup
 from converter.core.onnxio import load_model
+from converter.core.render import MB
 from converter.core.runtime import make_session, run_session
 
 __all__ = [
@@ -71,10 +73,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_WARMUP = defaults.DEFAULT_WARMUP
-DEFAULT_RUNS = defaults.DEFAULT_RUNS
-MB = 2**20
 
 
 def bench(

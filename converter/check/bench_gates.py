@@ -22,6 +22,7 @@ from pathlib import Path
 from converter.check.bench_report import BenchReport, ModelInfo
 from converter.core.errors import BadInputError
 from converter.core.gates import Gate
+from converter.core.render import MB
 
 __all__ = ["BenchGates", "BenchBaseline", "DEFAULT_MAX_SLOWDOWN", "MB"]
 
@@ -30,7 +31,6 @@ logger = logging.getLogger(__name__)
 # A speed ratio measured interleaved on a quiet runner moves by a few percent between runs;
 # a shared CI runner needs more: a ratio more than 1.10 times worse than the baseline's fails.
 DEFAULT_MAX_SLOWDOWN = 1.10
-MB = 1e6  # --max-size-mb counts 10^6 bytes, as the table's "size MB" column does
 TOOL = "onnxship bench"
 _RECORD = "record one with `onnxship bench MODELS... --json bench.json` on the CPU kind CI uses"
 

@@ -14,7 +14,9 @@ import numpy as np
 from converter.core import __version__
 from converter.core.errors import BadInputError
 from converter.core.gates import Gate, Gated, gate_lines, junit_xml
+from converter.core.machine import machine_line
 from converter.core.onnxio import atomic_path
+from converter.core.render import MB
 
 __all__ = [
     "TOOL",
@@ -73,7 +75,7 @@ class Measurement:
     latency: LatencyStats
     speedup: float  # p50 of the first model / p50 of this one, same thread count
     session_ms: float  # time to create the session (load + optimize): the cold start
-    peak_rss_mb: float  # peak RSS above the process's RSS before this session (see module doc)
+    peak_rss_mb: float  # MB (10^6 bytes) of peak RSS above the RSS before this session
     latencies_ms: np.ndarray = field(repr=False)
 
 
@@ -164,7 +166,7 @@ def table_rows(report: BenchReport) -> list[tuple[str, ...]]:
                 f"{r.speedup:.2f}x",
                 f"{r.session_ms:.1f}",
                 f"{r.peak_rss_mb:.1f}",
-                f"{info.file_size / 1e6:.2f}",
+                f"{info.file_size / MB:.2f}",
             )
         )
     return rows
@@ -175,7 +177,7 @@ def _summary(report: BenchReport) -> str:
     runs = f"{s['runs']} runs" if s["runs"] is not None else f"{s['seconds']:g} s of runs"
     batches = sorted({info.batch for info in report.models})
     lines = [
-        f"bench on {m['cpu']} ({m['logical_cores']} logical cores), onnxruntime {m['onnxruntime']}",
+        f"bench on {machine_line(m)}, onnxruntime {m['onnxruntime']}",
         f"batch {','.join(map(str, batches))}, inter-op {s['inter_op_threads']}, sequential, "
         f"graph optimizations {s['graph_optimizations']}; {s['warmup']} warmup + {runs} per "
         f"model, interleaved; inputs: {s['inputs']}",

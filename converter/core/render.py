@@ -22,9 +22,12 @@ __all__ = [
     "embedded_png",
     "figure",
     "save_figure",
+    "MB",
 ]
 
 logger = logging.getLogger(__name__)
+
+MB = 1_000_000  # bytes in the "MB" every report prints (10**6: file sizes and peak RSS alike)
 
 CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:80em;color:#222}
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.3em .6em}
