@@ -151,44 +151,15 @@ class NoSettings(PassSettings):
     """A pass without settings."""
 
 
-def option(
-    default: Any = REQUIRED,
-    help: str = "",
-    *,
-    choices: Collection | None = None,
-    low: float | None = None,
-    high: float | None = None,
-    low_open: bool = False,
-    high_open: bool = False,
-    flag: str | None = None,
-    off_flag: str | None = None,
-    off_help: str = "",
-    metavar: str | None = None,
-    default_text: str | None = None,
-    cli: bool = True,
-    calibration: bool = False,
-    reuses_calibration: bool = False,
-) -> Any:
-    """A dataclass field declaring one pass setting (see :class:`Option`). ``flag`` defaults
-    to ``--name-with-dashes`` (for a bool that is on by default, ``off_flag`` to ``--no-…``
-    instead); ``cli=False``: the setting has no flag (Python API and recipes only)."""
-    spec = dict(
-        default=default,
-        help=help,
-        choices=None if choices is None else tuple(choices),
-        low=low,
-        high=high,
-        low_open=low_open,
-        high_open=high_open,
-        flag=flag,
-        off_flag=off_flag,
-        off_help=off_help,
-        metavar=metavar,
-        default_text=default_text,
-        cli=cli,
-        calibration=calibration,
-        reuses_calibration=reuses_calibration,
-    )
+def option(default: Any = REQUIRED, help: str = "", **details: Any) -> Any:
+    """A dataclass field declaring one pass setting; ``details`` are the other fields of
+    :class:`Option` (``choices``, ``low``, ``flag``, ``cli``...: a misspelt one is a
+    TypeError at import). ``flag`` defaults to ``--name-with-dashes`` (for a bool that is on
+    by default, ``off_flag`` to ``--no-…`` instead); ``cli=False``: no flag (Python API and
+    recipes only)."""
+    if details.get("choices") is not None:
+        details["choices"] = tuple(details["choices"])
+    spec = Option(name="", type=None, default=default, help=help, **details)
     return dataclasses.field(default=default, metadata={"option": spec})
 
 
@@ -196,12 +167,10 @@ def option(
 def options_of(declaration: type) -> tuple[Option, ...]:
     """The options of a settings declaration, in field order (inherited ones first)."""
     hints = typing.get_type_hints(declaration)
-    found = []
-    for f in dataclasses.fields(declaration):
-        spec = dict(f.metadata["option"])
-        o = Option(name=f.name, type=hints[f.name], **spec)
-        found.append(_with_flags(o))
-    return tuple(found)
+    return tuple(
+        _with_flags(dataclasses.replace(f.metadata["option"], name=f.name, type=hints[f.name]))
+        for f in dataclasses.fields(declaration)
+    )
 
 
 def _with_flags(o: Option) -> Option:
@@ -322,15 +291,14 @@ def add_arguments(
     declaration: type,
     *,
     only: Collection[str] | None = None,
-    skip: Collection[str] = (),
     unset: Collection[str] = (),
 ) -> None:
-    """Add the flags of ``declaration``'s CLI options (those in ``only``, all by default,
-    but not those in ``skip``), each storing into ``args.<option name>``. The options in
+    """Add the flags of ``declaration``'s CLI options (those in ``only``, all by default),
+    each storing into ``args.<option name>``. The options in
     ``unset`` default to None, so that the verb sees whether the flag was given; the help
     shows the declaration's default either way."""
     for o in options_of(declaration):
-        if o.cli and o.name not in skip and (only is None or o.name in only):
+        if o.cli and (only is None or o.name in only):
             _add(container, o, None if o.name in unset else _cli_default(o))
 
 

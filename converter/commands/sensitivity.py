@@ -42,7 +42,6 @@ numbers of onnxruntime's qdq_loss_debug. "SQNR" is the tensor's int8 round trip 
 "propagated" the int8 model's value, which carries every error upstream. The
 --tensor-errors worst are printed (lowest SQNR first); --json has all.
 """
-DEFAULT_SAMPLES = defaults.DEFAULT_SENSITIVITY_SAMPLES
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -55,9 +54,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument(
         "--samples",
         type=int,
-        default=DEFAULT_SAMPLES,
+        default=defaults.DEFAULT_SENSITIVITY_SAMPLES,
         metavar="N",
-        help=f"score on the first N samples ({DEFAULT_SAMPLES})",
+        help=f"score on the first N samples ({defaults.DEFAULT_SENSITIVITY_SAMPLES})",
     )
     p.add_argument("--gain", action="store_true", help="also measure each node kept in fp32")
     p.add_argument("--output", metavar="NAME", help="the output to compare (default: the first)")
