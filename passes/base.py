@@ -1,6 +1,9 @@
 """The pass interface: small classes with typed settings, and a runner.
 
-A pass takes typed settings in ``__init__`` (validated there), checks its preconditions in
+A pass declares its settings once, as a dataclass of :func:`passes.options.option` fields
+(``Settings``; see ``passes/settings.py``): ``__init__`` takes them as keyword arguments,
+checks them against the declaration and sets each as an attribute, then ``setup`` derives
+what the pass needs from them. It checks its preconditions in
 ``requires``, does its work in ``call`` and returns a :class:`PassResult`; ``ensures`` runs
 the onnx checker on the result. Every pass here is functional: it never edits the model it
 is given, it returns a new one (``__call__`` checks that on the graph's structure, and on
@@ -16,13 +19,14 @@ import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import onnx
 
-from converter.core.errors import BadInputError, OnnxshipError, PassError, first_line
+from converter.core.errors import OnnxshipError, PassError, first_line
 from converter.core.onnxio import check_output_path, load_model, save_model
 from converter.core.packed import dense_model
+from passes.options import NoSettings, check_keys, has_calibration, needs_calibration, options_of
 
 __all__ = [
     "Pass",
@@ -65,12 +69,34 @@ def structure(model: onnx.ModelProto) -> tuple:
 
 
 class Pass:
-    """Base class. Subclasses set ``name`` and implement ``call``; they may extend
-    ``requires`` (preconditions on the input) and ``ensures`` (postconditions)."""
+    """Base class. Subclasses set ``name`` and ``Settings`` (their declaration) and implement
+    ``call``; they may extend ``setup`` (derived state), ``requires`` (preconditions on the
+    input) and ``ensures`` (postconditions)."""
 
     name = "pass"
+    Settings: ClassVar[type] = NoSettings
     # Reads weights as initializers: the runner unpacks packed weights (core/packed.py) first.
     dense_weights = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.__signature__ = inspect.signature(cls.Settings)  # what help() and IDEs show
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """The settings ``Settings`` declares, checked there (BadInputError), as attributes."""
+        given = self.Settings(*args, **kwargs)
+        for o in options_of(self.Settings):
+            setattr(self, o.name, getattr(given, o.name))
+        self.setup()
+
+    def setup(self) -> None:
+        """Derive state from the settings (compiled patterns, a resolved target...)."""
+
+    def missing_calibration(self) -> bool:
+        """Whether this pass needs calibration data (its declaration says so) and has none."""
+        return needs_calibration(self.Settings) and not has_calibration(
+            self.Settings, self.settings()
+        )
 
     def requires(self, model: onnx.ModelProto) -> None:
         """Raise an OnnxshipError when ``model`` cannot go through this pass."""
@@ -99,9 +125,9 @@ class Pass:
         return result
 
     def settings(self) -> dict[str, Any]:
-        """The settings this pass was made with (for manifests and cache keys)."""
-        params = inspect.signature(type(self).__init__).parameters
-        return {k: getattr(self, k) for k in params if k != "self" and hasattr(self, k)}
+        """The settings this pass was made with, as resolved (for manifests and cache keys):
+        one entry per declared option."""
+        return {o.name: getattr(self, o.name) for o in options_of(self.Settings)}
 
 
 @contextlib.contextmanager
@@ -119,15 +145,9 @@ def quiet_passes() -> Iterator[None]:
 
 
 def make_pass(kind: type[Pass], settings: Mapping[str, Any]) -> Pass:
-    """Build ``kind(**settings)``; an unknown setting is an error naming the allowed ones."""
-    params = inspect.signature(kind.__init__).parameters
-    allowed = sorted(k for k in params if k != "self")
-    unknown = sorted(set(settings) - set(allowed))
-    if unknown:
-        raise BadInputError(
-            f"unknown setting(s) {unknown} for pass {kind.name}",
-            f"use only {allowed}",
-        )
+    """Build ``kind(**settings)`` (recipes, ``auto``, sensitivity): an unknown or missing
+    setting is an error naming the allowed ones, a bad value one naming what is allowed."""
+    check_keys(kind.Settings, settings, f"pass {kind.name}")
     return kind(**settings)
 
 

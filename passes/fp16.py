@@ -18,7 +18,6 @@ import logging
 import re
 import warnings
 from collections import Counter
-from collections.abc import Sequence
 from typing import Any
 
 import onnx
@@ -26,7 +25,8 @@ from onnxconverter_common.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to
 
 from converter.core.errors import BadInputError, PassError, first_line
 from passes.base import Pass, PassResult
-from passes.quantize import is_quantized, quantized_nodes
+from passes.quant_report import is_quantized, quantized_nodes
+from passes.settings import Float16Settings
 
 __all__ = ["Float16", "FP32_OPS", "default_block_list"]
 
@@ -44,23 +44,15 @@ def default_block_list() -> list[str]:
 
 
 class Float16(Pass):
-    """Convert float32 weights and compute to float16, except the blocked ops and nodes."""
+    """Convert float32 weights and compute to float16, except the blocked ops and nodes.
+    ``block_ops`` replaces the default block list; ``extra_block_ops`` adds to it;
+    ``block_nodes`` are regular expressions on node names (settings:
+    :class:`passes.settings.Float16Settings`)."""
 
     name = "fp16"
+    Settings = Float16Settings
 
-    def __init__(
-        self,
-        keep_io_types: bool = True,
-        block_ops: Sequence[str] | None = None,
-        extra_block_ops: Sequence[str] = (),
-        block_nodes: Sequence[str] = (),
-    ) -> None:
-        """``block_ops`` replaces the default block list; ``extra_block_ops`` adds to it;
-        ``block_nodes`` are regular expressions on node names."""
-        self.keep_io_types = bool(keep_io_types)
-        self.block_ops = None if block_ops is None else tuple(block_ops)
-        self.extra_block_ops = tuple(extra_block_ops)
-        self.block_nodes = tuple(block_nodes)
+    def setup(self) -> None:
         self._patterns = []
         for pattern in self.block_nodes:
             try:

@@ -70,6 +70,8 @@ from converter.core.packed import (
     unpack,
 )
 from passes.base import Pass, PassResult
+from passes.settings import DEFAULT_CHUNK as CHUNK  # elements per chunk (module docstring)
+from passes.settings import PackSettings
 
 __all__ = [
     "Pack",
@@ -88,7 +90,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 PACKABLE = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.INT8, TensorProto.UINT8)
-CHUNK = 1 << 19  # elements decoded per chunk (see the module docstring)
 MIN_OPSET = 11  # CumSum and GatherElements
 LUT = f"{PREFIX}bits"
 LUT_NODE = f"{PREFIX}lut"  # name of the node giving the shared LUT
@@ -236,18 +237,13 @@ class Pack(Pass):
 
     ``min_saved_bytes``: a weight is packed only when that saves at least this many bytes
     (each packed weight adds about 8 nodes per ``chunk`` values, which ORT folds at load).
-    ``chunk``: elements decoded per chunk (``CHUNK``; tests use small ones).
+    ``chunk``: elements decoded per chunk (``CHUNK``; tests use small ones). Settings:
+    :class:`passes.settings.PackSettings`.
     """
 
     name = "pack"
+    Settings = PackSettings
     dense_weights = False
-
-    def __init__(self, min_saved_bytes: int = 1024, chunk: int = CHUNK) -> None:
-        for what, value in (("min_saved_bytes", min_saved_bytes), ("chunk", chunk)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise BadInputError(f"{what} {value!r} must be ≥ 1", "pass a whole number")
-        self.min_saved_bytes = min_saved_bytes
-        self.chunk = chunk
 
     def requires(self, model: onnx.ModelProto) -> None:
         check_size(model)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,11 +25,18 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from converter.core import defaults
+# Measured on the trained digits models (test accuracy after pruning; fp32: CNN 98.0%, MLP
+# 97.6%, encoder 90.7%): at 80% sparsity global gives CNN 97.8 / MLP 91.6 / encoder 56.4%,
+# per-layer 91.1 / 88.9 / 52.2%; at 90% global 96.0 / 75.1 / 26.7%, per-layer 77.6 / 37.1 /
+# 25.8%. Layers differ in how many small weights they can spare; one threshold finds that.
+from converter.core.defaults import DEFAULT_MIN_PARAMS
+from converter.core.defaults import DEFAULT_PRUNE_SCOPE as DEFAULT_SCOPE
+from converter.core.defaults import PRUNE_SCOPES as SCOPES
 from converter.core.errors import BadInputError
 from converter.core.metrics import sparsity
 from passes.base import Pass, PassResult
-from passes.quantize import is_quantized
+from passes.quant_report import is_quantized
+from passes.settings import PruneSettings
 
 __all__ = [
     "MagnitudePrune",
@@ -43,13 +49,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SCOPES = defaults.PRUNE_SCOPES
-# Measured on the trained digits models (test accuracy after pruning; fp32: CNN 98.0%, MLP
-# 97.6%, encoder 90.7%): at 80% sparsity global gives CNN 97.8 / MLP 91.6 / encoder 56.4%,
-# per-layer 91.1 / 88.9 / 52.2%; at 90% global 96.0 / 75.1 / 26.7%, per-layer 77.6 / 37.1 /
-# 25.8%. Layers differ in how many small weights they can spare; one threshold finds that.
-DEFAULT_SCOPE = defaults.DEFAULT_PRUNE_SCOPE
-DEFAULT_MIN_PARAMS = defaults.DEFAULT_MIN_PARAMS
 # A tensor pruned (by the global threshold) to this sparsity or more gets a warning.
 NEARLY_EMPTY = 0.99
 
@@ -108,34 +107,13 @@ def find_weights(model: onnx.ModelProto) -> list[WeightTensor]:
 
 
 class MagnitudePrune(Pass):
-    """Zero the smallest-magnitude weights until ``sparsity`` of the eligible ones are 0."""
+    """Zero the smallest-magnitude weights until ``sparsity`` of the eligible ones are 0.
+    Settings: :class:`passes.settings.PruneSettings`."""
 
     name = "prune"
+    Settings = PruneSettings
 
-    def __init__(
-        self,
-        sparsity: float,
-        scope: str = DEFAULT_SCOPE,
-        exclude: Sequence[str] = (),
-        min_params: int = DEFAULT_MIN_PARAMS,
-        skip_first_last: bool = False,
-    ) -> None:
-        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
-            raise BadInputError(f"sparsity {sparsity!r} is not a number", "pass e.g. 0.5")
-        if not 0.0 <= float(sparsity) < 1.0:
-            raise BadInputError(
-                f"sparsity {sparsity!r} is outside [0, 1)",
-                "give the fraction of weights to zero, e.g. --sparsity 0.5",
-            )
-        if scope not in SCOPES:
-            raise BadInputError(f"unknown prune scope {scope!r}", f"use one of {', '.join(SCOPES)}")
-        if isinstance(min_params, bool) or not isinstance(min_params, int) or min_params < 0:
-            raise BadInputError(f"min_params {min_params!r} must be ≥ 0", "pass a whole number")
-        self.sparsity = float(sparsity)
-        self.scope = scope
-        self.exclude = tuple(exclude)
-        self.min_params = min_params
-        self.skip_first_last = bool(skip_first_last)
+    def setup(self) -> None:
         self._patterns = [_compile(p) for p in self.exclude]
 
     def requires(self, model: onnx.ModelProto) -> None:

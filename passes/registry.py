@@ -8,11 +8,13 @@ from typing import Any
 
 from converter.core.errors import BadInputError
 from passes.base import Pass, make_pass
+from passes.dynamic import DynamicQuantize
 from passes.fp16 import Float16
+from passes.options import calibration_option, has_calibration
 from passes.pack import Pack, Unpack
 from passes.prune import MagnitudePrune
-from passes.quantize import DynamicQuantize, StaticQuantize
 from passes.smooth import SmoothQuant
+from passes.static import StaticQuantize
 
 __all__ = ["PASS_TYPES", "make_recipe_pass"]
 
@@ -25,7 +27,6 @@ PASS_TYPES: dict[str, type[Pass]] = {
     "pack": Pack,
     "unpack": Unpack,
 }
-_CALIBRATED = (StaticQuantize, SmoothQuant)
 _MODES = {"dynamic": "quantize-dynamic", "static": "quantize-static"}
 
 
@@ -33,8 +34,8 @@ def make_recipe_pass(
     name: str, settings: dict[str, Any], calibration: str | os.PathLike | None = None
 ) -> Pass:
     """Build the pass a recipe names. ``quantize`` takes ``mode = "dynamic" | "static"``;
-    static quantization and smoothing calibrate on the recipe's calibration data unless told
-    otherwise."""
+    a pass whose declaration takes calibration data (static quantization, smoothing) gets
+    the recipe's unless its settings give some (or ``ranges``)."""
     settings = dict(settings)
     if name == "quantize":
         mode = settings.pop("mode", None)
@@ -49,10 +50,11 @@ def make_recipe_pass(
             f"unknown pass {name!r}", f"use one of {sorted([*PASS_TYPES, 'quantize'])}"
         )
     kind = PASS_TYPES[name]
-    if kind in _CALIBRATED and not {"calibration", "ranges"} & set(settings):
+    data = calibration_option(kind.Settings)
+    if data is not None and not has_calibration(kind.Settings, settings):
         if calibration is None:
             raise BadInputError(
                 f"pass {name} needs calibration data", "set [data] calibration in the recipe"
             )
-        settings["calibration"] = str(calibration)
+        settings[data.name] = str(calibration)
     return make_pass(kind, settings)

@@ -20,7 +20,6 @@ the MatMuls' QuantizeLinear.
 from __future__ import annotations
 
 import logging
-import os
 from collections import defaultdict
 
 import numpy as np
@@ -31,12 +30,12 @@ from converter.core.data import model_input_specs, open_data
 from converter.core.errors import BadInputError
 from converter.core.runtime import tensor_values
 from passes.base import Pass, PassResult
+from passes.settings import DEFAULT_ALPHA, SmoothSettings
 
 __all__ = ["SmoothQuant", "DEFAULT_ALPHA"]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_ALPHA = 0.5
 _MIN_STAT = 1e-5  # activation and weight maxima below this are taken as this
 _LOW_QUANTILE = 0.1  # scales below this quantile of a MatMul's scales are raised to it
 _MAX_SCALE = 1e2
@@ -44,30 +43,14 @@ _MAX_SCALE = 1e2
 
 class SmoothQuant(Pass):
     """Per-channel smoothing of constant-weight MatMul inputs; ``alpha`` in [0, 1] is how
-    much of the activation range moves into the weights; ``calibration`` is a data path."""
+    much of the activation range moves into the weights; ``calibration`` is a data path
+    (settings: :class:`passes.settings.SmoothSettings`)."""
 
     name = "smooth"
-
-    def __init__(
-        self,
-        calibration: str | os.PathLike | None = None,
-        alpha: float = DEFAULT_ALPHA,
-        calib_samples: int = 128,
-        batch_size: int = 16,
-        fold_layernorm: bool = True,
-    ) -> None:
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
-            raise BadInputError(f"smoothing alpha {alpha!r} is outside [0, 1]", "e.g. alpha = 0.5")
-        if not isinstance(calib_samples, int) or calib_samples < 1:
-            raise BadInputError(f"calib_samples {calib_samples!r} must be ≥ 1", "e.g. 128")
-        self.calibration = calibration
-        self.alpha = float(alpha)
-        self.calib_samples = calib_samples
-        self.batch_size = batch_size
-        self.fold_layernorm = bool(fold_layernorm)
+    Settings = SmoothSettings
 
     def requires(self, model: onnx.ModelProto) -> None:
-        if self.calibration is None:
+        if self.missing_calibration():
             raise BadInputError(
                 "smoothing needs calibration data",
                 "pass calibration = DATA (the static quantization's data)",

@@ -178,5 +178,5 @@ def test_recipe_setting(data):
     assert isinstance(made, StaticQuantize) and made.weight_rounding == "gptq"
     with pytest.raises(BadInputError, match="weight_rounding"):
         make_recipe_pass("quantize", {"mode": "dynamic", "weight_rounding": "gptq"}, None)
-    with pytest.raises(BadInputError, match="weight rounding"):
+    with pytest.raises(BadInputError, match="weight_rounding = 'adaround'"):
         StaticQuantize(calibration=calib, weight_rounding="adaround")

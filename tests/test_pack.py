@@ -244,7 +244,7 @@ def test_corrupt_mask_is_refused(pruned, tmp_path, capsys, verb):
         ("junk", "is not a readable ONNX model"),
         ("same", "is also an input"),
         ("opset", "needs opset ≥ 11"),
-        ("setting", "min_saved_bytes 0 must be ≥ 1"),
+        ("setting", "min_saved_bytes = 0 must be ≥ 1"),
     ],
 )
 def test_bad_inputs_exit_2_with_one_line(pruned, tmp_path, capsys, case, expected):

@@ -8,6 +8,11 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
+from passes.options import add_arguments
+from passes.settings import TARGET_HELP, Int8Settings
+
+__all__ = ["add_command", "add_target_argument", "add_executor_args", "TARGET_HELP"]
+
 
 def add_command(
     sub: argparse._SubParsersAction,
@@ -30,17 +35,10 @@ def add_command(
     return parser
 
 
-TARGET_HELP = (
-    "CPU kind the int8 model is for: host (default, read from this CPU's flags), avx2 (x86 "
-    "without VNNI, incl. AVX-512F: 7-bit weights), avx512-vnni (AVX512-VNNI or AVX-VNNI: full "
-    "8-bit weights), arm64 (full 8-bit weights)"
-)
-
-
 def add_target_argument(group: argparse._ActionsContainer) -> None:
-    """``--target``, validated (with its aliases) by converter.core.machine when the command
-    runs."""
-    group.add_argument("--target", default="host", metavar="TARGET", help=TARGET_HELP)
+    """``--target``, as the int8 passes declare it (validated, with its aliases, by
+    converter.core.machine when the command runs)."""
+    add_arguments(group, Int8Settings, only=("target",))
 
 
 def add_executor_args(parser: argparse.ArgumentParser, what: str, note: str = "") -> None:

@@ -6,6 +6,8 @@ import argparse
 from typing import Any
 
 from converter.commands import add_command
+from passes.options import add_arguments, from_args
+from passes.settings import Float16Settings
 
 HELP = "convert a model to mixed-precision float16 (for GPU/NPU targets)"
 EPILOG = """\
@@ -29,45 +31,14 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p = add_command(sub, common, "fp16", HELP, EPILOG, run)
     p.add_argument("model", metavar="IN.onnx", help="the fp32 model to convert")
     p.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="file to write")
-    io = p.add_mutually_exclusive_group()
-    io.add_argument(
-        "--keep-io-types",
-        dest="keep_io_types",
-        action="store_true",
-        default=True,
-        help="keep float32 inputs and outputs (default)",
-    )
-    io.add_argument(
-        "--fp16-io",
-        dest="keep_io_types",
-        action="store_false",
-        help="make the float inputs and outputs float16 too",
-    )
-    p.add_argument(
-        "--block-op",
-        action="append",
-        default=[],
-        metavar="TYPE",
-        help="also keep this op type in fp32 (repeatable)",
-    )
-    p.add_argument(
-        "--block-node",
-        action="append",
-        default=[],
-        metavar="REGEX",
-        help="keep nodes whose name matches in fp32 (repeatable)",
-    )
+    add_arguments(p, Float16Settings)
 
 
 def run(args: argparse.Namespace) -> int:
     from passes.base import apply_to_file
     from passes.fp16 import Float16
 
-    convert = Float16(
-        keep_io_types=args.keep_io_types,
-        extra_block_ops=args.block_op,
-        block_nodes=args.block_node,
-    )
+    convert = Float16(**from_args(Float16Settings, args))
     results = apply_to_file([convert], args.model, args.output)
     if not args.quiet:
         print(summary(results[0].stats, args.model, args.output))

@@ -6,6 +6,8 @@ import argparse
 from typing import Any
 
 from converter.commands import add_command
+from passes.options import add_arguments, from_args
+from passes.settings import PackSettings
 
 HELP = "store sparse weights as a bit mask + nonzero values (smaller file, same outputs)"
 UNPACK_HELP = "restore the dense weights of a packed model, byte for byte"
@@ -34,13 +36,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p = add_command(sub, common, "pack", HELP, EPILOG, run)
     _common(p, "the model to pack (typically pruned, then quantized)")
     p.add_argument("--undo", action="store_true", help="unpack instead: restore the dense weights")
-    p.add_argument(
-        "--min-saved-bytes",
-        type=int,
-        default=1024,
-        metavar="N",
-        help="pack a weight only when that saves at least N bytes (default 1024)",
-    )
+    add_arguments(p, PackSettings)
     u = add_command(sub, common, "unpack", UNPACK_HELP, "", run_unpack)
     _common(u, "a model written by `onnxship pack`")
 
@@ -49,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from passes.base import apply_to_file
     from passes.pack import Pack, Unpack
 
-    step = Unpack() if args.undo else Pack(min_saved_bytes=args.min_saved_bytes)
+    step = Unpack() if args.undo else Pack(**from_args(PackSettings, args))
     results = apply_to_file([step], args.model, args.output)
     if not args.quiet:
         print(summary(results[0].stats, args.model, args.output))

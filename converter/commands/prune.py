@@ -6,7 +6,8 @@ import argparse
 from typing import Any
 
 from converter.commands import add_command
-from converter.core import defaults
+from passes.options import add_arguments, from_args
+from passes.settings import PruneSettings
 
 HELP = "zero the smallest-magnitude weights of Conv, Gemm and MatMul"
 EPILOG = """\
@@ -33,60 +34,18 @@ not make dense CPU inference faster by themselves. Check accuracy with `onnxship
 """
 
 
-SCOPES = defaults.PRUNE_SCOPES
-DEFAULT_SCOPE = defaults.DEFAULT_PRUNE_SCOPE
-DEFAULT_MIN_PARAMS = defaults.DEFAULT_MIN_PARAMS
-
-
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     p = add_command(sub, common, "prune", HELP, EPILOG, run)
     p.add_argument("model", metavar="IN.onnx", help="the fp32 model to prune")
     p.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="file to write")
-    p.add_argument(
-        "--sparsity",
-        type=float,
-        required=True,
-        metavar="S",
-        help="fraction of the eligible weights to zero, in [0, 1)",
-    )
-    p.add_argument(
-        "--scope",
-        choices=SCOPES,
-        default=DEFAULT_SCOPE,
-        help=f"one threshold over all weights, or S per tensor (default {DEFAULT_SCOPE})",
-    )
-    p.add_argument(
-        "--exclude",
-        action="append",
-        default=[],
-        metavar="REGEX",
-        help="skip weights whose initializer or node name matches (repeatable)",
-    )
-    p.add_argument(
-        "--min-params",
-        type=int,
-        default=DEFAULT_MIN_PARAMS,
-        metavar="N",
-        help=f"skip tensors with fewer than N elements (default {DEFAULT_MIN_PARAMS})",
-    )
-    p.add_argument(
-        "--skip-first-last",
-        action="store_true",
-        help="leave the first and the last weighted layer dense",
-    )
+    add_arguments(p, PruneSettings)
 
 
 def run(args: argparse.Namespace) -> int:
     from passes.base import apply_to_file
     from passes.prune import MagnitudePrune
 
-    prune = MagnitudePrune(
-        args.sparsity,
-        scope=args.scope,
-        exclude=args.exclude,
-        min_params=args.min_params,
-        skip_first_last=args.skip_first_last,
-    )
+    prune = MagnitudePrune(**from_args(PruneSettings, args))
     results = apply_to_file([prune], args.model, args.output)
     if not args.quiet:
         print(summary(results[0].stats, args.model, args.output))

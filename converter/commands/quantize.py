@@ -5,8 +5,16 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from converter.commands import add_command, add_target_argument
-from converter.core import defaults
+from converter.commands import add_command
+from passes.options import (
+    add_arguments,
+    from_args,
+    has_calibration,
+    needs_calibration,
+    option_named,
+    options_of,
+)
+from passes.settings import Int8Settings, StaticQuantizeSettings
 
 HELP = "int8 quantization with onnxruntime: dynamic, or static with calibration data"
 EPILOG = """\
@@ -53,32 +61,21 @@ come from): tests/benchmarks/bench_quantize.py and the README's Benchmarks secti
 """
 
 
-CALIB_METHODS = defaults.CALIB_METHODS
-SCHEMES = defaults.QUANT_SCHEMES
-FORMATS = defaults.QUANT_FORMATS
-QUANT_TYPES = defaults.QUANT_TYPES
-DEFAULT_CALIB_BATCH = defaults.DEFAULT_CALIB_BATCH
+# The static-only options: StaticQuantize's own (its flags default to None, so that a
+# dynamic run can refuse them).
+STATIC_ONLY = tuple(
+    o.name
+    for o in options_of(StaticQuantizeSettings)
+    if o.cli and o.name not in {i.name for i in options_of(Int8Settings)}
+)
+WEIGHT_SETTINGS = ("weight_type", "per_channel", "target", "reduce_range")
 
 
 def add_weight_args(group: argparse._ActionsContainer, weight_type: str | None) -> None:
     """The weight flags `quantize` and `sensitivity` share: type, per-tensor, target, 7-bit.
     ``weight_type`` None leaves the pass's own default."""
-    group.add_argument(
-        "--weight-type", choices=QUANT_TYPES, default=weight_type, help="weight type (int8)"
-    )
-    group.add_argument(
-        "--per-tensor",
-        dest="per_channel",
-        action="store_false",
-        help="one scale per weight tensor instead of per output channel",
-    )
-    add_target_argument(group)
-    group.add_argument(
-        "--reduce-range",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="7-bit weights on/off, overriding the target's choice",
-    )
+    unset = () if weight_type is not None else ("weight_type",)
+    add_arguments(group, Int8Settings, only=WEIGHT_SETTINGS, unset=unset)
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -87,111 +84,43 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="file to write")
     p.add_argument("--mode", required=True, choices=("dynamic", "static"))
     static = p.add_argument_group("static mode")
-    static.add_argument("--calib", metavar="DATA", help="calibration data: .npz or folder")
-    static.add_argument(
-        "--calib-method",
-        choices=CALIB_METHODS,
-        help="how ranges are chosen (default minmax; mean_minmax with --scheme transformer)",
-    )
-    static.add_argument(
-        "--calib-samples", type=int, metavar="N", help="use the first N samples (default all)"
-    )
-    static.add_argument(
-        "--calib-batch-size",
-        type=int,
-        metavar="N",
-        help=f"samples per calibration batch (default {DEFAULT_CALIB_BATCH})",
-    )
-    static.add_argument("--format", choices=FORMATS, help="graph format (default qdq)")
-    static.add_argument(
-        "--scheme",
-        choices=SCHEMES,
-        help="transformer: Q/DQ on MatMul/Gemm inputs only, mean_minmax ranges; default: every "
-        "supported op; auto (the default): transformer when the model has MatMul, Softmax and "
-        "a layer norm, else default",
-    )
-    static.add_argument(
-        "--activation-type", choices=QUANT_TYPES, help="activation type (default uint8)"
-    )
-    static.add_argument(
-        "--weight-rounding",
-        choices=defaults.WEIGHT_ROUNDINGS,
-        help="gptq: round weights to keep each MatMul's output on the calibration data, not "
-        "each weight, closest (GPTQ; same graph and speed; default nearest)",
-    )
-    both = p.add_argument_group("both modes")
-    add_weight_args(both, weight_type="int8")
-    both.add_argument(
-        "--exclude",
-        action="append",
-        default=[],
-        metavar="REGEX",
-        help="keep nodes whose name matches in fp32 (repeatable)",
-    )
-    both.add_argument(
-        "--exclude-op",
-        action="append",
-        default=[],
-        metavar="TYPE",
-        help="keep every node of this op type in fp32 (repeatable)",
-    )
-    both.add_argument(
-        "--no-preprocess",
-        dest="preprocess",
-        action="store_false",
-        help="skip quant_pre_process (shape inference + optimization)",
-    )
-
-
-_STATIC_ONLY = {
-    "calib": "--calib",
-    "calib_method": "--calib-method",
-    "calib_samples": "--calib-samples",
-    "calib_batch_size": "--calib-batch-size",
-    "format": "--format",
-    "scheme": "--scheme",
-    "activation_type": "--activation-type",
-    "weight_rounding": "--weight-rounding",
-}
+    add_arguments(static, StaticQuantizeSettings, only=STATIC_ONLY, unset=STATIC_ONLY)
+    add_arguments(p.add_argument_group("both modes"), Int8Settings)
 
 
 def build_pass(args: argparse.Namespace):
-    """The quantization pass the arguments describe (settings validated here)."""
+    """The quantization pass the arguments describe (settings validated by the pass)."""
     from converter.core.errors import BadInputError
     from passes.quantize import DynamicQuantize, StaticQuantize
 
-    common = dict(
-        per_channel=args.per_channel,
-        reduce_range=args.reduce_range,
-        target=args.target,
-        weight_type=args.weight_type,
-        exclude=args.exclude,
-        exclude_ops=args.exclude_op,
-        preprocess=args.preprocess,
-    )
-    given = {dest: flag for dest, flag in _STATIC_ONLY.items() if getattr(args, dest) is not None}
+    given = [
+        option_named(StaticQuantizeSettings, name).flag
+        for name in STATIC_ONLY
+        if getattr(args, name) is not None
+    ]
     if args.mode == "dynamic":
         if given:
             raise BadInputError(
-                f"{', '.join(given.values())} only appl{'y' if len(given) > 1 else 'ies'} to "
-                "--mode static",
+                f"{', '.join(given)} only appl{'y' if len(given) > 1 else 'ies'} to --mode static",
                 "drop them, or use --mode static",
             )
-        return DynamicQuantize(**common)
-    if args.calib is None:
+        return DynamicQuantize(**from_args(Int8Settings, args))
+    settings = from_args(StaticQuantizeSettings, args)
+    if needs_calibration(StaticQuantizeSettings) and not has_calibration(
+        StaticQuantizeSettings, settings
+    ):
         raise BadInputError(
             "--mode static needs calibration data",
             "pass --calib DATA.npz (samples the model sees in use), or use --mode dynamic",
         )
-    options = {d: getattr(args, d) for d in given if d != "calib"}
-    return StaticQuantize(calibration=args.calib, progress=not args.quiet, **options, **common)
+    return StaticQuantize(progress=not args.quiet, **settings)
 
 
 def run(args: argparse.Namespace) -> int:
     from passes.base import apply_to_file
 
     quantize = build_pass(args)
-    results = apply_to_file([quantize], args.model, args.output, args.calib)
+    results = apply_to_file([quantize], args.model, args.output, args.calibration)
     if not args.quiet:
         print(summary(results[0].stats, quantize.settings(), args.model, args.output))
     return 0

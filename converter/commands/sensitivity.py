@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 
 from converter.commands import add_command, add_executor_args
-from converter.commands.quantize import CALIB_METHODS, QUANT_TYPES, SCHEMES, add_weight_args
+from converter.commands.quantize import add_weight_args
 from converter.core import defaults
+from passes.options import add_arguments, from_args, option_named
+from passes.settings import Int8Settings, StaticQuantizeSettings
 
 HELP = "rank the nodes by the fidelity lost when each alone is quantized to int8"
 EPILOG = """\
@@ -40,7 +42,6 @@ numbers of onnxruntime's qdq_loss_debug. "SQNR" is the tensor's int8 round trip 
 "propagated" the int8 model's value, which carries every error upstream. The
 --tensor-errors worst are printed (lowest SQNR first); --json has all.
 """
-DEFAULT_SAMPLES = defaults.DEFAULT_SENSITIVITY_SAMPLES
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -53,9 +54,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument(
         "--samples",
         type=int,
-        default=DEFAULT_SAMPLES,
+        default=defaults.DEFAULT_SENSITIVITY_SAMPLES,
         metavar="N",
-        help=f"score on the first N samples ({DEFAULT_SAMPLES})",
+        help=f"score on the first N samples ({defaults.DEFAULT_SENSITIVITY_SAMPLES})",
     )
     p.add_argument("--gain", action="store_true", help="also measure each node kept in fp32")
     p.add_argument("--output", metavar="NAME", help="the output to compare (default: the first)")
@@ -77,55 +78,30 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     )
     static = p.add_argument_group("static mode")
     static.add_argument("--calib", metavar="DATA", help="calibration data (default: --data)")
-    static.add_argument("--calib-method", choices=CALIB_METHODS, help="(default minmax)")
-    static.add_argument("--calib-samples", type=int, metavar="N", help="(default all)")
-    static.add_argument("--activation-type", choices=QUANT_TYPES, help="(default uint8)")
-    static.add_argument(
-        "--scheme",
-        choices=SCHEMES,
-        help="transformer: MatMul/Gemm inputs only; default: all; auto (default): "
-        "transformer for models with MatMul, Softmax and a layer norm",
-    )
+    add_arguments(static, StaticQuantizeSettings, only=_STATIC, unset=_STATIC)
     both = p.add_argument_group("both modes")
     add_weight_args(both, weight_type=None)
-    both.add_argument(
-        "--no-preprocess",
-        dest="preprocess",
-        action="store_false",
-        default=None,
-        help="skip quant_pre_process",
-    )
+    add_arguments(both, Int8Settings, only=("preprocess",), unset=("preprocess",))
 
 
-_STATIC_ONLY = {
-    "calib": "--calib",
-    "calib_method": "--calib-method",
-    "calib_samples": "--calib-samples",
-    "activation_type": "--activation-type",
-    "scheme": "--scheme",
-}
-_SETTINGS = (
-    "scheme",
-    "calib_method",
-    "calib_samples",
-    "activation_type",
-    "weight_type",
-    "reduce_range",
-    "preprocess",
-    "target",
-)
+# The quantization settings sensitivity takes as flags: static mode only, then both modes.
+_STATIC = ("calib_method", "calib_samples", "activation_type", "scheme")
+_SETTINGS = (*_STATIC, "weight_type", "reduce_range", "preprocess", "target")
 
 
 def _quant_settings(args: argparse.Namespace) -> dict:
     """The quantization settings given on the command line (the passes' defaults otherwise)."""
     from converter.core.errors import BadInputError
 
-    given = [flag for dest, flag in _STATIC_ONLY.items() if getattr(args, dest) is not None]
+    static = {"calib": "--calib"} | {
+        n: option_named(StaticQuantizeSettings, n).flag for n in _STATIC
+    }
+    given = [flag for dest, flag in static.items() if getattr(args, dest) is not None]
     if args.mode == "dynamic" and given:
         raise BadInputError(
             f"{', '.join(given)}: for --mode static only", "drop them, or use --mode static"
         )
-    return {k: getattr(args, k) for k in _SETTINGS if getattr(args, k) is not None}
+    return from_args(StaticQuantizeSettings, args, only=_SETTINGS)
 
 
 def run(args: argparse.Namespace) -> int:
