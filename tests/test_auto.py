@@ -12,6 +12,7 @@ from conftest import two_matmul_mlp
 
 from converter.cli import main
 from converter.core.errors import BadInputError
+from converter.core.machine import machine_line
 from converter.core.metrics import accuracy, per_sample_cosine
 from converter.core.runtime import make_session
 
@@ -50,6 +51,7 @@ def test_auto_digits_meets_budget(mlp_auto, digits_mlp) -> None:
     assert chosen["speedup"] >= max(meeting) * 0.95
     assert manifest["artifacts"]["model"]["sha256"]
     assert (out / "pareto.png").stat().st_size > 0 and "Chosen" in (out / "report.md").read_text()
+    assert f"Machine: {machine_line(manifest['machine'])}." in (out / "report.md").read_text()
     assert manifest["budget"] == {
         "metric": "accuracy", "min_score": None, "max_drop": 0.01, "min_worst": None,
         "threshold": pytest.approx(manifest["budget"]["reference_score"] - 0.01),

@@ -13,6 +13,7 @@ import pytest
 
 from converter.cli import main
 from converter.core.gates import ScoreLimits
+from converter.core.machine import machine, machine_line
 from converter.core.metrics import accuracy
 from converter.core.runtime import make_session
 
@@ -73,6 +74,8 @@ def test_run_writes_every_artifact_with_matching_hashes(mlp_run) -> None:
     assert manifest["recipe"]["variants"][0]["passes"][0]["sparsity"] == 0.3
     for name in ("report.md", "report.html", "size.png", "latency.png", "accuracy_vs_latency.png"):
         assert (out / name).stat().st_size > 0
+    line = f"Machine: {machine_line(manifest['machine'])}."  # the one rendering, in both
+    assert line in (out / "report.md").read_text() and line in (out / "report.html").read_text()
 
 
 def test_run_numbers_match_onnxruntime(mlp_run, digits_mlp) -> None:
@@ -340,6 +343,24 @@ def test_score_plot_has_one_named_point_per_model() -> None:
     ]
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["fp32", "int8", "pruned"]
     assert "latency" in ax.get_xlabel() and "accuracy" in ax.get_ylabel()
+
+
+def test_manifest_base_hashes_each_artifact(tmp_path: Path) -> None:
+    from converter.recipes.manifest import manifest_base
+
+    (tmp_path / "sub").mkdir()
+    a, b = tmp_path / "a.onnx", tmp_path / "sub" / "b.onnx"
+    a.write_bytes(b"first")
+    b.write_bytes(b"second, longer")
+    target = {"target": "avx2"}
+    base = manifest_base(tmp_path, {"a": a, "b": b}, target, with_torch=False)
+    assert set(base) == {"onnxship", "versions", "machine", "target", "artifacts"}
+    assert base["artifacts"] == {
+        "a": {"path": "a.onnx", "sha256": sha(a), "size": 5},
+        "b": {"path": "sub/b.onnx", "sha256": sha(b), "size": 14},
+    }
+    assert base["target"] == target and base["machine"] == machine()
+    assert "torch" not in base["versions"] and base["versions"]["onnxruntime"]
 
 
 def test_recipe_gates_are_score_limits(digits_mlp, tmp_path: Path) -> None:
