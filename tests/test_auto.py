@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -10,8 +11,14 @@ import pytest
 from conftest import two_matmul_mlp
 
 from converter.cli import main
+from converter.core.errors import BadInputError
+from converter.core.machine import machine_line
 from converter.core.metrics import accuracy, per_sample_cosine
 from converter.core.runtime import make_session
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def auto_digits(ref, out: Path) -> int:
@@ -44,6 +51,14 @@ def test_auto_digits_meets_budget(mlp_auto, digits_mlp) -> None:
     assert chosen["speedup"] >= max(meeting) * 0.95
     assert manifest["artifacts"]["model"]["sha256"]
     assert (out / "pareto.png").stat().st_size > 0 and "Chosen" in (out / "report.md").read_text()
+    assert f"Machine: {machine_line(manifest['machine'])}." in (out / "report.md").read_text()
+    assert manifest["budget"] == {
+        "metric": "accuracy", "min_score": None, "max_drop": 0.01, "min_worst": None,
+        "threshold": pytest.approx(manifest["budget"]["reference_score"] - 0.01),
+        "reference_score": manifest["budget"]["reference_score"],
+    }  # fmt: skip
+    assert manifest["artifacts"]["fp32"]["sha256"] == _sha(digits_mlp.onnx)
+    assert manifest["artifacts"]["model"]["sha256"] == _sha(out / "model.onnx")
 
 
 def test_auto_calibration_kept_apart_from_scoring(mlp_auto, digits_mlp) -> None:
@@ -142,7 +157,9 @@ def _score(candidate: dict) -> float:
     ("args", "expected"),
     [
         (["--metric", "accuracy"], "no budget given"),
-        (["--min-score", "2"], "outside [-1, 1]"),
+        (["--min-score", "2"], "--min-score 2.0 is outside [-1, 1]"),
+        (["--max-drop", "-0.01"], "--max-drop -0.01 is outside [0, 1]"),  # ScoreLimits' range
+        (["--max-drop", "0.01", "--min-worst", "1.5"], "--min-worst 1.5 is outside [-1, 1]"),
         (["--max-drop", "0.01", "--sparsity-grid", "1.5"], "outside (0, 1)"),
     ],
 )
@@ -160,6 +177,27 @@ def test_bad_options_exit_2(args, expected, digits_mlp, tmp_path, capsys) -> Non
     )
     err = capsys.readouterr().err
     assert code == 2 and expected in err and len(err.strip().splitlines()) == 1
+
+
+def test_budget_is_score_limits_on_one_metric() -> None:
+    """The budget's limits and ranges are ScoreLimits' (max_drop in [0, 1], as in validate);
+    its threshold is the higher of min_score and the reference's score less max_drop."""
+    from converter.core.gates import ScoreLimits
+    from converter.search.budget import Budget
+
+    budget = Budget(min_score=0.9, max_drop=0.02, min_worst=0.8, metric="accuracy")
+    assert isinstance(budget, ScoreLimits)
+    assert budget.threshold(0.95) == pytest.approx(0.93)
+    assert budget.threshold(0.90) == pytest.approx(0.9)
+    gates = budget.candidate_gates(0.95, 0.92, 0.85)
+    assert [(g.name, g.passed) for g in gates] == [
+        ("min-score", True),
+        ("max-drop", False),
+        ("min-worst", True),
+    ]
+    assert gates[1].value == pytest.approx(0.03) and gates[1].metric == "accuracy drop"
+    with pytest.raises(BadInputError, match=r"--max-drop -0.1 is outside \[0, 1\]"):
+        Budget(max_drop=-0.1, metric="cosine")
 
 
 def test_accuracy_needs_labels(digits_mlp, tmp_path, capsys) -> None:
@@ -231,15 +269,16 @@ def test_cache_rescored_when_the_scoring_data_changes(mlp_data):
 
 def test_cache_key_changes_with_calibration_metric_and_target(mlp_data):
     from converter.core.onnxio import load_model
-    from converter.search.auto import Budget, _Builder
+    from converter.search.budget import Budget
+    from converter.search.builder import Builder
 
     model, d = mlp_data
     fp32 = load_model(model)
     passes = [{"pass": "quantize-static"}]
 
     def key(calib="c.npz", metric="cosine", target="avx2") -> str:
-        budget = Budget(metric, min_score=0.5)
-        builder = _Builder(fp32, d / calib, d / "a.npz", model, budget, d / "cache", target)
+        budget = Budget(min_score=0.5, metric=metric)
+        builder = Builder(fp32, d / calib, d / "a.npz", model, budget, d / "cache", target)
         return builder.key(passes)
 
     base = key()

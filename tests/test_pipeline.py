@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 
 from converter.cli import main
+from converter.core.gates import ScoreLimits
+from converter.core.machine import machine, machine_line
 from converter.core.metrics import accuracy
 from converter.core.runtime import make_session
 
@@ -72,6 +74,8 @@ def test_run_writes_every_artifact_with_matching_hashes(mlp_run) -> None:
     assert manifest["recipe"]["variants"][0]["passes"][0]["sparsity"] == 0.3
     for name in ("report.md", "report.html", "size.png", "latency.png", "accuracy_vs_latency.png"):
         assert (out / name).stat().st_size > 0
+    line = f"Machine: {machine_line(manifest['machine'])}."  # the one rendering, in both
+    assert line in (out / "report.md").read_text() and line in (out / "report.html").read_text()
 
 
 def test_run_numbers_match_onnxruntime(mlp_run, digits_mlp) -> None:
@@ -165,6 +169,11 @@ VARIANT = '[model]\nonnx = "M"\n[[variants]]\nname = "v"\npasses = ['
             "needs calibration data",
         ),
         ('[model\nonnx = "M"', "not valid TOML"),
+        # the score limits' ranges (converter.core.gates.ScoreLimits), named by recipe key
+        ('[model]\nonnx = "M"\n[gates]\nmax_drop = 1.5', "recipe [gates] max_drop 1.5 is outside"),
+        ('[model]\nonnx = "M"\n[gates]\nmax_drop = -0.01', "max_drop -0.01 is outside [0, 1]"),
+        ('[model]\nonnx = "M"\n[gates]\nmin_score = "high"', "[gates] min_score high is outside"),
+        ('[model]\nonnx = "M"\n[gates]\nmin_worst = 2', "[gates] min_worst 2 is outside [-1, 1]"),
     ],
 )
 def test_recipe_errors_are_exit_2_naming_the_key(text, expected, digits_mlp, tmp_path, capsys):
@@ -334,3 +343,39 @@ def test_score_plot_has_one_named_point_per_model() -> None:
     ]
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["fp32", "int8", "pruned"]
     assert "latency" in ax.get_xlabel() and "accuracy" in ax.get_ylabel()
+
+
+def test_manifest_base_hashes_each_artifact(tmp_path: Path) -> None:
+    from converter.recipes.manifest import manifest_base
+
+    (tmp_path / "sub").mkdir()
+    a, b = tmp_path / "a.onnx", tmp_path / "sub" / "b.onnx"
+    a.write_bytes(b"first")
+    b.write_bytes(b"second, longer")
+    target = {"target": "avx2"}
+    base = manifest_base(tmp_path, {"a": a, "b": b}, target, with_torch=False)
+    assert set(base) == {"onnxship", "versions", "machine", "target", "artifacts"}
+    assert base["artifacts"] == {
+        "a": {"path": "a.onnx", "sha256": sha(a), "size": 5},
+        "b": {"path": "sub/b.onnx", "sha256": sha(b), "size": 14},
+    }
+    assert base["target"] == target and base["machine"] == machine()
+    assert "torch" not in base["versions"] and base["versions"]["onnxruntime"]
+
+
+def test_recipe_gates_are_score_limits(digits_mlp, tmp_path: Path) -> None:
+    from converter.recipes.schema import load_recipe
+
+    gates = 'max_drop = 0.02\nmin_worst = 0.9\nmetrics = ["accuracy", "cosine"]'
+    recipe = load_recipe(write_recipe(tmp_path, digits_mlp, VARIANTS, gates=gates))
+    g = recipe.gates
+    assert isinstance(g, ScoreLimits) and g.metrics == ["accuracy", "cosine"]
+    assert (g.min_score, g.max_drop, g.min_worst) == (None, 0.02, 0.9)
+    checked = g.gates("out", ("accuracy", 0.95), ("accuracy", 0.03, ""), (0.95, ""))
+    assert [(x.name, x.threshold, x.passed) for x in checked] == [
+        ("max-drop", 0.02, False),
+        ("min-worst", 0.9, True),
+    ]
+    plain = recipe.resolved()["gates"]
+    assert plain == {"metrics": ["accuracy", "cosine"], "min_score": None, "max_drop": 0.02,
+                     "min_worst": 0.9}  # fmt: skip

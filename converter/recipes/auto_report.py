@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from converter.check.node_error import ERROR_HEADER, TensorError, error_rows
-from converter.core import __version__, defaults
-from converter.core.machine import machine, target_line, versions
+from converter.core import defaults
+from converter.core.machine import machine_line, target_line
 from converter.core.onnxio import atomic_write_text
 from converter.core.render import (
     cell,
@@ -22,7 +22,7 @@ from converter.core.render import (
     markdown_table,
     save_figure,
 )
-from converter.recipes.report import artifact_entry
+from converter.recipes.manifest import manifest_base
 
 __all__ = ["write_auto_outputs"]
 
@@ -145,8 +145,7 @@ def _markdown(result: Any, mach: dict, plot: Path | None) -> str:
         _summary_line(result),
         "",
         f"Data: {result.split}.",
-        f"Machine: {mach['cpu']}, VNNI: {'yes' if mach['vnni'] else 'no'}. Latency: batch 1, "
-        "interleaved with fp32 in one process.",
+        f"Machine: {machine_line(mach)}. Latency: batch 1, interleaved with fp32 in one process.",
         _target_line(result),
         "",
         *markdown_table(_HEADER, [_cells(c) for c in result.candidates]),
@@ -174,7 +173,7 @@ def _html(result: Any, mach: dict, plot: Path | None) -> str:
         notes += html_table(header, rows)
     body = f"""<div class="{verdict}">{summary}</div>
 <p class="meta">Data: {esc(result.split)}.</p>
-<p class="meta">Machine: {esc(str(mach["cpu"]))}, VNNI: {"yes" if mach["vnni"] else "no"}.
+<p class="meta">Machine: {esc(machine_line(mach))}.
 {esc(_target_line(result))}</p>
 {html_table(_HEADER, [_cells(c) for c in result.candidates], highlight)}{notes}
 {"" if plot is None else embedded_png(plot, "candidates: score vs speedup")}
@@ -183,16 +182,26 @@ def _html(result: Any, mach: dict, plot: Path | None) -> str:
 
 
 def write_auto_outputs(result: Any, source_model: Any) -> None:
+    """OUTDIR/manifest.json, report.md and report.html (with pareto.png) of an auto run."""
     for c in result.candidates:
         c.chosen = c is result.best
-    mach = machine()
     plot = _pareto_plot(result)
+    manifest = _manifest(result, source_model)
+    out, mach = result.outdir, manifest["machine"]
+    result.manifest = atomic_write_text(
+        out / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+    )
+    result.report_md = atomic_write_text(out / "report.md", _markdown(result, mach, plot))
+    result.report_html = atomic_write_text(out / "report.html", _html(result, mach, plot))
+
+
+def _manifest(result: Any, source_model: Any) -> dict[str, Any]:
     out = result.outdir
-    artifacts = {"fp32": artifact_entry(out / "fp32.onnx", out)}
+    artifacts = {"fp32": out / "fp32.onnx"}
     if result.written is not None:
-        artifacts["model"] = artifact_entry(out / "model.onnx", out)
-    manifest = {
-        "onnxship": __version__,
+        artifacts["model"] = out / "model.onnx"
+    return {
+        **manifest_base(out, artifacts, result.target.summary(), with_torch=False),
         "source_model": str(source_model),
         "budget": {
             **result.budget.__dict__,
@@ -202,7 +211,6 @@ def write_auto_outputs(result: Any, source_model: Any) -> None:
         "data_split": result.split,
         "chosen": None if result.best is None else result.best.name,
         **result.outcome(),  # what model.onnx holds, within budget or not; --time-budget
-        "artifacts": artifacts,
         "candidates": [
             {
                 **c.row(),
@@ -211,12 +219,4 @@ def write_auto_outputs(result: Any, source_model: Any) -> None:
             for c in result.candidates
         ],
         "bench": result.bench.to_dict() if result.bench is not None else None,
-        "versions": versions(with_torch=False),
-        "machine": mach,
-        "target": result.target.summary(),
     }
-    result.manifest = atomic_write_text(
-        out / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True) + "\n"
-    )
-    result.report_md = atomic_write_text(out / "report.md", _markdown(result, mach, plot))
-    result.report_html = atomic_write_text(out / "report.html", _html(result, mach, plot))

@@ -9,8 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from converter.check.bench import plot_latencies
-from converter.core import __version__
-from converter.core.machine import machine, sha256_file, target_line, versions
+from converter.core.machine import machine_line, target_line
 from converter.core.onnxio import atomic_write_text
 from converter.core.render import (
     cell,
@@ -21,6 +20,7 @@ from converter.core.render import (
     markdown_table,
     save_figure,
 )
+from converter.recipes.manifest import artifact_entry, manifest_base
 
 __all__ = [
     "build_manifest",
@@ -35,26 +35,20 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def artifact_entry(path: Path, outdir: Path) -> dict[str, Any]:
-    return {
-        "path": path.relative_to(outdir).as_posix(),
-        "sha256": sha256_file(path),
-        "size": path.stat().st_size,
-    }
-
-
 def build_manifest(result: Any) -> dict[str, Any]:
     """Everything a reader needs to trust (and reproduce) the run."""
-    out = result.outdir
+    manifest = manifest_base(
+        result.outdir,
+        {a.name: a.path for a in result.artifacts},
+        _target(result),
+        with_torch=result.recipe.model.spec is not None,
+    )
+    for a in result.artifacts:
+        manifest["artifacts"][a.name]["passes"] = a.passes
     return {
-        "onnxship": __version__,
+        **manifest,
         "recipe_file": str(result.recipe.path),
         "recipe": result.recipe.resolved(),
-        "versions": versions(with_torch=result.recipe.model.spec is not None),
-        "machine": machine(),
-        "artifacts": {
-            a.name: {**artifact_entry(a.path, out), "passes": a.passes} for a in result.artifacts
-        },
         "export": _export_dict(result.export_report),
         "validation": {
             a.name: a.validation.to_dict() for a in result.artifacts if a.validation is not None
@@ -62,7 +56,6 @@ def build_manifest(result: Any) -> dict[str, Any]:
         "bench": result.bench.to_dict() if result.bench is not None else None,
         "timings_s": dict(result.timings),
         "gates_passed": result.passed,
-        "target": _target(result),
         "scoring": _scoring_note(result),
     }
 
@@ -304,15 +297,14 @@ def _pass_lines(result: Any) -> list[tuple[str, str, str]]:
 
 
 def _markdown(result: Any, manifest: dict, rows: list, plots: dict[str, Path]) -> str:
-    mach = manifest["machine"]
     best, why = recommended(rows)
     lines = [
         f"# onnxship report: {result.recipe.name}",
         "",
         f"**Recommended: {best['name']}** — {why}." if best else f"**No recommendation**: {why}.",
         "",
-        f"Machine: {mach['cpu']}, {mach['cores']} cores, VNNI: {'yes' if mach['vnni'] else 'no'}."
-        f" onnxruntime {manifest['versions']['onnxruntime']}, onnx {manifest['versions']['onnx']}.",
+        f"Machine: {machine_line(manifest['machine'])}. onnxruntime "
+        f"{manifest['versions']['onnxruntime']}, onnx {manifest['versions']['onnx']}.",
         _target_line(manifest),
         _bench_line(result),
         "",
@@ -381,14 +373,13 @@ def _html(rows: list, result: Any, manifest: dict, plots: dict[str, Path]) -> st
     images = "".join(embedded_png(p, k.replace("_", " ")) for k, p in plots.items())
     failed = result.failed_gates()
     gates = "All gates hold." if not failed else "Failed: " + "; ".join(failed)
-    mach = manifest["machine"]
-    machine_line = (
-        f"Machine: {mach['cpu']}, {mach['cores']} cores, VNNI: {'yes' if mach['vnni'] else 'no'}."
-        f" {_target_line(manifest)} {_bench_line(result)}"
+    meta = (
+        f"Machine: {machine_line(manifest['machine'])}. {_target_line(manifest)} "
+        f"{_bench_line(result)}"
     )
     highlight = next((i for i, r in enumerate(rows) if r is best), None)
     body = f"""{verdict}
-<p class="meta">{esc(machine_line)}</p>
+<p class="meta">{esc(meta)}</p>
 {html_table(_HEADER, [_cells(r) for r in rows], highlight)}
 <p class="meta">{esc(manifest["scoring"])}</p>
 <h2>Gates</h2><p{' class="fail"' if failed else ""}>{esc(gates)}</p>

@@ -33,6 +33,7 @@ from typing import Any
 from converter.core import defaults
 from converter.core.errors import BadInputError
 from converter.core.executor import EXECUTORS, import_ray
+from converter.core.gates import ScoreLimits, check_fraction
 from converter.core.machine import Target, resolve_target
 
 if sys.version_info >= (3, 11):
@@ -85,12 +86,17 @@ class Variant:
     shrink: dict[str, Any] | None = None
 
 
-@dataclass
-class Gates:
+@dataclass(frozen=True)
+class Gates(ScoreLimits):
+    """[gates]: the score limits of every variant (``min_score``, ``max_drop``,
+    ``min_worst``: ScoreLimits, their ranges included) and the ``metrics`` validate reports.
+    A value out of its range fails when the recipe is loaded, naming its key."""
+
     metrics: list[str] | None = None
-    min_score: float | None = None
-    max_drop: float | None = None
-    min_worst: float | None = None
+
+    def __post_init__(self) -> None:
+        for name, (_, low, high) in self.RANGES.items():
+            check_fraction(getattr(self, name), f"recipe [gates] {name}", low, high)
 
 
 @dataclass

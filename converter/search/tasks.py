@@ -1,6 +1,7 @@
 """``auto``'s candidates as a map over an executor (converter.core.executor): each candidate is
-built, scored and cached by ``_Builder.evaluate`` — in this process, or in a Ray task that
-reads the builder (the fp32 model, the paths, the budget) from Ray's object store.
+built, scored and cached by ``Builder.evaluate`` (converter.search.builder) — in this
+process, or in a Ray task that reads the builder (the fp32 model, the paths, the budget) from
+Ray's object store.
 
 Only the building and scoring move: latency is measured afterwards by ``auto`` itself, all
 candidates interleaved on the machine that runs it, because a speedup describes the machine

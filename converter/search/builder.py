@@ -1,0 +1,168 @@
+"""auto's builder: makes a candidate through the pass runner (calibration ranges measured once
+per model, method and scheme), scores it against the fp32 reference, and caches the model and
+its numbers by content hash so that a re-run is fast."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from converter.check.validate import validate
+from converter.core.errors import OnnxshipError
+from converter.core.machine import sha256_data, sha256_file, versions
+from converter.core.onnxio import atomic_write_text, save_model
+from converter.search.budget import Budget
+from converter.search.candidates import Candidate
+from passes import PassRunner, fingerprint
+from passes.base import quiet_passes
+from passes.quantize import StaticQuantize, default_calib_method
+from passes.registry import make_recipe_pass
+
+__all__ = ["Builder"]
+
+logger = logging.getLogger(__name__)
+
+_CACHED = ("score", "cosine", "worst")  # the numbers a cache entry holds
+
+
+class Builder:
+    """Builds candidates through the pass runner, reusing calibration ranges per model and
+    method, and caching each result by content hash in ``cache``."""
+
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        calib: Path,
+        score: Path,
+        reference: Path,
+        budget: Budget,
+        cache: Path,
+        target: str,
+    ) -> None:
+
+        self.model = model
+        self.calib, self.score, self.reference = calib, score, reference
+        self.budget = budget
+        self.cache = cache
+        self.target = target
+        self.ranges: dict[tuple[str, str, str], Any] = {}
+        self.reference_score = 0.0
+        self.threshold = 0.0
+        # Everything that feeds a cached number, besides each candidate's own passes.
+        self.context = {
+            "model": fingerprint(model),
+            "calibration": sha256_data(calib),
+            "scoring": sha256_data(score),
+            "metric": budget.metric,
+            "target": target,
+            "versions": {k: v for k, v in versions(False).items() if k != "numpy"},
+        }
+
+    def key(self, passes: list[dict[str, Any]]) -> str:
+        text = json.dumps([self.context, passes], sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+    def evaluate(self, candidate: Candidate) -> Candidate:
+        if self.read_cache(candidate):
+            return candidate
+        path, record = self.cache / f"{candidate.key}.onnx", self.cache / f"{candidate.key}.json"
+        try:
+            with quiet_passes():
+                save_model(self.build(candidate.passes), path)
+        except OnnxshipError as e:
+            candidate.error = e.message
+            logger.info("  %s: could not be built (%s)", candidate.name, e.message)
+            return candidate
+        candidate.path = path
+        self._score(candidate)
+        numbers = {k: getattr(candidate, k) for k in _CACHED}
+        atomic_write_text(record, json.dumps({**numbers, "sha256": sha256_file(path)}))
+        return self._judge(candidate)
+
+    def read_cache(self, candidate: Candidate) -> bool:
+        """Fill in ``candidate`` from the cache, judged; False when it is not there."""
+        candidate.key = self.key(candidate.passes)
+        path = self.cache / f"{candidate.key}.onnx"
+        numbers = _cached(path, path.with_suffix(".json"))
+        if numbers is None:
+            return False
+        candidate.__dict__.update(numbers, path=path, cached=True)
+        self._judge(candidate)
+        return True
+
+    def _judge(self, c: Candidate) -> Candidate:
+        """Whether ``c`` meets this run's budget (cached numbers may come from another)."""
+        gates = self.budget.candidate_gates(self.reference_score, c.score, c.worst)
+        c.meets = all(g.passed for g in gates)
+        return c
+
+    def build(self, passes: list[dict[str, Any]]) -> onnx.ModelProto:
+        """The model ``passes`` make of the fp32 model (prune and smooth rewrite it first)."""
+        model = self.model
+        built = []
+        for entry in passes:
+            settings = {k: v for k, v in entry.items() if k != "pass"}
+            if entry["pass"] == "quantize-static":
+                settings = {
+                    **settings,
+                    "progress": False,
+                    "ranges": self._ranges(model, _calib_of(settings), settings["scheme"]),
+                }
+                if settings.get("weight_rounding") == "gptq":  # reads the samples again
+                    settings["calibration"] = self.calib
+            if entry["pass"] in ("prune", "smooth"):  # later passes see the rewritten model
+                rewrite = make_recipe_pass(entry["pass"], settings, self.calib)
+                model, _ = PassRunner([rewrite]).run(model)
+                continue
+            built.append(make_recipe_pass(entry["pass"], settings))
+        return PassRunner(built).run(model)[0]
+
+    def _ranges(self, model: onnx.ModelProto, method: str, scheme: str) -> Any:
+
+        key = (fingerprint(model), method, scheme)
+        if key not in self.ranges:
+            self.ranges[key] = StaticQuantize(
+                calibration=self.calib,
+                calib_method=method,
+                progress=False,
+                target=self.target,
+                scheme=scheme,
+            ).calibrate(model)
+        return self.ranges[key]
+
+    def _score(self, c: Candidate) -> None:
+
+        metrics = list(dict.fromkeys([self.budget.metric, "cosine"]))
+        report = validate(
+            c.path, self.score, reference=self.reference, metrics=metrics, progress=False
+        )
+        values = report.outputs[report.output]
+        c.score = values[self.budget.metric].value
+        c.cosine, c.worst = values["cosine"].value, values["cosine"].worst
+
+
+def _calib_of(settings: dict[str, Any]) -> str:
+    """The calibration method a static config uses (its scheme's default when unset)."""
+    return settings.get("calib_method") or default_calib_method(settings["scheme"])
+
+
+def _cached(path: Path, record: Path) -> dict[str, float] | None:
+    """A cache entry's numbers, or None when absent; a corrupt or truncated entry (record
+    unreadable, numbers missing, model bytes not those recorded) is dropped with a warning
+    and recomputed."""
+    if not (path.exists() and record.exists()):
+        return None
+    try:
+        entry = json.loads(record.read_text())
+        numbers = {k: float(entry[k]) for k in _CACHED}
+        if sha256_file(path) != entry["sha256"]:
+            raise ValueError("the model file is not the one its numbers were measured on")
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        logger.warning("warning: cache entry %s is corrupt (%s); recomputing it", record, e)
+        return None
+    return numbers

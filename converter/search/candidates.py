@@ -1,0 +1,75 @@
+"""auto's candidates: the full-int8 configurations it tries, the passes each one runs, and
+the :class:`Candidate` record that the builder, the bench and the reports fill in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+__all__ = ["Candidate", "configs", "passes_of", "SMOOTH_ALPHA"]
+
+SMOOTH_ALPHA = 0.8  # all-MiniLM-L6-v2, avx2: 0.9965 / 0.9924 vs 0.9947 / 0.9877 at 0.95
+_GPTQ = {"weight_rounding": "gptq"}
+
+
+@dataclass
+class Candidate:
+    name: str
+    passes: list[dict[str, Any]]
+    key: str = ""
+    path: Path | None = None
+    score: float | None = None
+    cosine: float | None = None
+    worst: float | None = None
+    meets: bool = False
+    error: str = ""
+    p50_ms: float | None = None
+    p90_ms: float | None = None
+    speedup: float | None = None
+    size: int | None = None
+    cached: bool = False
+    unfused_dq: float | None = None  # share of run time in unfused DequantizeLinear (static)
+    node_errors: dict[str, Any] | None = None  # {"samples", "tensors"}: see auto's node errors
+
+    def row(self) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
+
+
+def configs(model: onnx.ModelProto, target: str) -> list[tuple[str, dict[str, Any]]]:
+    """The full-int8 configurations to try for ``target``, as (name, pass settings)."""
+    ops = {n.op_type for n in model.graph.node}
+    found = []
+    if ops & {"MatMul", "Gemm"}:
+        found += [
+            ("dynamic_pc", {"pass": "quantize-dynamic", "per_channel": True}),
+            ("dynamic_pt", {"pass": "quantize-dynamic", "per_channel": False}),
+            ("static_transformer", {"pass": "quantize-static", "scheme": "transformer"}),
+        ]
+    if ops & {"MatMul"} and "LayerNormalization" in ops:  # SmoothQuant folded into LayerNorm
+        smooth = {"pass": "quantize-static", "scheme": "transformer", "smooth": SMOOTH_ALPHA}
+        found += [
+            (f"smooth{SMOOTH_ALPHA:g}_static_transformer", smooth),
+            (f"smooth{SMOOTH_ALPHA:g}_static_transformer_gptq", {**smooth, **_GPTQ}),
+        ]
+    # every-op Q/DQ, named explicitly (StaticQuantize's own default is "auto", which picks
+    # the transformer scheme for encoders: tried above as static_transformer)
+    every_op = {"pass": "quantize-static", "scheme": "default"}
+    for method in ("minmax", "percentile", "entropy"):
+        found.append((f"static_u8_pc_{method}", {**every_op, "calib_method": method}))
+    found += [
+        ("static_s8_pc_minmax", {**every_op, "activation_type": "int8"}),
+        ("static_u8_pt_minmax", {**every_op, "per_channel": False}),
+    ]
+    return [(name, {**config, "target": target}) for name, config in found]
+
+
+def passes_of(config: dict[str, Any], excluded: list[str]) -> list[dict[str, Any]]:
+    """The passes of a configuration; its ``smooth`` alpha becomes a SmoothQuant pass first."""
+    entry = dict(config)
+    alpha = entry.pop("smooth", None)
+    if excluded:
+        entry["nodes_to_exclude"] = sorted(excluded)
+    return ([{"pass": "smooth", "alpha": alpha}] if alpha is not None else []) + [entry]
