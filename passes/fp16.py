@@ -24,6 +24,7 @@ import onnx
 from onnxconverter_common.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
 from converter.core.errors import BadInputError, PassError, first_line
+from converter.core.render import mb
 from passes.base import Pass, PassResult
 from passes.quant_report import is_quantized, quantized_nodes
 from passes.settings import Float16Settings
@@ -126,11 +127,11 @@ class Float16(Pass):
         _fix_casts(result, {n.name for n in model.graph.node if n.op_type not in ops}, nodes)
         stats = self._stats(model, result, ops, nodes, caught)
         logger.info(
-            "fp16: %d nodes converted, %d kept fp32, size %.2f MB → %.2f MB",
+            "fp16: %d nodes converted, %d kept fp32, size %s → %s",
             stats["nodes_converted"],
             len(stats["kept_fp32"]),
-            stats["size_before"] / 1e6,
-            stats["size_after"] / 1e6,
+            mb(stats["size_before"]),
+            mb(stats["size_after"]),
         )
         return PassResult(result, True, stats)
 

@@ -16,6 +16,7 @@ import onnx
 
 from converter.core.errors import BadInputError
 from converter.core.machine import METADATA_KEY, resolve_target
+from converter.core.render import mb
 from passes.base import Pass, PassResult
 from passes.ort import Prepared, ort_quiet, preprocess
 from passes.quant_report import is_quantized, matched, node_report, quantized_nodes
@@ -114,12 +115,12 @@ class Int8Pass(Pass):
         }
         stats["size_ratio"] = stats["size_after"] / max(stats["size_before"], 1)
         logger.info(
-            "quantize (%s): %d nodes int8, %d kept fp32, size %.2f MB → %.2f MB",
+            "quantize (%s): %d nodes int8, %d kept fp32, size %s → %s",
             self.mode,
             len(report["quantized"]),
             len(report["fp32"]),
-            stats["size_before"] / 1e6,
-            stats["size_after"] / 1e6,
+            mb(stats["size_before"]),
+            mb(stats["size_after"]),
         )
         return PassResult(result, True, stats)
 

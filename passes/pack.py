@@ -69,6 +69,7 @@ from converter.core.packed import (
     records,
     unpack,
 )
+from converter.core.render import mb
 from passes.base import Pass, PassResult
 from passes.settings import DEFAULT_CHUNK as CHUNK  # elements per chunk (module docstring)
 from passes.settings import PackSettings
@@ -314,7 +315,7 @@ class Pack(Pass):
         if packed:
             stats["summary"] = (
                 f"packed {len(packed)} weights ({stats['params_packed']:,} values): "
-                f"{stats['bytes_before'] / 1e6:.2f} MB → {stats['bytes_after'] / 1e6:.2f} MB"
+                f"{mb(stats['bytes_before'])} → {mb(stats['bytes_after'])}"
             )
         elif already:
             stats["summary"] = f"already packed ({already} weights): left as is"

@@ -47,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
 
 def summary(stats: dict[str, Any], source: Any, out: Any) -> str:
     """A short human-readable report of the fp16 stats."""
+    from converter.core.render import mb  # here: --help loads no onnx
+
     io = "float32" if stats["keep_io_types"] else "float16"
     before, after = stats["size_before"], stats["size_after"]
     lines = [
@@ -59,8 +61,6 @@ def summary(stats: dict[str, Any], source: Any, out: Any) -> str:
         lines.append(f"    ... and {len(stats['kept_fp32']) - 8} more")
     if stats["clamped_values"]:
         lines.append(f"  values clamped to the fp16 range: {', '.join(stats['clamped_values'])}")
-    lines.append(
-        f"  size {before / 1e6:.2f} MB → {after / 1e6:.2f} MB ({100 * after / before:.0f}%)"
-    )
+    lines.append(f"  size {mb(before)} → {mb(after)} ({100 * after / before:.0f}%)")
     lines.append("  note: on CPU fp16 saves size, not time; it is meant for GPU/NPU targets")
     return "\n".join(lines)

@@ -59,6 +59,8 @@ def run_unpack(args: argparse.Namespace) -> int:
 
 def summary(stats: dict[str, Any], source: Any, out: Any) -> str:
     """What was packed (largest savings first) and the file size before and after."""
+    from converter.core.render import mb  # here: --help loads no onnx
+
     before, after = stats["bytes_before"], stats["bytes_after"]
     lines = [f"{source} → {out}: {stats['summary']}"]
     packed = sorted(
@@ -72,5 +74,5 @@ def summary(stats: dict[str, Any], source: Any, out: Any) -> str:
         )
     if len(packed) > 10:
         lines.append(f"  ... and {len(packed) - 10} more")
-    lines.append(f"  size {before / 1e6:.2f} MB → {after / 1e6:.2f} MB ({before / after:.2f}x)")
+    lines.append(f"  size {mb(before)} → {mb(after)} ({before / after:.2f}x)")
     return "\n".join(lines)

@@ -129,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
 def summary(stats: dict[str, Any], settings: dict[str, Any], source: Any, out: Any) -> str:
     """A short human-readable report of the quantization stats."""
     from converter.core.machine import target_line
+    from converter.core.render import mb  # here: --help loads no onnx
     from passes.quant_report import describe_settings
 
     nodes = stats["nodes"]
@@ -153,9 +154,7 @@ def summary(stats: dict[str, Any], settings: dict[str, Any], source: Any, out: A
     lines.append(f"  fp32: {len(nodes['fp32'])} quantizable nodes")
     lines += _grouped(nodes["fp32"])
     before, after = stats["size_before"], stats["size_after"]
-    lines.append(
-        f"  size {before / 1e6:.2f} MB → {after / 1e6:.2f} MB ({100 * after / before:.0f}%)"
-    )
+    lines.append(f"  size {mb(before)} → {mb(after)} ({100 * after / before:.0f}%)")
     lines += [f"  warning: {w}" for w in stats.get("warnings", [])]
     return "\n".join(lines)
 

@@ -15,6 +15,7 @@ from typing import Any
 from converter.core.onnxio import atomic_path
 
 __all__ = [
+    "mb",
     "cell",
     "markdown_table",
     "html_table",
@@ -28,6 +29,12 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MB = 1_000_000  # bytes in the "MB" every report prints (10**6: file sizes and peak RSS alike)
+
+
+def mb(size: float) -> str:
+    """``size`` bytes as people read it: "0.77 MB" (MB = 10**6 bytes)."""
+    return f"{size / MB:.2f} MB"
+
 
 CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:80em;color:#222}
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.3em .6em}

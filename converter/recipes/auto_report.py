@@ -14,6 +14,7 @@ from converter.core import defaults
 from converter.core.machine import machine_line, target_line
 from converter.core.onnxio import atomic_write_text
 from converter.core.render import (
+    MB,
     cell,
     embedded_png,
     figure,
@@ -65,7 +66,7 @@ def _cells(c: Any) -> list[str]:
         cell(c.p50_ms, ".3f"),
         cell(c.p90_ms, ".3f"),
         cell(c.speedup, ".2f", "x"),
-        cell(None if c.size is None else c.size / 1e6, ".3f"),
+        cell(None if c.size is None else c.size / MB, ".3f"),
     ]
 
 

@@ -12,6 +12,7 @@ from converter.check.bench import plot_latencies
 from converter.core.machine import machine_line, target_line
 from converter.core.onnxio import atomic_write_text
 from converter.core.render import (
+    MB,
     cell,
     embedded_png,
     figure,
@@ -194,7 +195,7 @@ def _rows(result: Any) -> list[dict[str, Any]]:
         rows.append(
             {
                 "name": a.name,
-                "size_mb": size / 1e6,
+                "size_mb": size / MB,
                 "size_ratio": size / ref_size,
                 "accuracy": _metric(a, "accuracy"),
                 "agreement": _metric(a, "agreement"),

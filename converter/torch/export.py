@@ -25,6 +25,7 @@ from converter.core.defaults import DEFAULT_OPSET, EXPORT_ATOL, EXPORT_RTOL, EXP
 from converter.core.errors import BadInputError, ExportError, VerificationFailed, first_line
 from converter.core.inputs import generate_inputs, parse_input_spec, resized_dims, symbols
 from converter.core.onnxio import check_output_path, save_model
+from converter.core.render import mb
 from converter.torch.backends import export_any, exporter_reason, symbolic_axes, torch_feeds
 from converter.torch.verify import Comparison, compare_outputs
 
@@ -62,7 +63,7 @@ class ExportReport:
             f"exported {self.path} with the {self.exporter} exporter, opset {self.opset}",
             f"  inputs:  {', '.join(self.inputs)}",
             f"  outputs: {', '.join(self.outputs)}",
-            f"  size {self.file_size / 1e6:.2f} MB, {self.parameters:,} parameters",
+            f"  size {mb(self.file_size)}, {self.parameters:,} parameters",
         ]
         lines += [f"  note: {n}" for n in self.notes]
         if not self.verified:

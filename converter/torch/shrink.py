@@ -32,6 +32,7 @@ from converter.core.errors import BadInputError, DataError
 from converter.core.inputs import parse_input_spec
 from converter.core.metrics import speedup
 from converter.core.onnxio import atomic_path, atomic_write_text, check_output_path
+from converter.core.render import mb
 from converter.torch import export as exporter
 
 if TYPE_CHECKING:  # torch-side classes: imported at run time only when shrink runs
@@ -410,7 +411,7 @@ def _summary(r: ShrinkReport) -> str:
         f"({_ratio(r.params['before'], r.params['after'])})",
         f"  MACs   {r.macs['before']:,} → {r.macs['after']:,} "
         f"({_ratio(r.macs['before'], r.macs['after'])}), batch 1",
-        f"  size   {r.file_size['before'] / 1e6:.2f} MB → {r.file_size['after'] / 1e6:.2f} MB",
+        f"  size   {mb(r.file_size['before'])} → {mb(r.file_size['after'])}",
     ]
     if r.latency_ms:
         lat = r.latency_ms
