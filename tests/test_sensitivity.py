@@ -217,6 +217,68 @@ def test_dynamic_numbers_equal_a_direct_run_of_the_pass(outlier):
         assert entry.worst_cosine == pytest.approx(worst, rel=1e-12)
 
 
+def _three_convs() -> onnx.ModelProto:
+    """x[batch,3,8,8] → (Conv 3×3 → Relu) ×3 → y[batch,4,8,8], seeded weights. Dynamic
+    quantization turns each Conv into ConvInteger plus an *unnamed* bias Reshape."""
+    rng = np.random.default_rng(3)
+    nodes, inits, x, channels = [], [], "x", 3
+    for i, out in enumerate([8, 8, 4]):
+        w = rng.standard_normal((out, channels, 3, 3)).astype(np.float32) / 4
+        b = rng.standard_normal(out).astype(np.float32) / 4
+        inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(b, f"b{i}")]
+        y = "y" if i == 2 else f"r{i}"
+        nodes += [
+            helper.make_node(
+                "Conv", [x, f"w{i}", f"b{i}"], [f"c{i}"], name=f"conv{i}", pads=[1] * 4
+            ),
+            helper.make_node("Relu", [f"c{i}"], [y], name=f"relu{i}"),
+        ]
+        x, channels = y, out
+    graph = helper.make_graph(
+        nodes,
+        "three_convs",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, 8, 8])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    return model
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_conv_models_in_both_modes(mode, tmp_path, capsys):
+    """Issue 21 item 1: dynamic mode on Conv failed to load the per-tensor error model ("two
+    nodes with same node name (/onnxship_alone)": the copies of the unnamed bias Reshapes).
+    Every Conv is scored in both modes, and in dynamic mode each loss is a direct run of
+    DynamicQuantize with the other Convs excluded."""
+    model = _three_convs()
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    x = np.random.default_rng(4).standard_normal((24, 3, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    calib = ["--calib", tmp_path / "d.npz"] if mode == "static" else []
+    code, _, err = cli(
+        capsys, "sensitivity", tmp_path / "m.onnx", "--data", tmp_path / "d.npz",
+        "--mode", mode, *calib, "--json", tmp_path / "r.json", "-q",
+    )  # fmt: skip
+    assert code == 0, err
+    doc = json.loads((tmp_path / "r.json").read_text())
+    names = sorted(n["name"] for n in doc["nodes"])
+    assert names == ["conv0", "conv1", "conv2"]
+    measured = {(e["tensor"], e["kind"]) for e in doc["tensor_errors"]}
+    assert {("x", "activation"), ("r0", "activation"), ("r1", "activation")} <= measured
+    assert {("w0", "weight"), ("w1", "weight"), ("w2", "weight")} <= measured
+    if mode == "static":
+        return
+    assert {("c0", "output"), ("c1", "output"), ("c2", "output")} <= measured
+    for entry in doc["nodes"]:
+        others = [n for n in names if n != entry["name"]]
+        alone = DynamicQuantize(nodes_to_exclude=others)(model).model
+        loss, worst = _loss(alone, model, tmp_path / "d.npz", doc["samples"])
+        assert entry["loss"] == pytest.approx(loss, rel=1e-9, abs=1e-15), entry["name"]
+        assert entry["worst_cosine"] == pytest.approx(worst, rel=1e-12)
+
+
 # ---------------------------------------------------------------- CLI, reports, determinism
 
 

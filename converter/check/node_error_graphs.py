@@ -62,6 +62,7 @@ class Graphs:
         self.copies: list[onnx.NodeProto] = []
         self.renamed: dict[str, str] = {}  # int8-model tensor → its copy's in the fp32 model
         self.tainted: set[str] = set()  # copies' outputs computed from int8 data
+        self.names = {n.name for n in fp32.graph.node}  # node names taken in the fp32 model
 
     def probes(self) -> list[Probe]:
         if self.qdq:
@@ -161,7 +162,7 @@ class Graphs:
                 continue
             copy = onnx.NodeProto()
             copy.CopyFrom(node)
-            copy.name = node.name + _LOCAL
+            copy.name = self._copy_name(node)
             del copy.input[:]
             copy.input.extend(inputs)
             from_int8 = is_quant_op(node.op_type) or any(i in self.tainted for i in inputs)
@@ -171,6 +172,19 @@ class Graphs:
                     if from_int8:
                         self.tainted.add(copy.output[k])
             self.copies.append(copy)
+
+    def _copy_name(self, node: onnx.NodeProto) -> str:
+        """A name for the copy of ``node`` that no other node of the fp32 model has: its own
+        with the suffix, or for an unnamed node (onnxruntime's dynamic quantization leaves its
+        bias Reshapes unnamed) its type and first output; onnxruntime refuses a model in which
+        two nodes share a name."""
+        base = (node.name or f"{node.op_type}({node.output[0]})") + _LOCAL
+        name, k = base, 1
+        while name in self.names:
+            k += 1
+            name = f"{base}{k}"
+        self.names.add(name)
+        return name
 
     def _resolve(self, name: str) -> str | None:
         """What a copy reads for the int8 model's tensor ``name``: the fp32 tensor when both
