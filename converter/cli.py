@@ -32,7 +32,7 @@ from converter.commands import (
     validate,
 )
 from converter.core import __version__
-from converter.core.errors import Interrupted, OnnxshipError, first_line
+from converter.core.errors import InternalError, Interrupted, OnnxshipError, first_line
 from converter.core.machine import resolve_target
 
 __all__ = ["main", "build_parser", "INTERNAL_ERROR", "ENVIRONMENT"]
@@ -119,8 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Exception as e:  # a bug, not a verdict on the model: CI must not read it as 1
             if args.debug:
                 traceback.print_exc()
-            code = INTERNAL_ERROR
-            message = f"internal error: {first_line(e)} — rerun with --debug and report it"
+            code, message = INTERNAL_ERROR, InternalError(first_line(e)).message
     sys.stderr.write(f"error: {message}\n")
     return code
 

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 import onnx
 
-from converter.core.errors import OnnxshipError, PassError, first_line
+from converter.core.errors import InternalError, OnnxshipError, first_line
 from converter.core.onnxio import check_output_path, load_model, save_model
 from converter.core.packed import dense_model
 from passes.options import NoSettings, check_keys, has_calibration, needs_calibration, options_of
@@ -108,9 +108,8 @@ class Pass:
         try:
             onnx.checker.check_model(result.model, full_check=False)
         except onnx.checker.ValidationError as e:
-            raise PassError(
-                f"pass {self.name} produced an invalid model: {first_line(e)}",
-                "report this as a bug; --debug shows the details",
+            raise InternalError(
+                f"pass {self.name} produced an invalid model: {first_line(e)}"
             ) from e
 
     def __call__(self, model: onnx.ModelProto) -> PassResult:
@@ -120,7 +119,7 @@ class Pass:
         result = self.call(model)
         after = (structure(model), fingerprint(model) if thorough else None)
         if after != before:
-            raise PassError(f"pass {self.name} modified its input model", "report this as a bug")
+            raise InternalError(f"pass {self.name} modified its input model")
         self.ensures(result)
         return result
 

@@ -1,4 +1,5 @@
-"""The pass interface's input-mutation check: structure always, every byte under --debug."""
+"""The pass interface's input-mutation check: structure always, every byte under --debug; a
+pass that breaks it is an internal error (exit 3), not bad input."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from converter.core.errors import PassError
+from converter.core.errors import InternalError
 from passes.base import Pass, PassResult
 
 
@@ -54,14 +55,14 @@ class _Copies(Pass):
 
 
 def test_a_structural_edit_of_the_input_is_caught():
-    with pytest.raises(PassError, match="adds-node modified its input model"):
+    with pytest.raises(InternalError, match="adds-node modified its input model"):
         _AddsNode()(_model())
 
 
 def test_a_value_edit_is_caught_under_debug_only(caplog):
     assert _EditsWeight()(_model()).modified  # cheap check: shapes and names unchanged
     with caplog.at_level(logging.DEBUG, logger="passes"):
-        with pytest.raises(PassError, match="edits-weight modified its input model"):
+        with pytest.raises(InternalError, match="edits-weight modified its input model"):
             _EditsWeight()(_model())
 
 
@@ -72,3 +73,12 @@ def test_a_pass_that_returns_a_new_model_passes_both_checks(caplog):
         result = _Copies()(model)
     assert result.model.graph.node[0].name == "renamed"
     assert model.SerializeToString(deterministic=True) == before
+
+
+def test_an_input_edit_is_exit_3_naming_itself_an_internal_error():
+    with pytest.raises(InternalError) as caught:
+        _AddsNode()(_model())
+    assert caught.value.exit_code == 3
+    assert caught.value.message == (
+        "internal error: pass adds-node modified its input model — rerun with --debug and report it"
+    )

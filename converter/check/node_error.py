@@ -143,8 +143,10 @@ def _measure(
 ) -> dict[str, tuple[Sums, Sums]]:
     """Each probe's (alone, propagated) sums over ``feeds``, one run of each augmented model
     per feed; probes whose fp32 and int8 shapes differ are dropped."""
-    fp32 = make_session(graphs.fp32_model(probes).SerializeToString(), threads, optimize=False)
-    int8 = make_session(graphs.int8_model(probes).SerializeToString(), threads, optimize=False)
+    fp32, int8 = (
+        make_session(m.SerializeToString(), threads, optimize=False, built=True)
+        for m in (graphs.fp32_model(probes), graphs.int8_model(probes))
+    )
     sums = {p.tensor: (Sums(), Sums()) for p in probes}
     dropped: set[str] = set()
     for feed in feeds:

@@ -14,6 +14,8 @@ __all__ = [
     "PassError",
     "GateFailed",
     "VerificationFailed",
+    "InternalError",
+    "INTERNAL_FIX",
     "Interrupted",
     "first_line",
 ]
@@ -64,6 +66,25 @@ class VerificationFailed(GateFailed):
     holds every output's diffs."""
 
     report: object | None = None
+
+
+INTERNAL_FIX = "rerun with --debug and report it"
+
+
+class InternalError(OnnxshipError):
+    """A bug of onnxship, not a verdict on the input: onnxruntime refuses a model onnxship
+    built, a pass breaks its own contract. Exit 3 (as the environment: no verdict on the
+    model), printed as ``internal error: <what> — rerun with --debug and report it``; the
+    CLI reports any exception it did not expect the same way."""
+
+    exit_code = 3
+
+    def __init__(self, what: str, fix: str = INTERNAL_FIX) -> None:
+        super().__init__(what, fix)
+
+    @property
+    def message(self) -> str:
+        return f"internal error: {self.what} — {self.fix}"
 
 
 class Interrupted(KeyboardInterrupt):

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from converter.core.errors import BadInputError, first_line
+from converter.core.errors import BadInputError, InternalError, first_line
 
 __all__ = ["make_session", "cached_session", "run_session", "tensor_values"]
 
@@ -20,8 +20,11 @@ def make_session(
     threads: int = 1,
     inter_op_threads: int = 1,
     optimize: bool = True,
+    built: bool = False,
 ):
-    """A CPU InferenceSession (``model`` is a path or serialized bytes)."""
+    """A CPU InferenceSession (``model`` is a path or serialized bytes). ``built``: the model
+    is one onnxship made (a variant, an augmented copy), so onnxruntime refusing it is a bug
+    of ours (InternalError, exit 3), not a bad input (exit 2)."""
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
@@ -38,6 +41,10 @@ def make_session(
         return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises Fail/InvalidGraph/NotImplemented...
         what = "the model" if isinstance(model, bytes) else str(model)
+        if built:
+            raise InternalError(
+                f"onnxruntime cannot load a model onnxship built: {first_line(e)}"
+            ) from e
         raise BadInputError(
             f"onnxruntime cannot load {what}: {first_line(e)}",
             "check that it is a valid ONNX model for the CPU execution provider",
