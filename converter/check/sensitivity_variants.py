@@ -73,6 +73,8 @@ class Variants:
             ranges = dataclasses.replace(ranges, prepared=prepared, prepared_note=done.note)
         prepared = onnx.load_from_string(ranges.prepared)
         variants = {**settings, "ranges": ranges, "progress": False}
+        if settings.get("weight_rounding") == "gptq" and not isinstance(calib, CalibrationRanges):
+            variants["calibration"] = calib  # GPTQ reads the samples again, beside the ranges
         return cls(StaticQuantize, model, variants, prepared, settings)
 
     @classmethod

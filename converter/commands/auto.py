@@ -10,9 +10,15 @@ from converter.core import defaults
 HELP = "search int8/pruning configurations for the fastest model within an accuracy budget"
 EPILOG = """\
 examples:
-  onnxship auto cnn.onnx --data test.npz --metric accuracy --max-drop 0.01 -o build/auto
-  onnxship auto enc.onnx --data sentences.npz --metric cosine --min-score 0.995 \\
+  onnxship auto cnn.onnx --data val.npz --calib calib.npz --metric accuracy --max-drop 0.01 \\
+      -o build/auto
+  onnxship validate build/auto/model.onnx --data test.npz --reference cnn.onnx \\
+      --metric accuracy --max-drop 0.01
+  onnxship auto enc.onnx --data val-sentences.npz --metric cosine --min-score 0.995 \\
       --min-worst 0.99 -o build/auto-enc
+
+Search on a validation split (--data) and keep the test split for `validate` afterwards:
+auto picks the candidate that scores best on --data, so its score there is optimistic.
 
 Tries dynamic int8 (per-channel, per-tensor), static QDQ int8 (U8/S8 activations,
 per-channel/per-tensor weights, minmax/percentile/entropy calibration), then keeps the
@@ -24,8 +30,10 @@ Without --calib, every 4th sample of --data (at most 256) calibrates and the res
 Candidates are cached in OUTDIR/cache by content hash: a re-run is fast.
 With --time-budget, no new candidate starts once that many seconds have passed since the
 start (the one in progress finishes; cached ones are still read); the report lists the
-candidates not tried. Exit 1 when no candidate meets the budget: the closest is named and
-written to OUTDIR/model.onnx all the same, marked NOT within budget. Exit 2 on bad input.
+candidates not tried. A candidate (or a search stage) that fails is listed in the report
+as failed, with its reason; the search goes on. Exit 1 when no candidate meets the budget:
+the closest is named and written to OUTDIR/model.onnx all the same, marked NOT within
+budget. Exit 2 on bad input, checked before anything is written: OUTDIR is left as it was.
 """
 
 

@@ -25,11 +25,12 @@ the options), ``split`` (the data split), ``candidates`` (the configurations), `
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,13 @@ from converter.core.onnxio import atomic_path, load_model
 from converter.recipes.auto_report import write_auto_outputs
 from converter.search.budget import Budget, check_options
 from converter.search.builder import Builder
-from converter.search.candidates import SMOOTH_ALPHA, Candidate, configs, passes_of
+from converter.search.candidates import (
+    SMOOTH_ALPHA,
+    Candidate,
+    configs,
+    failure_reason,
+    passes_of,
+)
 from converter.search.result import AutoResult, check_result, choose, time_note, time_summary
 from converter.search.split import calibration_split
 from converter.search.stages import search
@@ -104,45 +111,94 @@ def auto(
     machine. ``time_budget``: seconds of wall time on ``clock``, counted from here, after
     which no new candidate starts (converter.search.tasks.Deadline)."""
     deadline = Deadline(time_budget, clock)
-    budget = check_options(metric, min_score, max_drop, min_worst, sparsity_grid, time_budget)
+    budget = check_options(
+        metric, min_score, max_drop, min_worst, sparsity_grid, time_budget,
+        max_excluded=max_excluded, bench_runs=bench_runs, threads=threads,
+        max_score_samples=max_score_samples,
+    )  # fmt: skip
     resolved = resolve_target(target)
-    out = Path(outdir)
+    out = _check_outdir(outdir)
     fp32 = dense_model(load_model(model))  # a packed input is searched on its dense weights
     _refuse_quantized(fp32, model)
     specs, dataset = _open_data(fp32, data, metric)
-    out.mkdir(parents=True, exist_ok=True)
-    reference = out / "fp32.onnx"
-    with atomic_path(reference) as tmp:
-        shutil.copyfile(model, tmp)
-    calib_path, score_path, split = _calib_and_score(
-        dataset, specs, data, calib, out, max_score_samples
-    )
-    builder = Builder(fp32, calib_path, score_path, reference, budget, out / "cache", resolved.name)
-    builder.cache.mkdir(exist_ok=True)
-    builder.reference_score = _reference_score(reference, score_path, metric)
-    builder.threshold = budget.threshold(builder.reference_score)
-    logger.info(
-        "budget: %s (fp32 scores %.4f); %s",
-        budget.describe(builder.reference_score),
-        builder.reference_score,
-        split,
-    )
-    executor = executor or InProcess()
-    tried = _configs(fp32, resolved.name)
-    grid = sorted(sparsity_grid or [])
-    candidates = list(search(builder, tried, grid, max_excluded, executor, deadline))
-    result = AutoResult(
-        out, budget, builder.reference_score, builder.threshold, candidates, None, split,
-        target=resolved, time_budget=time_summary(deadline, len(candidates)),
-    )  # fmt: skip
-    result.notes += notes(executor) + time_note(result.time_budget)
-    _bench(result, reference, score_path, bench_runs, threads)
-    result.best = choose(candidates)
-    _note_node_errors(result, builder, threads)
-    _write_model(result)
+    if calib is not None:
+        open_data(calib, specs)  # every input checked before the first file is written
+    with _undone_on_bad_input(out):
+        out.mkdir(parents=True, exist_ok=True)
+        reference = out / "fp32.onnx"
+        with atomic_path(reference) as tmp:
+            shutil.copyfile(model, tmp)
+        calib_path, score_path, split = _calib_and_score(
+            dataset, specs, data, calib, out, max_score_samples
+        )
+        builder = Builder(
+            fp32, calib_path, score_path, reference, budget, out / "cache", resolved.name
+        )
+        builder.cache.mkdir(exist_ok=True)
+        builder.reference_score = _reference_score(reference, score_path, metric)
+        builder.threshold = budget.threshold(builder.reference_score)
+        logger.info(
+            "budget: %s (fp32 scores %.4f); %s",
+            budget.describe(builder.reference_score),
+            builder.reference_score,
+            split,
+        )
+        executor = executor or InProcess()
+        tried = _configs(fp32, resolved.name)
+        grid = sorted(sparsity_grid or [])
+        candidates = list(search(builder, tried, grid, max_excluded, executor, deadline))
+        result = AutoResult(
+            out, budget, builder.reference_score, builder.threshold, candidates, None, split,
+            target=resolved, time_budget=time_summary(deadline, len(candidates)),
+        )  # fmt: skip
+        result.notes += notes(executor) + time_note(result.time_budget)
+        _bench(result, reference, score_path, bench_runs, threads)
+        result.best = choose(candidates)
+        _note_node_errors(result, builder, threads)
+        _write_model(result)
 
-    write_auto_outputs(result, model)
+        write_auto_outputs(result, model)
     return result
+
+
+def _check_outdir(outdir: str | os.PathLike) -> Path:
+    out = Path(outdir)
+    if out.exists() and not out.is_dir():
+        raise BadInputError(
+            f"-o {out} is a file, not a folder",
+            "give a folder: auto writes model.onnx, its report and a cache there",
+        )
+    return out
+
+
+@contextlib.contextmanager
+def _undone_on_bad_input(out: Path) -> Iterator[None]:
+    """On a bad input found inside (exit 2), remove what this run added: ``out`` (and the
+    folders made above it) when it did not exist, else every file and folder in it that did
+    not; a file that was there before is never removed."""
+    top = out.absolute()
+    while not top.parent.exists():
+        top = top.parent
+    before = set(out.rglob("*")) if out.exists() else None
+    try:
+        yield
+    except OnnxshipError as e:
+        if e.exit_code == 2:
+            _remove_new(top if before is None else out, before)
+        raise
+
+
+def _remove_new(folder: Path, before: set[Path] | None) -> None:
+    """Remove ``folder`` whole (``before`` None), or what in it is not in ``before``."""
+    new = [folder] if before is None else sorted(set(folder.rglob("*")) - before, reverse=True)
+    for path in new:  # deepest first
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        except OSError as e:  # the bad input is what to report; this is a warning
+            logger.warning("warning: could not remove %s: %s", path, e)
 
 
 def _open_data(fp32: onnx.ModelProto, data: str | os.PathLike, metric: str) -> tuple[list, Dataset]:
@@ -171,7 +227,6 @@ def _calib_and_score(
     says about them."""
     if calib is None:
         return calibration_split(dataset, specs, out / "data", max_score)
-    open_data(calib, specs)
     split = f"calibration: {calib}; scoring: {data} (all {dataset.num_samples} samples)"
     return Path(calib), Path(data), split
 
@@ -207,17 +262,53 @@ def _reference_score(reference: Path, score: Path, metric: str) -> float:
 
 
 def _bench(result: AutoResult, reference: Path, score: Path, runs: int, threads: int) -> None:
-
+    """Every built candidate benched interleaved with fp32; a candidate the bench cannot run
+    is marked failed (its reason in the report) and the others are benched without it."""
     built = [c for c in result.candidates if c.path is not None]
-    result.bench = bench(
-        [reference] + [c.path for c in built], threads=[threads], warmup=5, runs=runs, data=score
-    )
+    try:
+        result.bench = _interleaved(reference, built, score, runs, threads)
+    except (OSError, MemoryError):
+        raise
+    except Exception:  # which candidate? each alone, one run; then the others again
+        runnable = [c for c in built if _runs_alone(c, reference, score, threads)]
+        if len(runnable) == len(built):  # not one candidate's failure: fp32's, the data's
+            raise
+        built = runnable
+        result.bench = _interleaved(reference, built, score, runs, threads)
     for i, c in enumerate(built, start=1):
         m = result.bench.get(i, threads)
         c.p50_ms, c.p90_ms, c.speedup = m.latency.p50_ms, m.latency.p90_ms, m.speedup
         c.size = packed_size(c.path)  # what shipping it costs: pruned zeros pack away
+    try:
+        note_unfused_dq(result, built, score, threads)
+    except (OSError, MemoryError):
+        raise
+    except Exception as e:  # a report note, not the end of the search
+        _note_failure(result, "the unfused-DequantizeLinear profile was not measured", e)
 
-    note_unfused_dq(result, built, score, threads)
+
+def _interleaved(reference: Path, built: list[Candidate], score: Path, runs: int, threads: int):
+    paths = [reference] + [c.path for c in built]
+    return bench(paths, threads=[threads], warmup=5, runs=runs, data=score)
+
+
+def _runs_alone(c: Candidate, reference: Path, score: Path, threads: int) -> bool:
+    """Whether the bench runs ``c`` (one run beside fp32); if not, ``c`` is marked failed."""
+    try:
+        bench([reference, c.path], threads=[threads], warmup=0, runs=1, data=score)
+        return True
+    except (OSError, MemoryError):
+        raise
+    except Exception as e:
+        c.error, c.meets = f"the bench failed: {failure_reason(e)}", False
+        logger.warning("warning: candidate %s: %s", c.name, c.error)
+        return False
+
+
+def _note_failure(result: AutoResult, what: str, e: Exception) -> None:
+    logger.warning("warning: %s: %s", what, failure_reason(e))
+    logger.debug("%s", what, exc_info=e)
+    result.notes.append(f"{what}: {failure_reason(e)}")
 
 
 def _note_node_errors(result: AutoResult, builder: Builder, threads: int) -> None:
@@ -238,9 +329,10 @@ def _note_node_errors(result: AutoResult, builder: Builder, threads: int) -> Non
             fp32 = prepare_reference(before, c.passes[at].get("preprocess", True))
         feeds = sample_feeds(builder.score, fp32)
         errors = node_errors(fp32, load_model(c.path), feeds, threads)
-    except OnnxshipError as e:
-        logger.warning("warning: per-tensor error of %s not measured: %s", c.name, e.message)
-        result.notes.append(f"per-tensor error of {c.name} not measured: {e.message}")
+    except (OSError, MemoryError):
+        raise
+    except Exception as e:  # a report note, not the end of the search
+        _note_failure(result, f"per-tensor error of {c.name} not measured", e)
         return
     samples = sum(len(next(iter(f.values()))) for f in feeds)
     c.node_errors = {"samples": samples, "tensors": [e.to_dict() for e in errors]}

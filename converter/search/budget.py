@@ -54,6 +54,11 @@ def check_options(
     min_worst: float | None,
     sparsity_grid: list[float] | None,
     time_budget: float | None = None,
+    *,
+    max_excluded: int = defaults.AUTO_MAX_EXCLUDED,
+    bench_runs: int = defaults.AUTO_BENCH_RUNS,
+    threads: int = 1,
+    max_score_samples: int = 2000,
 ) -> Budget:
     """auto's options, checked before any work (exit 2 naming the flag); the budget."""
     if metric not in defaults.SCORES:
@@ -68,9 +73,22 @@ def check_options(
             raise BadInputError(
                 f"sparsity {s} in --sparsity-grid is outside (0, 1)", "e.g. --sparsity-grid 0.3,0.5"
             )
+    grid = list(sparsity_grid or [])
+    if len(set(grid)) != len(grid):
+        raise BadInputError(f"--sparsity-grid {grid} repeats a value", "list each sparsity once")
+    _check_count("--max-excluded", max_excluded, 0, "e.g. --max-excluded 8 (0: keep none in fp32)")
+    _check_count("--bench-runs", bench_runs, 1, f"e.g. --bench-runs {defaults.AUTO_BENCH_RUNS}")
+    _check_count("threads", threads, 1, "e.g. threads=1")
+    _check_count("max_score_samples", max_score_samples, 2, "e.g. max_score_samples=2000")
     if time_budget is not None and not (math.isfinite(time_budget) and time_budget > 0):
         raise BadInputError(
             f"--time-budget {time_budget} is not a number of seconds > 0",
             "e.g. --time-budget 600, or leave it out for no limit",
         )
     return budget
+
+
+def _check_count(flag: str, value: object, low: int, fix: str) -> None:
+    """Refuse (exit 2, naming ``flag``) a value that is not a whole number ≥ ``low``."""
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= low):
+        raise BadInputError(f"{flag} {value} is not a whole number ≥ {low}", fix)

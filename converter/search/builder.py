@@ -13,11 +13,11 @@ from typing import Any
 import onnx
 
 from converter.check.validate import validate
-from converter.core.errors import OnnxshipError
+from converter.core.errors import InternalError, OnnxshipError
 from converter.core.machine import sha256_data, sha256_file, versions
 from converter.core.onnxio import atomic_write_text, save_model
 from converter.search.budget import Budget
-from converter.search.candidates import Candidate
+from converter.search.candidates import Candidate, failure_reason
 from passes import PassRunner, fingerprint
 from passes.base import quiet_passes
 from passes.quantize import StaticQuantize, default_calib_method
@@ -74,12 +74,13 @@ class Builder:
         try:
             with quiet_passes():
                 save_model(self.build(candidate.passes), path)
-        except OnnxshipError as e:
-            candidate.error = e.message
-            logger.info("  %s: could not be built (%s)", candidate.name, e.message)
-            return candidate
-        candidate.path = path
-        self._score(candidate)
+            candidate.path = path
+            self._score(candidate)
+        except (OSError, MemoryError):  # the environment: every later candidate would fail too
+            raise
+        except Exception as e:  # this candidate failed; the search goes on (failure_reason)
+            path.unlink(missing_ok=True)  # no record: never read back as a cache entry
+            return _failed(candidate, e)
         numbers = {k: getattr(candidate, k) for k in _CACHED}
         atomic_write_text(record, json.dumps({**numbers, "sha256": sha256_file(path)}))
         return self._judge(candidate)
@@ -144,6 +145,19 @@ class Builder:
         values = report.outputs[report.output]
         c.score = values[self.budget.metric].value
         c.cosine, c.worst = values["cosine"].value, values["cosine"].worst
+
+
+def _failed(candidate: Candidate, e: Exception) -> Candidate:
+    """``candidate`` marked as failed with its one-line reason (the report's row); an
+    internal error is a warning (with the traceback under --debug)."""
+    candidate.error = failure_reason(e)
+    candidate.path, candidate.score, candidate.cosine, candidate.worst = None, None, None, None
+    if isinstance(e, OnnxshipError) and not isinstance(e, InternalError):
+        logger.info("  %s: failed (%s)", candidate.name, candidate.error)
+    else:
+        logger.warning("warning: candidate %s failed: %s", candidate.name, candidate.error)
+        logger.debug("candidate %s", candidate.name, exc_info=e)
+    return candidate
 
 
 def _calib_of(settings: dict[str, Any]) -> str:

@@ -9,7 +9,9 @@ from typing import Any
 
 import onnx
 
-__all__ = ["Candidate", "configs", "passes_of", "SMOOTH_ALPHA"]
+from converter.core.errors import InternalError, OnnxshipError, first_line
+
+__all__ = ["Candidate", "configs", "passes_of", "failure_reason", "SMOOTH_ALPHA"]
 
 SMOOTH_ALPHA = 0.8  # all-MiniLM-L6-v2, avx2: 0.9965 / 0.9924 vs 0.9947 / 0.9877 at 0.95
 _GPTQ = {"weight_rounding": "gptq"}
@@ -36,6 +38,14 @@ class Candidate:
 
     def row(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
+
+
+def failure_reason(e: Exception) -> str:
+    """The one line the report gives a candidate (or a stage) that failed: our error's
+    message, or for an exception onnxship did not expect, the internal error it is. The
+    search goes on without it; only the environment (OSError, MemoryError) and signals
+    end the search, and callers let those through."""
+    return e.message if isinstance(e, OnnxshipError) else InternalError(first_line(e)).message
 
 
 def configs(model: onnx.ModelProto, target: str) -> list[tuple[str, dict[str, Any]]]:

@@ -38,7 +38,7 @@ class AutoResult:
     time_budget: dict[str, Any] | None = None  # with --time-budget: see time_summary
 
     def closest(self) -> Candidate | None:
-        scored = [c for c in self.candidates if c.score is not None]
+        scored = [c for c in self.candidates if c.score is not None and not c.error]
         return max(scored, key=lambda c: c.score) if scored else None
 
     def shortfall(self, c: Candidate) -> dict[str, float]:
@@ -73,7 +73,7 @@ class AutoResult:
 def choose(candidates: list[Candidate]) -> Candidate | None:
     """The fastest candidate meeting the budget; speedups within SPEED_TIE of the fastest
     count as equal (timing noise), and among those the higher score wins."""
-    meeting = [c for c in candidates if c.meets and c.speedup is not None]
+    meeting = [c for c in candidates if c.meets and c.speedup is not None and not c.error]
     if not meeting:
         return None
     fastest = max(c.speedup for c in meeting)

@@ -11,7 +11,7 @@ from typing import Any
 from converter.check.sensitivity import sensitivity
 from converter.core.executor import Executor
 from converter.search.builder import Builder
-from converter.search.candidates import Candidate, passes_of
+from converter.search.candidates import Candidate, failure_reason, passes_of
 from converter.search.tasks import Deadline
 
 __all__ = ["search"]
@@ -55,12 +55,14 @@ def _pruned(
     of those meeting the budget, else the best scored)."""
     scored = [(c, cfg) for c, cfg in base if c.score is not None]
     pool = [(c, cfg) for c, cfg in scored if c.meets] or scored
-    best, config = max(pool, key=lambda t: t[0].score)
+    best, config = max(pool, key=lambda t: t[0].score) if pool else (None, {})
     pruned = []
     for sparsity in sparsity_grid:
         prune = {"pass": "prune", "sparsity": sparsity}
         pruned.append(Candidate(f"prune{sparsity:g}", [prune]))
-        pruned.append(Candidate(f"prune{sparsity:g}+{best.name}", [prune, *passes_of(config, [])]))
+        if best is not None:  # (every full-int8 configuration failed: pruning alone)
+            quantize = passes_of(config, [])
+            pruned.append(Candidate(f"prune{sparsity:g}+{best.name}", [prune, *quantize]))
     for c in deadline.evaluate(builder, pruned, executor):
         if c is not None:
             yield _log(c)
@@ -79,21 +81,22 @@ def _exclusions(
     ranking is not cached: with the time spent, none of these is tried (``max_excluded`` of
     them are listed as not tried)."""
 
+    if max_excluded == 0:  # nothing to rank for
+        return
     if deadline.spent():
         deadline.not_tried += [f"{best.name}_fp32x{k}" for k in range(1, max_excluded + 1)]
         return
-    mode = "static" if config["pass"] == "quantize-static" else "dynamic"
-    settings = {k: v for k, v in config.items() if k not in ("pass", "per_channel", "smooth")}
-    ranked = sensitivity(  # ranked under the settings of the candidate being repaired
-        builder.model,
-        builder.score,
-        mode=mode,
-        calib=builder.calib,
-        per_channel=config.get("per_channel", True),
-        quant_settings=settings,
-        progress=False,
-        executor=executor,
-    ).ranked_nodes()
+    try:
+        ranked = _ranking(builder, config, executor)
+    except (OSError, MemoryError):  # the environment: the search cannot go on
+        raise
+    except Exception as e:  # this stage failed: the report says so, the search goes on
+        reason = f"ranking the nodes by sensitivity failed: {failure_reason(e)}"
+        failed = Candidate(f"{best.name}_fp32x1..{max_excluded}", [], error=reason)
+        logger.warning("warning: %s: %s", failed.name, failed.error)
+        logger.debug("%s", failed.name, exc_info=e)
+        yield failed
+        return
     ks = list(range(1, min(max_excluded, len(ranked)) + 1))
     for i in range(0, len(ks), executor.width):
         chunk = [
@@ -105,6 +108,24 @@ def _exclusions(
                 yield _log(c)
                 if c.meets:
                     return
+
+
+def _ranking(builder: Builder, config: dict[str, Any], executor: Executor) -> list[str]:
+    """The nodes by sensitivity, most sensitive first, under the settings of the candidate
+    being repaired (the per-tensor error is not needed here: not measured)."""
+    mode = "static" if config["pass"] == "quantize-static" else "dynamic"
+    settings = {k: v for k, v in config.items() if k not in ("pass", "per_channel", "smooth")}
+    return sensitivity(
+        builder.model,
+        builder.score,
+        mode=mode,
+        calib=builder.calib,
+        per_channel=config.get("per_channel", True),
+        quant_settings=settings,
+        progress=False,
+        executor=executor,
+        tensor_errors=0,
+    ).ranked_nodes()
 
 
 def _log(c: Candidate) -> Candidate:
