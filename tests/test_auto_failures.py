@@ -176,6 +176,33 @@ def test_a_failing_candidate_is_a_failed_row_not_the_end(mlp, tmp_path, capsys, 
     assert (tmp_path / "o" / "model.onnx").exists()
 
 
+@pytest.mark.parametrize("bug", [True, False])
+def test_every_candidate_failing_is_exit_3_for_a_bug_else_1(
+    bug, mlp, tmp_path, capsys, monkeypatch
+):
+    """Nothing built because of a bug of ours is no verdict on the model (exit 3, internal
+    error); because onnxruntime could not quantize any configuration, it is (exit 1)."""
+    from converter.core.errors import PassError
+
+    _only(monkeypatch, "dynamic_pc", "dynamic_pt")
+
+    def fails(self, passes):
+        raise KeyError("w9") if bug else PassError("onnxruntime could not quantize", "exclude")
+
+    monkeypatch.setattr(Builder, "build", fails)
+    code, err = _auto_cli(capsys, mlp, tmp_path / "o", "--min-score", "0.5")
+    last = err.strip().splitlines()[-1]
+    if bug:
+        assert code == 3 and last == (
+            "error: internal error: no candidate could be built (dynamic_pc: KeyError: 'w9'); "
+            "no model.onnx written — rerun with --debug and report it"
+        )
+    else:
+        assert code == 1 and last.startswith("error: no candidate could be built; ")
+    assert not (tmp_path / "o" / "model.onnx").exists()
+    assert (tmp_path / "o" / "report.md").exists()
+
+
 def test_a_candidate_the_bench_cannot_run_is_marked_failed(mlp, tmp_path, capsys, monkeypatch):
     _only(monkeypatch, "dynamic_pc", "static_u8_pc_minmax")
     """The static candidate fails in the bench (alone too): marked failed with the bench's

@@ -11,7 +11,7 @@ import onnx
 
 from converter.core.errors import InternalError, OnnxshipError, first_line
 
-__all__ = ["Candidate", "configs", "passes_of", "failure_reason", "SMOOTH_ALPHA"]
+__all__ = ["Candidate", "configs", "passes_of", "failure_reason", "bug_of", "SMOOTH_ALPHA"]
 
 SMOOTH_ALPHA = 0.8  # all-MiniLM-L6-v2, avx2: 0.9965 / 0.9924 vs 0.9947 / 0.9877 at 0.95
 _GPTQ = {"weight_rounding": "gptq"}
@@ -46,6 +46,13 @@ def failure_reason(e: Exception) -> str:
     search goes on without it; only the environment (OSError, MemoryError) and signals
     end the search, and callers let those through."""
     return e.message if isinstance(e, OnnxshipError) else InternalError(first_line(e)).message
+
+
+def bug_of(reason: str) -> str | None:
+    """What a failure reason made by :func:`failure_reason` says of a bug of onnxship (an
+    internal error), without the advice; None for any other failure."""
+    _, found, rest = reason.partition("internal error: ")
+    return rest.rsplit(" — ", 1)[0] if found else None
 
 
 def configs(model: onnx.ModelProto, target: str) -> list[tuple[str, dict[str, Any]]]:

@@ -7,11 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from converter.core.errors import GateFailed
+from converter.core.errors import GateFailed, InternalError
 from converter.core.gates import failure
 from converter.core.machine import Target, host_target
 from converter.search.budget import Budget
-from converter.search.candidates import Candidate
+from converter.search.candidates import Candidate, bug_of
 from converter.search.tasks import Deadline
 
 __all__ = ["AutoResult", "choose", "check_result", "time_summary", "time_note", "SPEED_TIE"]
@@ -125,6 +125,10 @@ def check_result(result: AutoResult) -> None:
         )
     if closest is None:
         what = "no candidate could be built"
+        bugs = [(c.name, bug_of(c.error)) for c in result.candidates if bug_of(c.error)]
+        if bugs:  # our failure, not a verdict on the model: exit 3
+            name, bug = bugs[0]
+            raise InternalError(f"{what} ({name}: {bug}); no model.onnx written")
         if timed.get("stopped") and not result.candidates:
             what = f"no candidate was tried within --time-budget {timed['seconds']:g} s"
         raise GateFailed(what + "; no model.onnx written", f"{more}see {result.report_md}")
