@@ -9,7 +9,9 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
+from conftest import two_matmul_mlp
 
 from converter.cli import main
 from converter.core.gates import ScoreLimits
@@ -349,15 +351,26 @@ def test_manifest_base_hashes_each_artifact(tmp_path: Path) -> None:
     from converter.recipes.manifest import manifest_base
 
     (tmp_path / "sub").mkdir()
-    a, b = tmp_path / "a.onnx", tmp_path / "sub" / "b.onnx"
+    a, b, c = tmp_path / "a.bin", tmp_path / "sub" / "b.bin", tmp_path / "c.onnx"
     a.write_bytes(b"first")
     b.write_bytes(b"second, longer")
+    model = two_matmul_mlp(np.random.default_rng(0))
+    onnx.save(model, c, save_as_external_data=True, location="w.data", size_threshold=0)
     target = {"target": "avx2"}
-    base = manifest_base(tmp_path, {"a": a, "b": b}, target, with_torch=False)
+    base = manifest_base(tmp_path, {"a": a, "b": b, "c": c}, target, with_torch=False)
     assert set(base) == {"onnxship", "versions", "machine", "target", "artifacts"}
+    data = tmp_path / "w.data"
     assert base["artifacts"] == {
-        "a": {"path": "a.onnx", "sha256": sha(a), "size": 5},
-        "b": {"path": "sub/b.onnx", "sha256": sha(b), "size": 14},
+        "a": {"path": "a.bin", "sha256": sha(a), "size": 5},
+        "b": {"path": "sub/b.bin", "sha256": sha(b), "size": 14},
+        "c": {  # a model's external data is hashed with it
+            "path": "c.onnx",
+            "sha256": sha(c),
+            "size": c.stat().st_size,
+            "external_data": [
+                {"path": "w.data", "sha256": sha(data), "size": (32 * 64 + 64 * 10) * 4}
+            ],
+        },
     }
     assert base["target"] == target and base["machine"] == machine()
     assert "torch" not in base["versions"] and base["versions"]["onnxruntime"]

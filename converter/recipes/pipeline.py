@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -24,7 +23,7 @@ from converter.core.defaults import DEFAULT_OPSET, EXPORT_ATOL, EXPORT_RTOL
 from converter.core.errors import BadInputError, OnnxshipError
 from converter.core.executor import make_executor
 from converter.core.gates import failure
-from converter.core.onnxio import atomic_path, atomic_write_text, load_model, save_model
+from converter.core.onnxio import atomic_write_text, copy_model, load_model, save_model
 from converter.recipes.report import build_manifest, write_reports
 from converter.recipes.schema import Recipe, Variant, load_recipe, to_plain
 from converter.torch.export import export
@@ -171,11 +170,8 @@ def _prepare_outdir(out: Path, recipe: Recipe) -> None:
 def _reference(recipe: Recipe, out: Path, result: RunResult) -> ArtifactResult:
     path = out / f"{REFERENCE}.onnx"
     m = recipe.model
-    if m.onnx is not None:
-        load_model(m.onnx)  # a clear error when it is not ONNX
-        with atomic_path(path) as tmp:
-            shutil.copyfile(m.onnx, tmp)
-        return ArtifactResult(REFERENCE, path)
+    if m.onnx is not None:  # with its external data (one file below 2 GB)
+        return ArtifactResult(REFERENCE, copy_model(m.onnx, path))
 
     exported = export(
         m.spec,
