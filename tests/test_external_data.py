@@ -189,6 +189,15 @@ warmup = 1
     assert manifest["validation"]["dyn"]["outputs"]["y"]["cosine"]["value"] > 0.99
 
 
+def test_run_refuses_a_model_without_its_data_before_any_work(models, tmp_path, capsys):
+    inline, ext, data = models
+    (ext.parent / "m.onnx.data").unlink()
+    (tmp_path / "r.toml").write_text(f'[model]\nonnx = "{ext}"\n')
+    assert main(["run", str(tmp_path / "r.toml"), "-o", str(tmp_path / "out")]) == 2
+    assert "m.onnx.data, which does not exist" in one_line_error(capsys)
+    assert not (tmp_path / "out").exists()
+
+
 def test_auto_copies_the_reference_with_its_data(models, tmp_path, capsys) -> None:
     inline, ext, data = models
     out = tmp_path / "auto"
