@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -54,7 +53,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from converter.core.errors import BadInputError
-from converter.core.onnxio import load_model
+from converter.core.onnxio import load_model, model_file_size
 from converter.core.packed import (
     MARK,
     MAX_BYTES,
@@ -373,6 +372,6 @@ def packed_size(path: Any) -> int:
     model = load_model(path)
     try:
         result = Pack()(model)
-    except BadInputError:  # external data, old opset: the file as it is
-        return Path(path).stat().st_size
-    return result.model.ByteSize() if result.modified else Path(path).stat().st_size
+    except BadInputError:  # above 2 GB, old opset: the file as it is
+        return model_file_size(path)
+    return result.model.ByteSize() if result.modified else model_file_size(path)

@@ -9,7 +9,9 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
+from conftest import two_matmul_mlp
 
 from converter.cli import main
 from converter.core.gates import ScoreLimits
@@ -174,6 +176,48 @@ VARIANT = '[model]\nonnx = "M"\n[[variants]]\nname = "v"\npasses = ['
         ('[model]\nonnx = "M"\n[gates]\nmax_drop = -0.01', "max_drop -0.01 is outside [0, 1]"),
         ('[model]\nonnx = "M"\n[gates]\nmin_score = "high"', "[gates] min_score high is outside"),
         ('[model]\nonnx = "M"\n[gates]\nmin_worst = 2', "[gates] min_worst 2 is outside [-1, 1]"),
+        # names become files and folders: one plain path component each (#21 item 3)
+        ('name = "../escape"\n[model]\nonnx = "M"', "recipe name '../escape' is not a plain"),
+        ('name = "/tmp/abs"\n[model]\nonnx = "M"', "recipe name '/tmp/abs' is not a plain"),
+        ('name = "a/b"\n[model]\nonnx = "M"', "recipe name 'a/b' is not a plain name"),
+        ('name = ".."\n[model]\nonnx = "M"', "recipe name '..' is not a plain name"),
+        ('name = 1\n[model]\nonnx = "M"', "recipe name 1 is not a plain name"),
+        (VARIANT.replace('"v"', '"../up"') + "]", "variant name '../up' is not a plain name"),
+        (VARIANT.replace('"v"', '"/tmp/x"') + "]", "variant name '/tmp/x' is not a plain"),
+        (VARIANT.replace('"v"', '".."') + "]", "variant name '..' is not a plain name"),
+        (VARIANT.replace('"v"', '"fp32"') + "]", "variant name 'fp32' is not a plain name"),
+        # every value typed and in range at load (#21 items 6, 7)
+        ('[model]\nonnx = "M"\n[bench]\nruns = "many"', "[bench] runs 'many' is not a whole"),
+        ('[model]\nonnx = "M"\n[bench]\nruns = 0', "recipe [bench] runs 0 is not a whole"),
+        ('[model]\nonnx = "M"\n[bench]\nwarmup = -1', "[bench] warmup -1 is not a whole"),
+        ('[model]\nonnx = "M"\n[bench]\nruns = 5\nseconds = 1', "gives both runs and seconds"),
+        ('[model]\nonnx = "M"\n[bench]\nseconds = -1', "[bench] seconds -1 is not a positive"),
+        ('[model]\nonnx = "M"\n[bench]\nseconds = "2"', "[bench] seconds '2' is not a positive"),
+        ('[model]\nonnx = "M"\n[bench]\nseconds = nan', "[bench] seconds nan is not a positive"),
+        ('[model]\nonnx = "M"\n[bench]\nthreads = 2', "[bench] threads 2 must be a list"),
+        ('[model]\nonnx = "M"\n[bench]\nthreads = [1, 0]', "[bench] threads [1, 0] must be"),
+        ('[model]\nonnx = "M"\n[bench]\nthreads = [1, 1]', "[bench] threads [1, 1] repeat"),
+        ('[model]\nonnx = "M"\n[bench]\ndims = { batch = -3 }', "dims batch = -3 is not a dim"),
+        ('[model]\nonnx = "M"\n[bench]\ndims = { nope = 4 }', "dims ['nope'] name no dim of"),
+        ('[model]\nonnx = "M"\n[gates]\nmetrics = ["cosinus"]', "'cosinus' is unknown"),
+        ('[model]\nonnx = "M"\n[gates]\nmetrics = "cosine"', "metrics must be a list of str"),
+        ('[model]\nonnx = "M"\n[gates]\nmetrics = ["cosine", "cosine"]', "each metric once"),
+        ('[model]\nonnx = "M"\n[gates]\nmin_score = 0.5', "has [gates] but no [data] valid"),
+        (
+            '[model]\nonnx = "M"\n[gates]\nmin_score = 0.5\nmetrics = ["max-abs"]',
+            "min_score reads the first metric, and max-abs is an error",
+        ),
+        ('[model]\nonnx = "M"\ndims = { batch = 2 }', "are settings of the export from `spec`"),
+        ('executor = 3\n[model]\nonnx = "M"', "recipe `executor` must be a string, got 3"),
+        ('[model]\nspec = "n.py:b"\ninputs = ["x:b,4"]\ndims = { b = -3 }', "b = -3 is not a"),
+        ('[model]\nspec = "n.py:b"\ninputs = ["x:b,4"]\ndims = { c = 3 }', "['c'] name no dim"),
+        ('[model]\nspec = "n.py:b"\ninputs = "x:b,4"', "inputs must be a list of strings"),
+        ('[model]\nspec = "n.py:b"\ninputs = ["x:b,4y"]', "bad dimension '4y' in recipe [model]"),
+        ('[model]\nspec = "n.py:b"\ninputs = ["x:b"]\nopset = 99', "opset 99 is out of range"),
+        ('[model]\nspec = "n.py:b"\ninputs = ["x:b"]\natol = -1', "[model] atol -1 is not a"),
+        ('[model]\nspec = "n.py"\ninputs = ["x:b"]', "spec 'n.py' is not FILE.py:CALLABLE"),
+        ('[model]\nspec = "n.py:b"\ninputs = ["x:b"]', "spec file"),
+        ('[model]\nonnx = "M"\n[data]\nvalidation = "nope.npz"', "[data] validation: data"),
     ],
 )
 def test_recipe_errors_are_exit_2_naming_the_key(text, expected, digits_mlp, tmp_path, capsys):
@@ -185,14 +229,66 @@ def test_recipe_errors_are_exit_2_naming_the_key(text, expected, digits_mlp, tmp
     assert not list((tmp_path / "out").glob("*.onnx")) if (tmp_path / "out").exists() else True
 
 
-def test_missing_data_file_names_the_step(digits_mlp, tmp_path: Path, capsys) -> None:
+def test_recipe_errors_come_before_any_work(tmp_path: Path, capsys) -> None:
+    """A bad value is exit 2 at load: the model's code is never run (no export), OUTDIR
+    (and build/<name>) never made."""
+    (tmp_path / "net.py").write_text(
+        "from pathlib import Path\nPath(__file__).with_name('imported').touch()\n"
+        "def build():\n    raise SystemExit('exported')\n"
+    )
+    for bad in ('[bench]\nruns = "many"', "[bench]\nthreads = [0]", '[gates]\nmetrics = ["x"]'):
+        (tmp_path / "r.toml").write_text(
+            f'name = "n"\n[model]\nspec = "net.py:build"\ninputs = ["x:batch,4"]\n'
+            f'[data]\nvalidation = "v.npz"\n{bad}\n'
+        )
+        code = main(["run", str(tmp_path / "r.toml"), "-o", str(tmp_path / "out")])
+        assert code == 2 and "error: recipe [" in capsys.readouterr().err
+    assert not (tmp_path / "imported").exists() and not (tmp_path / "out").exists()
+
+
+def test_a_recipe_name_writes_only_below_build(digits_mlp, tmp_path: Path, monkeypatch, capsys):
+    """Without -o the run goes to build/<name>: a name that is a path is refused (nothing
+    written anywhere); a recipe without a name takes its file's, made one component."""
+    from converter.recipes.schema import load_recipe
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    for name in ("../outside", str(tmp_path / "abs")):
+        (work / "r.toml").write_text(f'name = "{name}"\n[model]\nonnx = "{digits_mlp.onnx}"\n')
+        assert main(["run", str(work / "r.toml")]) == 2
+        assert "is not a plain name" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]
+    assert sorted(p.name for p in work.iterdir()) == ["r.toml"]
+    (work / "..my recipe.toml").write_text(f'[model]\nonnx = "{digits_mlp.onnx}"\n')
+    assert load_recipe(work / "..my recipe.toml").name == "my_recipe"
+
+
+def test_missing_data_file_is_refused_before_any_work(digits_mlp, tmp_path: Path, capsys):
     (tmp_path / "r.toml").write_text(
         f'[model]\nonnx = "{digits_mlp.onnx}"\n[data]\nvalidation = "nope.npz"\n'
     )
     code = main(["run", str(tmp_path / "r.toml"), "-o", str(tmp_path / "out")])
     err = capsys.readouterr().err
-    assert code == 2 and "step 'validate' failed (done: export fp32 reference" in err
-    assert "nope.npz does not exist" in err
+    assert code == 2 and "error: recipe [data] validation: data " in err
+    assert "nope.npz does not exist" in err and not (tmp_path / "out").exists()
+
+
+def test_data_checked_after_the_export_names_the_step(tmp_path: Path, capsys) -> None:
+    """A `spec` model's code may write the data (the bundled recipes' does), so its data
+    is checked right after the export: the failure names the step, the export is kept."""
+    (tmp_path / "net.py").write_text(
+        "import torch\ndef build():\n    torch.manual_seed(0)\n    return torch.nn.Linear(4, 2)\n"
+    )
+    np.savez(tmp_path / "v.npz", y=np.zeros((3, 4), np.float32))  # named y, the input is x
+    (tmp_path / "r.toml").write_text(
+        '[model]\nspec = "net.py:build"\ninputs = ["x:batch,4"]\nexporter = "torchscript"\n'
+        '[data]\nvalidation = "v.npz"\n'
+    )
+    code = main(["run", str(tmp_path / "r.toml"), "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "step 'check data' failed (done: export fp32 reference" in err
+    assert "missing inputs ['x']" in err
     assert (tmp_path / "out" / "fp32.onnx").exists()  # artifacts of done steps are kept
 
 
@@ -349,15 +445,26 @@ def test_manifest_base_hashes_each_artifact(tmp_path: Path) -> None:
     from converter.recipes.manifest import manifest_base
 
     (tmp_path / "sub").mkdir()
-    a, b = tmp_path / "a.onnx", tmp_path / "sub" / "b.onnx"
+    a, b, c = tmp_path / "a.bin", tmp_path / "sub" / "b.bin", tmp_path / "c.onnx"
     a.write_bytes(b"first")
     b.write_bytes(b"second, longer")
+    model = two_matmul_mlp(np.random.default_rng(0))
+    onnx.save(model, c, save_as_external_data=True, location="w.data", size_threshold=0)
     target = {"target": "avx2"}
-    base = manifest_base(tmp_path, {"a": a, "b": b}, target, with_torch=False)
+    base = manifest_base(tmp_path, {"a": a, "b": b, "c": c}, target, with_torch=False)
     assert set(base) == {"onnxship", "versions", "machine", "target", "artifacts"}
+    data = tmp_path / "w.data"
     assert base["artifacts"] == {
-        "a": {"path": "a.onnx", "sha256": sha(a), "size": 5},
-        "b": {"path": "sub/b.onnx", "sha256": sha(b), "size": 14},
+        "a": {"path": "a.bin", "sha256": sha(a), "size": 5},
+        "b": {"path": "sub/b.bin", "sha256": sha(b), "size": 14},
+        "c": {  # a model's external data is hashed with it
+            "path": "c.onnx",
+            "sha256": sha(c),
+            "size": c.stat().st_size,
+            "external_data": [
+                {"path": "w.data", "sha256": sha(data), "size": (32 * 64 + 64 * 10) * 4}
+            ],
+        },
     }
     assert base["target"] == target and base["machine"] == machine()
     assert "torch" not in base["versions"] and base["versions"]["onnxruntime"]
@@ -379,3 +486,59 @@ def test_recipe_gates_are_score_limits(digits_mlp, tmp_path: Path) -> None:
     plain = recipe.resolved()["gates"]
     assert plain == {"metrics": ["accuracy", "cosine"], "min_score": None, "max_drop": 0.02,
                      "min_worst": 0.9}  # fmt: skip
+
+
+# --- [bench] seconds; the manifest of an OUTDIR that held an earlier run (#21 items 4, 10) ---
+
+
+def test_bench_seconds_in_a_recipe_measures_for_that_time(digits_mlp, tmp_path: Path) -> None:
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'[model]\nonnx = "{digits_mlp.onnx}"\n[bench]\nseconds = 0.3\nwarmup = 1\n')
+    assert main(["-q", "run", str(recipe), "-o", str(tmp_path / "o")]) == 0
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert manifest["recipe"]["bench"]["seconds"] == 0.3
+    assert manifest["recipe"]["bench"]["runs"] is None
+    settings = manifest["bench"]["settings"]
+    assert (settings["seconds"], settings["runs"]) == (0.3, None)
+    assert (
+        manifest["bench"]["results"][0]["runs"] > 10
+    )  # a 0.3 s budget on a model of microseconds, not a fixed count
+    # neither given: the default count, as written in the manifest
+    recipe.write_text(f'[model]\nonnx = "{digits_mlp.onnx}"\n')
+    from converter.recipes.schema import load_recipe
+
+    assert (load_recipe(recipe).bench.runs, load_recipe(recipe).bench.seconds) == (100, None)
+
+
+def _artifacts_agree(out: Path) -> bool:
+    """Every artifact the manifest names has the sha256 and size it records."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    return all(
+        sha(out / a["path"]) == a["sha256"] and (out / a["path"]).stat().st_size == a["size"]
+        for a in manifest["artifacts"].values()
+    )
+
+
+@pytest.mark.parametrize("where", ["bench", "reports"])
+def test_an_interrupted_run_leaves_no_stale_manifest(where, digits_mlp, tmp_path, monkeypatch):
+    """OUTDIR holds a complete earlier run; a new run with other variants is interrupted
+    (SIGTERM) while benching, or while writing its reports: no manifest is left that
+    disagrees with the files (the old one is removed before anything is written, the new
+    one is written last)."""
+    from converter.core.errors import Interrupted
+    from converter.recipes import pipeline
+
+    out = tmp_path / "out"
+    first = write_recipe(tmp_path, digits_mlp, VARIANTS.split('[[variants]]\nname = "int8"')[0])
+    assert main(["-q", "run", str(first), "-o", str(out)]) == 0
+    assert _artifacts_agree(out) and (out / "report.md").exists()
+
+    def interrupt(*args, **kwargs):
+        raise Interrupted(15, "SIGTERM")
+
+    monkeypatch.setattr(pipeline, "_bench_all" if where == "bench" else "write_reports", interrupt)
+    again = write_recipe(tmp_path, digits_mlp, VARIANTS.replace("0.3", "0.6"))
+    assert main(["-q", "run", str(again), "-o", str(out)]) == 143
+    assert (out / "pruned.onnx").exists()  # rewritten by the new run (60 % sparsity)
+    assert not (out / "manifest.json").exists()
+    assert not (out / "report.md").exists() and not (out / "report.html").exists()

@@ -338,13 +338,14 @@ def _interleave(calls, runs, seconds, progress: bool, desc: str) -> list[np.ndar
     """Rounds of one timed run per model, until ``runs`` rounds or ``seconds`` passed."""
     clock = time.perf_counter_ns
     times: list[list[int]] = [[] for _ in calls]
-    deadline = None if seconds is None else clock() + int(seconds * 1e9)
     rounds = 0
     bar = tqdm(
         total=runs, desc=desc, unit="round", disable=not progress, file=sys.stderr, leave=False
     )
     try:
-        with bar, _gc_paused():
+        with bar, _gc_paused():  # the time budget starts after its gc.collect (seconds, in
+            # a process holding many objects)
+            deadline = None if seconds is None else clock() + int(seconds * 1e9)
             while (runs is None or rounds < runs) and (
                 deadline is None or clock() < deadline or not rounds
             ):

@@ -24,6 +24,7 @@ from converter.core.data import Dataset, InputSpec
 from converter.core.defaults import METRICS
 from converter.core.errors import BadInputError, DataError, OnnxshipError
 from converter.core.executor import Executor
+from converter.core.onnxio import session_source
 from converter.core.runtime import cached_session, run_session
 
 __all__ = ["Running", "Run", "score", "read_labels"]
@@ -130,12 +131,14 @@ class _Model:
     worker's session cache) and its path (for messages)."""
 
     path: str
-    data: bytes
+    data: bytes | str  # a model above 2 GB with external data: its path (read where it runs)
     key: str
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> _Model:
-        data = Path(path).read_bytes()
+        data = session_source(path)  # with its external data, which bytes alone lack
+        if isinstance(data, str):
+            return cls(str(path), data, f"{Path(path).resolve()}@{os.stat(path).st_mtime_ns}")
         return cls(str(path), data, hashlib.sha256(data).hexdigest())
 
 

@@ -14,8 +14,10 @@ example:
 OUTDIR (default build/<recipe name>) receives fp32.onnx, one .onnx per variant,
 manifest.json (sha256 and size of every artifact, the resolved recipe, versions, machine,
 every metric and timing), report.md and report.html (with plots). Model files are
-deterministic: the same recipe and inputs give the same bytes. Exit 1 when a gate of the
-recipe fails (the report is still written), 2 on a bad recipe.
+deterministic: the same recipe and inputs give the same bytes. An earlier run's manifest and
+reports are removed first and the manifest is written last: an interrupted run leaves none.
+Exit 1 when a gate of the recipe fails (the report is still written), 2 on a bad recipe
+(every key and value is checked before anything runs).
 
 A top-level `executor = "ray"` in the recipe scores the validation data's shards as Ray tasks
 (`ray_address = "ADDR"` for an existing cluster; default a local Ray); the numbers are the

@@ -141,14 +141,18 @@ def _chunk(inits: dict[str, onnx.TensorProto], names: list[str]) -> Chunk:
 
 
 def check_size(model: onnx.ModelProto) -> None:
-    """Refuse models whose weights live in external data or exceed protobuf's 2 GB."""
+    """Refuse weights above protobuf's 2 GB, and tensors still in external data (a model
+    read by ``converter.core.onnxio.load_model`` has its external data loaded)."""
     external = [t.name for t in model.graph.initializer if t.data_location == TensorProto.EXTERNAL]
-    total = sum(t.ByteSize() for t in model.graph.initializer)
-    if external or total > MAX_BYTES:
-        what = f"{len(external)} external tensors" if external else f"{total / 1e9:.2f} GB"
+    if external:
         raise BadInputError(
-            f"the model keeps its weights in external data ({what}); pack supports models "
-            "below 2 GB",
+            f"{len(external)} tensors of the model are in external data that was not loaded",
+            "load the model with converter.core.onnxio.load_model, which reads it",
+        )
+    total = sum(t.ByteSize() for t in model.graph.initializer)
+    if total > MAX_BYTES:
+        raise BadInputError(
+            f"the model's weights take {total / 1e9:.2f} GB; pack supports models below 2 GB",
             "pack a model below 2 GB (e.g. after int8 quantization), or ship it unpacked",
         )
 

@@ -59,7 +59,7 @@ class _SessionCache:
         self.size = size
         self.sessions: OrderedDict[tuple[str, int], object] = OrderedDict()
 
-    def get(self, key: str, model: bytes, threads: int):
+    def get(self, key: str, model: bytes | str, threads: int):
         entry = (key, threads)
         if entry not in self.sessions:
             self.sessions[entry] = make_session(model, threads=threads)
@@ -72,9 +72,9 @@ class _SessionCache:
 _SESSIONS = _SessionCache(size=4)  # a candidate and its reference, for two runs
 
 
-def cached_session(key: str, model: bytes, threads: int = 1):
-    """A session for ``model`` (serialized bytes whose digest is ``key``), reused while it
-    is among the last four this process used."""
+def cached_session(key: str, model: bytes | str, threads: int = 1):
+    """A session for ``model`` (serialized bytes whose digest is ``key``, or a path), reused
+    while it is among the last four this process used."""
     return _SESSIONS.get(key, model, threads)
 
 

@@ -10,17 +10,23 @@ from typing import Any
 
 from converter.core import __version__
 from converter.core.machine import machine, sha256_file, versions
+from converter.core.onnxio import external_data_files
 
 __all__ = ["manifest_base", "artifact_entry"]
 
 
 def artifact_entry(path: Path, outdir: Path) -> dict[str, Any]:
-    """One artifact: its path relative to ``outdir``, its sha256 and its size in bytes."""
-    return {
+    """One artifact: its path relative to ``outdir``, its sha256 and its size in bytes; a
+    model with external data (above 2 GB) adds ``external_data``, an entry per data file."""
+    entry = {
         "path": path.relative_to(outdir).as_posix(),
         "sha256": sha256_file(path),
         "size": path.stat().st_size,
     }
+    data = external_data_files(path) if path.suffix == ".onnx" else []
+    if data:
+        entry["external_data"] = [artifact_entry(f, outdir) for f in data]
+    return entry
 
 
 def manifest_base(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -19,12 +18,13 @@ from typing import Any
 
 from converter.check.bench import bench
 from converter.check.validate import validate
-from converter.core.data import Dataset
+from converter.core.data import Dataset, model_input_specs
 from converter.core.defaults import DEFAULT_OPSET, EXPORT_ATOL, EXPORT_RTOL
 from converter.core.errors import BadInputError, OnnxshipError
 from converter.core.executor import make_executor
 from converter.core.gates import failure
-from converter.core.onnxio import atomic_path, atomic_write_text, load_model, save_model
+from converter.core.onnxio import atomic_write_text, copy_model, load_model, save_model
+from converter.recipes.checks import check_against_model
 from converter.recipes.report import build_manifest, write_reports
 from converter.recipes.schema import Recipe, Variant, load_recipe, to_plain
 from converter.torch.export import export
@@ -37,6 +37,8 @@ __all__ = ["run_recipe", "RunResult", "ArtifactResult", "build_passes"]
 logger = logging.getLogger(__name__)
 
 REFERENCE = "fp32"
+# what a run writes besides the models, the manifest last; removed from OUTDIR first
+RUN_OUTPUTS = ("manifest.json", "report.md", "report.html")
 _TARGETED = ("quantize", "quantize-dynamic", "quantize-static")  # passes that take `target`
 
 
@@ -132,12 +134,16 @@ def run_recipe(
         build_passes(variant, recipe)
         if variant.shrink is not None:
             shrink_settings(variant.shrink, f"variant {variant.name!r} shrink")
+    if recipe.model.onnx is not None:  # data files, labels, bench dims: against its inputs
+        check_against_model(recipe, _input_specs(recipe.model.onnx))
     out = Path(outdir) if outdir is not None else Path("build") / recipe.name
     _prepare_outdir(out, recipe)
     result = RunResult(recipe, out, [])
     steps = _Steps(result.timings)
     reference = steps.run("export fp32 reference", lambda: _reference(recipe, out, result))
     result.artifacts.append(reference)
+    if recipe.model.spec is not None:  # now that its code ran (it may write the data)
+        steps.run("check data", lambda: check_against_model(recipe, _input_specs(reference.path)))
     for variant in recipe.variants:
         result.artifacts.append(
             steps.run(f"variant {variant.name}", lambda v=variant: _variant(v, recipe, out))
@@ -166,16 +172,19 @@ def _prepare_outdir(out: Path, recipe: Recipe) -> None:
             f"cannot create output folder {out} ({e.strerror})",
             "choose a folder you can write to with -o",
         ) from e
+    for name in RUN_OUTPUTS:  # an earlier run's: they would describe other artifacts
+        (out / name).unlink(missing_ok=True)
+
+
+def _input_specs(path: Path) -> list:
+    return model_input_specs(load_model(path, external_data=False))
 
 
 def _reference(recipe: Recipe, out: Path, result: RunResult) -> ArtifactResult:
     path = out / f"{REFERENCE}.onnx"
     m = recipe.model
-    if m.onnx is not None:
-        load_model(m.onnx)  # a clear error when it is not ONNX
-        with atomic_path(path) as tmp:
-            shutil.copyfile(m.onnx, tmp)
-        return ArtifactResult(REFERENCE, path)
+    if m.onnx is not None:  # with its external data (one file below 2 GB)
+        return ArtifactResult(REFERENCE, copy_model(m.onnx, path))
 
     exported = export(
         m.spec,
@@ -262,13 +271,9 @@ def _validate_each(result: RunResult, executor: Any) -> None:
 
 
 def _metrics(gates: Any, result: RunResult) -> list[str]:
-    """The recipe's metrics, else accuracy (when the data has labels), agreement, cosine."""
+    """The recipe's metrics (their labels checked at load), else accuracy (when the data has
+    labels), agreement, cosine."""
     if gates.metrics:
-        if "accuracy" in gates.metrics and not result.labelled:
-            raise BadInputError(
-                f"[gates] metrics has accuracy but {result.recipe.data.validation} has no `labels`",
-                "add labels to the validation data, or gate on agreement/cosine",
-            )
         return list(gates.metrics)
     return (["accuracy"] if result.labelled else []) + ["agreement", "cosine"]
 
@@ -290,12 +295,13 @@ def _bench_all(result: RunResult) -> None:
 
 
 def _write_outputs(result: RunResult) -> None:
-
+    """The reports, then the manifest, last and atomically: a manifest in OUTDIR always
+    describes the files beside it (an interrupted run leaves none)."""
     manifest = build_manifest(result)
+    result.report_md, result.report_html = write_reports(result, manifest)
     result.manifest = atomic_write_text(
         result.outdir / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True) + "\n"
     )
-    result.report_md, result.report_html = write_reports(result, manifest)
 
 
 def check_gates(result: RunResult) -> None:

@@ -24,7 +24,6 @@ paths are relative to the recipe file.
 
 from __future__ import annotations
 
-import re
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -35,6 +34,13 @@ from converter.core.errors import BadInputError
 from converter.core.executor import EXECUTORS, import_ray
 from converter.core.gates import ScoreLimits, check_fraction
 from converter.core.machine import Target, resolve_target
+from converter.recipes.checks import (
+    check_bench,
+    check_gates,
+    check_model,
+    default_name,
+    safe_name,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -51,8 +57,6 @@ __all__ = [
     "BenchSection",
     "load_recipe",
 ]
-
-_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
 @dataclass
@@ -103,7 +107,7 @@ class Gates(ScoreLimits):
 class BenchSection:
     threads: list[int] = field(default_factory=lambda: [1])
     warmup: int = defaults.DEFAULT_WARMUP
-    runs: int = defaults.DEFAULT_RUNS
+    runs: int | None = None  # DEFAULT_RUNS unless `seconds` is given (filled at load)
     seconds: float | None = None
     dims: dict[str, int] = field(default_factory=dict)
 
@@ -180,12 +184,8 @@ def _variants(raw: Any, base: Path) -> list[Variant]:
         if isinstance(v.shrink, dict) and isinstance(v.shrink.get("data"), str):
             v.shrink["data"] = _path(v.shrink["data"], "data", base)
     names = [v.name for v in variants]
-    for v in variants:
-        if not isinstance(v.name, str) or not _NAME.match(v.name) or v.name == "fp32":
-            raise BadInputError(
-                f"bad variant name {v.name!r}",
-                "use letters, digits, _ . - (and not 'fp32', the reference)",
-            )
+    for v in variants:  # each names its file OUTDIR/<name>.onnx
+        safe_name(v.name, "variant name", reserved=("fp32",))
         if not isinstance(v.passes, list) or not all(
             isinstance(p, dict) and "pass" in p for p in v.passes
         ):
@@ -217,7 +217,7 @@ def load_recipe(path: str | Path) -> Recipe:
         raise BadInputError(f"recipe {path.name} has no [model]", "add [model] with spec or onnx")
     recipe = Recipe(
         path=path.resolve(),
-        name=str(raw.get("name", path.stem)),
+        name=_name(raw, path),
         model=_section(ModelSection, raw["model"], "model", base),
         data=_section(DataSection, raw.get("data", {}), "data", base),
         variants=_variants(raw.get("variants", []), base),
@@ -225,13 +225,30 @@ def load_recipe(path: str | Path) -> Recipe:
         bench=_section(BenchSection, raw.get("bench", {}), "bench", base),
         target=_target(raw.get("target", "host")),
         target_as_written=str(raw.get("target", "host")),
-        executor=str(raw.get("executor", "in-process")),
-        ray_address=None if raw.get("ray_address") is None else str(raw["ray_address"]),
+        executor=_string(raw, "executor", "in-process"),
+        ray_address=_string(raw, "ray_address", None),
     )
     _check_model(recipe.model, base)
+    has_validation = recipe.data.validation is not None
+    check_gates(recipe.gates, has_validation)
+    check_bench(recipe.bench, has_validation)
     _check_executor(recipe)
     _check_shrink(recipe)
     return recipe
+
+
+def _name(raw: dict, path: Path) -> str:
+    """The recipe's name, the default output folder build/<name>: one path component."""
+    if "name" not in raw:
+        return default_name(path.stem)
+    return safe_name(raw["name"], "name")
+
+
+def _string(raw: dict, key: str, default: str | None) -> str | None:
+    value = raw.get(key, default)
+    if value is not None and not isinstance(value, str):
+        raise BadInputError(f"recipe `{key}` must be a string, got {value!r}", f'{key} = "..."')
+    return value
 
 
 def _target(value: Any) -> Target:
@@ -272,19 +289,10 @@ def _check_shrink(recipe: Recipe) -> None:
 
 
 def _check_model(model: ModelSection, base: Path) -> None:
-    if (model.spec is None) == (model.onnx is None):
-        raise BadInputError(
-            "recipe [model] needs exactly one of `spec` and `onnx`",
-            'spec = "model.py:build" with inputs = [...], or onnx = "m.onnx"',
-        )
+    check_model(model)
     if model.spec is not None:
-        if not model.inputs:
-            raise BadInputError(
-                "recipe [model] has `spec` but no `inputs`",
-                'inputs = ["x:batch,3,224,224:float32"]',
-            )
-        file, sep, name = model.spec.rpartition(":")
-        if sep and file:
-            model.spec = f"{_path(file, 'spec', base)}:{name}"
-    if model.onnx is not None and not model.onnx.is_file():
-        raise BadInputError(f"recipe [model] onnx {model.onnx} does not exist", "check the path")
+        file, _, name = model.spec.rpartition(":")
+        path = _path(file, "spec", base)
+        if not path.is_file():
+            raise BadInputError(f"recipe [model] spec file {path} does not exist", "check the path")
+        model.spec = f"{path}:{name}"

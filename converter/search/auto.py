@@ -46,7 +46,7 @@ from converter.core.defaults import SCORES as METRICS
 from converter.core.errors import BadInputError, OnnxshipError
 from converter.core.executor import Executor, InProcess
 from converter.core.machine import Target, resolve_target
-from converter.core.onnxio import atomic_path, load_model
+from converter.core.onnxio import copy_model, load_model
 from converter.recipes.auto_report import write_auto_outputs
 from converter.search.budget import Budget, check_options
 from converter.search.builder import Builder
@@ -126,8 +126,7 @@ def auto(
     with _undone_on_bad_input(out):
         out.mkdir(parents=True, exist_ok=True)
         reference = out / "fp32.onnx"
-        with atomic_path(reference) as tmp:
-            shutil.copyfile(model, tmp)
+        copy_model(model, reference)  # with its external data (core/onnxio.py)
         calib_path, score_path, split = _calib_and_score(
             dataset, specs, data, calib, out, max_score_samples
         )
@@ -239,8 +238,7 @@ def _write_model(result: AutoResult) -> None:
     if result.written is None:
         target.unlink(missing_ok=True)
         return
-    with atomic_path(target) as tmp:
-        shutil.copyfile(result.written.path, tmp)
+    copy_model(result.written.path, target)  # with its external data, if any
 
 
 def _refuse_quantized(model: onnx.ModelProto, path: Any) -> None:
