@@ -10,6 +10,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnxruntime.capi import _pybind_state
 
 from converter.core.errors import BadInputError, first_line
 
@@ -133,7 +134,5 @@ def _walk(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
 def _registered_ops() -> frozenset[tuple[str, str]] | None:
     """(domain, op) of every operator schema this onnxruntime registers (None when the
     build does not say: minimal builds)."""
-    from onnxruntime.capi import _pybind_state
-
     schemas = getattr(_pybind_state, "get_all_operator_schema", None)
     return None if schemas is None else frozenset((s.domain, s.name) for s in schemas())
