@@ -17,6 +17,7 @@ import onnx
 from converter.core.errors import BadInputError
 from converter.core.machine import METADATA_KEY, resolve_target
 from converter.core.render import mb
+from converter.core.runtime import unknown_ops
 from passes.base import Pass, PassResult
 from passes.ort import Prepared, ort_quiet, preprocess
 from passes.quant_report import is_quantized, matched, node_report, quantized_nodes
@@ -67,6 +68,8 @@ class Int8Pass(Pass):
                 "the model has no float32 weights to quantize",
                 "quantize the fp32 model (before any fp16 conversion)",
             )
+        if self.mode == "static":
+            _check_runnable(model)
 
     def exclusions(self, model: onnx.ModelProto) -> dict[str, str]:
         """Node name → why it is kept in fp32, for every node the settings exclude."""
@@ -136,6 +139,20 @@ class Int8Pass(Pass):
         self, prepared: Prepared, excluded: Mapping[str, str], out: Path, folder: Path
     ) -> dict[str, Any]:
         raise NotImplementedError
+
+
+def _check_runnable(model: onnx.ModelProto) -> None:
+    """Static quantization runs the model on the calibration data: an op onnxruntime does
+    not know (a custom domain's) would fail there, after the pre-processing."""
+    unknown = unknown_ops(model)
+    if unknown:
+        more = f" and {len(unknown) - 1} more" if len(unknown) > 1 else ""
+        raise BadInputError(
+            f"node {unknown[0]}{more} is a custom-domain op onnxruntime does not know, and "
+            "static quantization runs the model on the calibration data to measure its ranges",
+            "use --mode dynamic (it does not run the model), or export the model with "
+            "standard ONNX ops in place of the custom one",
+        )
 
 
 def mark_target(model: onnx.ModelProto, target: str) -> None:

@@ -11,7 +11,16 @@ from typing import Any
 import numpy as np
 import onnx
 
-__all__ = ["quantized_nodes", "is_quantized", "node_report", "describe_settings"]
+__all__ = [
+    "quantized_nodes",
+    "is_quantized",
+    "has_dynamic_quantization",
+    "node_report",
+    "weight_scales",
+    "describe_scales",
+    "describe_settings",
+    "percent",
+]
 
 
 # Ops that only exist in quantized graphs (standard, com.microsoft, and any QLinear*).
@@ -34,6 +43,28 @@ _QUANT_OPS = frozenset(
         "GatherBlockQuantized",
     }
 )
+
+
+# Ops that quantize activations at run time, from each run's own range: the outputs of a model
+# holding them depend on the other samples in the batch.
+DYNAMIC_OPS = frozenset(
+    {
+        "DynamicQuantizeLinear",
+        "MatMulInteger",
+        "ConvInteger",
+        "DynamicQuantizeMatMul",
+        "DynamicQuantizeLSTM",
+        "MatMulIntegerToFloat",
+    }
+)
+
+# The int8 ops of dynamic mode, what they replaced, and the input holding the weight's zero
+# point (its shape is the weight scale's: one value per tensor, or one per channel).
+_WEIGHT_ZERO_POINT = {
+    "ConvInteger": ("Conv", 3),
+    "MatMulInteger": ("MatMul/Gemm", 3),
+    "DynamicQuantizeMatMul": ("MatMul/Gemm", 3),
+}
 
 
 # Ops ORT quantizes only when a neighbour is quantized (they just move int8 data around).
@@ -75,6 +106,62 @@ def quantized_nodes(model: onnx.ModelProto) -> list[str]:
 def is_quantized(model: onnx.ModelProto) -> bool:
     """True when the model already holds quantization ops (QDQ, QOperator or dynamic)."""
     return bool(quantized_nodes(model))
+
+
+def _all_nodes(graph: onnx.GraphProto):
+    """The nodes of ``graph`` and of every subgraph (If/Loop/Scan bodies) inside it."""
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                yield from _all_nodes(sub)
+
+
+def has_dynamic_quantization(model: onnx.ModelProto) -> bool:
+    """True when ``model`` quantizes activations at run time (DynamicQuantizeLinear,
+    MatMulInteger, ConvInteger, DynamicQuantizeMatMul, ...): its outputs for one sample then
+    depend on the other samples run with it, so it is scored at the batch it runs at."""
+    return any(node.op_type in DYNAMIC_OPS for node in _all_nodes(model.graph))
+
+
+def weight_scales(model: onnx.ModelProto) -> dict[str, dict[str, int]]:
+    """How a dynamic-int8 model's weights were actually quantized, read off its int8 ops:
+    per op type replaced (Conv, MatMul/Gemm), how many have one scale per output channel
+    (``per-channel``) and how many one scale for the whole tensor (``per-tensor``).
+    onnxruntime quantizes Conv weights per tensor whatever ``per_channel`` says."""
+    shapes = {t.name: int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer}
+    out: dict[str, dict[str, int]] = {}
+    for node in model.graph.node:
+        if node.op_type not in _WEIGHT_ZERO_POINT:
+            continue
+        replaced, at = _WEIGHT_ZERO_POINT[node.op_type]
+        size = shapes.get(node.input[at]) if len(node.input) > at else None
+        if size is None:
+            continue  # the weight is not a constant: nothing to read
+        kind = "per-channel" if size > 1 else "per-tensor"
+        counts = out.setdefault(replaced, {"per-channel": 0, "per-tensor": 0})
+        counts[kind] += 1
+    return dict(sorted(out.items()))
+
+
+def describe_scales(scales: Mapping[str, Mapping[str, int]]) -> str:
+    """:func:`weight_scales` for people: ``MatMul/Gemm 1 per-channel; Conv 2 per-tensor``."""
+    parts = [
+        f"{op} " + ", ".join(f"{n} {kind}" for kind, n in counts.items() if n)
+        for op, counts in scales.items()
+    ]
+    return "; ".join(parts) or "no constant weights"
+
+
+def percent(part: float, total: float) -> str:
+    """``part`` as a percentage of ``total``, with as many decimals as it takes not to round
+    a share that is not whole (or not nothing) to 100 (or 0)."""
+    share = 100 * part / total
+    for digits in range(4):
+        text = f"{share:.{digits}f}"
+        if (float(text) < 100 or part >= total) and (float(text) > 0 or part <= 0):
+            return text
+    return f"{share:.6g}"
 
 
 def matched(
@@ -229,14 +316,23 @@ def node_report(
 def describe_settings(mode: str, settings: Mapping[str, Any], bits: bool = True) -> str:
     """One line saying what a quantization pass with ``settings`` makes (for the CLI
     summaries and the sensitivity report): mode, format, activation and weight types, and
-    with ``bits`` the weights' bits and target (left out where a target line follows)."""
+    with ``bits`` the weights' bits and target (left out where a target line follows).
+    Dynamic per-channel covers MatMul/Gemm only: onnxruntime's ConvInteger path quantizes
+    Conv weights per tensor (what a model got: :func:`weight_scales`)."""
     weights = " ".join(
         [settings["weight_type"], "per-channel" if settings["per_channel"] else "per-tensor"]
         + (["7-bit"] if bits and settings.get("reduce_range") else [])
         + ([f"for {settings['target']}"] if bits and settings.get("target") else [])
     )
-    if mode == "dynamic":
-        return f"dynamic int8: {weights} weights, uint8 activations at run time"
+    if mode == "dynamic":  # onnxruntime's ConvInteger takes one weight scale per tensor
+        scales = "per channel on MatMul/Gemm, per tensor on Conv"
+        details = [scales if settings["per_channel"] else "per tensor"]
+        details += ["7-bit"] if bits and settings.get("reduce_range") else []
+        details += [f"for {settings['target']}"] if bits and settings.get("target") else []
+        return (
+            f"dynamic int8: {settings['weight_type']} weights ({', '.join(details)}), uint8 "
+            "activations at run time"
+        )
     scheme = ", Q/DQ on MatMul/Gemm inputs only" if settings.get("scheme") == "transformer" else ""
     return (
         f"static int8, {settings['format'].upper()}: {settings['activation_type']} activations, "

@@ -235,8 +235,13 @@ def _auto_cosine(model: Path, data: Path, calib: Path, out: Path) -> dict:
 
 
 def _real_cosine(candidate: dict, reference: Path, data: Path) -> float:
-    x = np.load(data)["x"]
-    got = make_session(data.parent / "out" / candidate["path"]).run(None, {"x": x})[0]
+    """The candidate's mean cosine to fp32, run at the batch its score was measured at (1
+    for dynamic int8: its outputs depend on the batch)."""
+    x, batch = np.load(data)["x"], candidate["scored_at"]["batch_size"]
+    session = make_session(data.parent / "out" / candidate["path"])
+    got = np.concatenate(
+        [session.run(None, {"x": x[i : i + batch]})[0] for i in range(0, len(x), batch)]
+    )
     want = make_session(reference).run(None, {"x": x})[0]
     return float(per_sample_cosine(got, want).mean())
 

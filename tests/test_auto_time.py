@@ -59,12 +59,18 @@ def _names(mlp) -> list[str]:
     return [name for name, _ in _configs(onnx.load(str(mlp[0])), "avx2")]
 
 
-def _outputs(path: Path, mlp) -> np.ndarray:
-    return make_session(path).run(None, {"x": np.load(mlp[1])["x"]})[0]
+def _outputs(path: Path, mlp, batch: int | None = None) -> np.ndarray:
+    """The model's outputs on the scoring data, run ``batch`` samples at a time (all)."""
+    x, session = np.load(mlp[1])["x"], make_session(path)
+    batch = batch or len(x)
+    return np.concatenate(
+        [session.run(None, {"x": x[i : i + batch]})[0] for i in range(0, len(x), batch)]
+    )
 
 
-def _cosine_to_fp32(path: Path, mlp) -> float:
-    return float(per_sample_cosine(_outputs(path, mlp), _outputs(mlp[0], mlp)).mean())
+def _cosine_to_fp32(path: Path, mlp, batch: int) -> float:
+    """At the batch auto scored at (1 for dynamic int8: its outputs depend on the batch)."""
+    return float(per_sample_cosine(_outputs(path, mlp, batch), _outputs(mlp[0], mlp)).mean())
 
 
 def test_time_budget_stops_the_search(mlp, tmp_path) -> None:
@@ -89,7 +95,8 @@ def test_time_budget_stops_the_search(mlp, tmp_path) -> None:
     }
     model = tmp_path / "out" / "model.onnx"
     assert np.array_equal(_outputs(model, mlp), _outputs(result.best.path, mlp))
-    assert _cosine_to_fp32(model, mlp) == pytest.approx(result.best.score, abs=1e-6)
+    batch = result.best.scored_at["batch_size"]
+    assert _cosine_to_fp32(model, mlp, batch) == pytest.approx(result.best.score, abs=1e-6)
     # Spent at the first reading: the candidates in the cache are still read, no other.
     again = _auto(mlp, tmp_path / "out", 0.5, time_budget=0.5, clock=Ticks())
     assert [c.name for c in again.candidates] == names[:2]
@@ -111,7 +118,7 @@ def test_time_budget_miss_writes_the_closest_and_fails(mlp, tmp_path) -> None:
     assert result.time_budget["not_tried"] == names[2:] + fallback
     model = out / "model.onnx"
     assert np.array_equal(_outputs(model, mlp), _outputs(closest.path, mlp))
-    cosine = _cosine_to_fp32(model, mlp)
+    cosine = _cosine_to_fp32(model, mlp, closest.scored_at["batch_size"])
     assert cosine == pytest.approx(closest.score, abs=1e-6) and cosine < 1.0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["chosen"] is None and manifest["artifacts"]["model"]["sha256"]

@@ -286,7 +286,15 @@ def _cli(capsys, *args) -> tuple[int, str]:
         (["--keep", "0"], "--keep 0.0 is outside (0, 1]"),
         (["--keep", "1.5"], "--keep 1.5 is outside (0, 1]"),
         (["--ignore", "nothing_here"], "match no layer"),
-        (["--temperature", "0"], "--temperature must be > 0"),
+        (["--temperature", "0"], "--temperature 0.0 is not a finite number > 0"),
+        (["--temperature", "nan"], "--temperature nan is not a finite number > 0"),
+        (["--temperature", "inf"], "--temperature inf is not a finite number > 0"),
+        (["--lr", "inf"], "--lr inf is not a finite number > 0 — e.g. --lr 1e-3"),
+        (["--lr", "nan"], "--lr nan is not a finite number > 0"),
+        (["--alpha", "nan"], "--alpha nan is not a number in [0, 1]"),
+        (["--held-out", "nan"], "--held-out nan is not a number in (0, 1)"),
+        (["--keep", "nan"], "--keep nan is outside (0, 1]"),
+        (["--patience", "-1"], "--patience -1 is not a whole number ≥ 0"),
     ],
 )
 def test_bad_settings_exit_2(nets, data, tmp_path, capsys, extra, needle):
@@ -295,6 +303,23 @@ def test_bad_settings_exit_2(nets, data, tmp_path, capsys, extra, needle):
                      "-o", out, "--steps", "1", *extra)  # fmt: skip
     assert code == 2 and needle in err
     assert err.count("\n") == 1 and err.startswith("error: ")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "settings, needle",
+    [
+        ({"epochs": 2.5}, "--epochs 2.5 is not a whole number ≥ 1"),
+        ({"lr": "fast"}, "--lr fast is not a finite number > 0"),
+        ({"temperature": True}, "--temperature True is not a finite number > 0"),
+    ],
+)
+def test_recipe_values_of_the_wrong_type_are_bad_input(nets, data, tmp_path, settings, needle):
+    from converter.core.errors import BadInputError
+
+    out = tmp_path / "o.onnx"
+    with pytest.raises(BadInputError, match=needle):
+        shrink(f"{nets}:build", out, ["x:batch,1,8,8"], data, distill=DistillSettings(**settings))
     assert not out.exists()
 
 

@@ -259,7 +259,7 @@ def test_help_states_the_api_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["validate", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert f"default {DEFAULT_BATCH_SIZE})" in text
+    assert f"default {DEFAULT_BATCH_SIZE}; 1 for a model with dynamic int8" in text
     assert f"default {DEFAULT_BASELINE_TOLERANCE})" in text
 
 

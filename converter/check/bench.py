@@ -25,7 +25,6 @@ import functools
 import gc
 import logging
 import os
-import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -36,7 +35,6 @@ import onnx
 import onnxruntime
 import psutil
 from onnx import TensorProto, helper
-from tqdm import tqdm
 
 from converter.check.bench_gates import BenchGates
 from converter.check.bench_report import (
@@ -55,7 +53,7 @@ from converter.core.inputs import generate_inputs
 from converter.core.machine import machine, warn_if_other_target
 from converter.core.metrics import speedup
 from converter.core.onnxio import load_model
-from converter.core.render import MB
+from converter.core.render import MB, progress_bar
 from converter.core.runtime import make_session, run_session
 
 __all__ = [
@@ -229,7 +227,26 @@ def _generated_feeds(path, specs, dims, seed: int, batch: int | None) -> dict[st
                     f"give it with --dim {example}=SIZE, or pass real inputs with --data",
                 )
         concrete.append(InputSpec(spec.name, spec.dtype, tuple(shape)))
+    _check_fits_in_memory(path, concrete, batch)
     return generate_inputs(concrete, {}, seed)
+
+
+def _check_fits_in_memory(path, specs: Sequence[InputSpec], batch: int | None) -> None:
+    """Refuse, before making them, inputs this machine has not the memory to make (drawn in
+    64 bits, then cast): a --batch of 10**8 would otherwise end in a MemoryError."""
+    elements = [int(np.prod(s.shape, dtype=np.float64)) for s in specs]
+    needed = sum(n * (8 + s.dtype.itemsize) for n, s in zip(elements, specs))
+    free = psutil.virtual_memory().available
+    if needed > free:
+        first = specs[0].shape[0] if specs and specs[0].shape else 1
+        per_sample = needed / max(first, 1)
+        flag = f"--batch {batch}" if batch is not None else "the --dim sizes"
+        raise BadInputError(
+            f"{flag}: making the inputs of {path} needs {needed / 1e9:.3g} GB "
+            f"({per_sample / 1e3:.3g} kB per sample, before the model's own memory), and "
+            f"this machine has {free / 1e9:.3g} GB free",
+            "use a smaller --batch or --dim (bench measures batch 1 by default)",
+        )
 
 
 def _batch_dim(path, spec: InputSpec, dims, batch: int | None) -> int:
@@ -339,9 +356,7 @@ def _interleave(calls, runs, seconds, progress: bool, desc: str) -> list[np.ndar
     clock = time.perf_counter_ns
     times: list[list[int]] = [[] for _ in calls]
     rounds = 0
-    bar = tqdm(
-        total=runs, desc=desc, unit="round", disable=not progress, file=sys.stderr, leave=False
-    )
+    bar = progress_bar(total=runs, desc=desc, unit="round", progress=progress)
     try:
         with bar, _gc_paused():  # the time budget starts after its gc.collect (seconds, in
             # a process holding many objects)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from converter.check.validate_report import TOOL, MetricValue
 from converter.core.defaults import METRICS, SCORES
@@ -131,8 +132,12 @@ def gated_output(outputs: list[str], wanted: str | None) -> str:
     return wanted
 
 
-def read_baseline(path, output: str, num_samples: int, plan: Plan) -> dict[str, float]:
-    """The scores of ``output`` in an earlier JSON report, checked to be comparable."""
+def read_baseline(
+    path, output: str, num_samples: int, plan: Plan, batch: Any = None
+) -> dict[str, float]:
+    """The scores of ``output`` in an earlier JSON report, checked to be comparable: on as
+    many samples and, for a model whose outputs depend on the batch (``batch``, the
+    validate's scoring batch, given for dynamic int8 only), at the same batch."""
     path = Path(path)
     fix = "pass a file written by `onnxship validate --json` on the same data"
     if not path.is_file():
@@ -151,6 +156,13 @@ def read_baseline(path, output: str, num_samples: int, plan: Plan) -> dict[str, 
             f"baseline {path} was measured on {doc.get('num_samples')} samples, this data "
             f"has {num_samples}",
             fix,
+        )
+    if batch is not None and doc.get("batch_size") not in (None, batch.size):
+        raise BadInputError(
+            f"baseline {path} was scored at batch {doc.get('batch_size')}, this run at batch "
+            f"{batch.size}, and the model quantizes activations at run time (dynamic int8): "
+            "its scores depend on the batch",
+            f"pass --batch-size {doc.get('batch_size')}, or record a new baseline",
         )
     values = {
         m: float(v["value"])

@@ -12,7 +12,7 @@ from converter.core.gates import Gate, Gated, gate_lines, junit_xml
 from converter.core.gates import fmt as _fmt
 from converter.core.gates import json_number as _num
 
-__all__ = ["TOOL", "MetricValue", "ValidationReport"]
+__all__ = ["TOOL", "MetricValue", "ValidationReport", "scoring_text"]
 
 TOOL = "onnxship validate"
 
@@ -50,6 +50,22 @@ class ValidationReport(Gated):
     gates: list[Gate] = field(default_factory=list)
     baseline: str | None = None
     baseline_tolerance: float | None = None
+    # How the numbers were measured: samples per run, onnxruntime threads, whether a model
+    # quantizes activations at run time (its outputs then depend on the batch) and why this
+    # batch (see converter.check.validate.DEPLOYMENT_BATCH).
+    batch_size: int = 0
+    threads: int = 1
+    dynamic_quantization: bool = False
+    batch_reason: str = ""
+
+    def scoring(self) -> dict:
+        """How the scores were measured, as the reports of run and auto record it."""
+        return {
+            "batch_size": self.batch_size,
+            "threads": self.threads,
+            "samples": self.num_samples,
+            "dynamic_quantization": self.dynamic_quantization,
+        }
 
     def to_dict(self) -> dict:
         return {
@@ -59,6 +75,10 @@ class ValidationReport(Gated):
             "reference": self.reference,
             "data": self.data,
             "num_samples": self.num_samples,
+            "batch_size": self.batch_size,
+            "threads": self.threads,
+            "dynamic_quantization": self.dynamic_quantization,
+            "batch_reason": self.batch_reason,
             "metrics": self.metrics,
             "output": self.output,
             "passed": self.passed,
@@ -88,9 +108,20 @@ def _metrics_dict(results: dict[str, dict[str, MetricValue]]) -> dict:
     return {out: {m: v.to_dict() for m, v in values.items()} for out, values in results.items()}
 
 
+def scoring_text(scoring: dict) -> str:
+    """How a score was measured, for people: ``batch 1, 1 thread, 90 samples``."""
+    threads = scoring["threads"]
+    return (
+        f"batch {scoring['batch_size']}, {threads} thread{'s' if threads != 1 else ''}, "
+        f"{scoring['samples']} samples"
+    )
+
+
 def _summary(r: ValidationReport) -> str:
     against = f" vs reference {r.reference}" if r.reference else ""
-    lines = [f"validate {r.candidate}{against} on {r.data} ({r.num_samples} samples)"]
+    lines = [f"validate {r.candidate}{against} on {r.data} ({scoring_text(r.scoring())})"]
+    if r.dynamic_quantization:
+        lines.append(f"  batch {r.batch_size}: {r.batch_reason}")
     rows = [("output", "metric", "value", "worst (sample)", "reference")]
     for out, values in r.outputs.items():
         for metric, v in values.items():
@@ -113,6 +144,9 @@ def _junit(r: ValidationReport) -> str:
 
 def _properties(r: ValidationReport) -> list[tuple[str, str]]:
     props = [("candidate", r.candidate), ("data", r.data), ("num_samples", str(r.num_samples))]
+    props += [("batch_size", str(r.batch_size)), ("threads", str(r.threads))]
+    props.append(("dynamic_quantization", str(r.dynamic_quantization).lower()))
+    props.append(("batch_reason", r.batch_reason))
     if r.reference:
         props.append(("reference", r.reference))
     for prefix, results in (("", r.outputs), ("reference.", r.reference_outputs)):

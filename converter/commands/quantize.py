@@ -120,17 +120,37 @@ def run(args: argparse.Namespace) -> int:
     from passes.base import apply_to_file
 
     quantize = build_pass(args)
+    _check_calibration(args)
     results = apply_to_file([quantize], args.model, args.output, args.calibration)
     if not args.quiet:
         print(summary(results[0].stats, quantize.settings(), args.model, args.output))
     return 0
 
 
+def _check_calibration(args: argparse.Namespace) -> None:
+    """Before any work: the calibration data opens, and holds the --calib-samples asked for.
+    Fewer samples is exit 2, not a silent (or merely warned) clamp: the flag asks for N
+    samples, and ranges from fewer are another quantization; leaving it out uses all."""
+    from converter.core.data import Dataset
+    from converter.core.errors import BadInputError
+
+    if args.mode != "static" or args.calibration is None:
+        return
+    data = Dataset(args.calibration)
+    if args.calib_samples is not None and args.calib_samples > data.num_samples:
+        raise BadInputError(
+            f"--calib-samples {args.calib_samples}, but the calibration data "
+            f"{args.calibration} holds {data.num_samples} samples",
+            f"pass --calib-samples {data.num_samples} or fewer (or leave it out to use all "
+            f"{data.num_samples}), or give more samples",
+        )
+
+
 def summary(stats: dict[str, Any], settings: dict[str, Any], source: Any, out: Any) -> str:
     """A short human-readable report of the quantization stats."""
     from converter.core.machine import target_line
     from converter.core.render import mb  # here: --help loads no onnx
-    from passes.quant_report import describe_settings
+    from passes.quant_report import describe_scales, describe_settings
 
     nodes = stats["nodes"]
     ops = ", ".join(f"{op} {c['quantized']}" for op, c in stats["by_op"].items() if c["quantized"])
@@ -151,12 +171,14 @@ def summary(stats: dict[str, Any], settings: dict[str, Any], source: Any, out: A
             f"calibration data {rounding.get('proxy_error_ratio', 1.0):.2f}x nearest rounding's"
         )
     lines.append(f"  int8: {len(nodes['quantized'])} nodes ({ops or 'none'})")
+    if "weight_scales" in stats:  # what onnxruntime did (dynamic Conv: per tensor, always)
+        scales = describe_scales(stats["weight_scales"])
+        lines.append(f"  weight scales, read off the quantized model: {scales}")
     lines.append(f"  fp32: {len(nodes['fp32'])} quantizable nodes")
     lines += _grouped(nodes["fp32"])
     before, after = stats["size_before"], stats["size_after"]
     lines.append(f"  size {mb(before)} → {mb(after)} ({100 * after / before:.0f}%)")
-    lines += [f"  warning: {w}" for w in stats.get("warnings", [])]
-    return "\n".join(lines)
+    return "\n".join(lines)  # the pass logged its warnings (stderr) as they arose
 
 
 def _grouped(fp32: dict[str, str], shown: int = 4) -> list[str]:

@@ -34,6 +34,12 @@ gates (exit 0 when all hold, 1 when any fails, 2 on bad input):
                   may be at most --baseline-tolerance lower: "this commit made it worse"
   Gates read the first output of the model, or the one --output names.
 
+batch: samples run at once. A model with dynamic int8 (DynamicQuantizeLinear, MatMulInteger,
+ConvInteger) takes each run's activation range from the samples in that run, so its scores
+depend on the batch: it is scored at batch 1, as deployed and as bench times it, unless
+--batch-size says otherwise. Other models run 64 at a time (same numbers, faster). Every
+report records the batch, threads and samples.
+
 DATA is an .npz file or a folder of .npz shards: arrays named after the model inputs,
 samples on the first axis, and optionally `labels` (one integer class per sample). Names,
 shapes and dtypes are checked before anything runs. --json and --junit are written (also when
@@ -79,7 +85,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         "--batch-size",
         type=int,
         metavar="N",
-        help=f"samples per run (default {defaults.DEFAULT_VALIDATE_BATCH})",
+        help=f"samples per run (default {defaults.DEFAULT_VALIDATE_BATCH}; 1 for a model with "
+        "dynamic int8, whose outputs depend on the batch: it is scored as deployed)",
     )
     p.add_argument(
         "--threads",

@@ -123,6 +123,7 @@ class Dataset:
         self.path = Path(path)
         self.shards = self._find_shards()
         self._headers = [_npz_shapes(s) for s in self.shards]
+        self._check_no_objects()
         self._check_consistent()
         first = self._headers[0]
         self.names = [n for n in first if n != LABELS]
@@ -143,6 +144,21 @@ class Dataset:
         if not self.path.is_file():
             raise DataError(f"data {self.path} does not exist", "check the path")
         return [self.path]
+
+    def _check_no_objects(self) -> None:
+        """Object arrays (Python objects: ragged lists, mixed types) are pickles, which
+        onnxship never loads (they can run code): refused before anything is read."""
+        for shard, header in zip(self.shards, self._headers):
+            for name, (_, dtype) in header.items():
+                if dtype.hasobject:
+                    what = "labels" if name == LABELS else f"array {name}"
+                    fix = "one integer class index per sample" if name == LABELS else "numbers"
+                    raise DataError(
+                        f"data {shard}: {what} is an object array (Python objects, e.g. ragged "
+                        "lists or strings mixed with numbers), which onnxship does not unpickle",
+                        f"save {fix}: numpy.savez(path, {name}=numpy.asarray(values, "
+                        f"dtype={'numpy.int64' if name == LABELS else 'numpy.float32'}))",
+                    )
 
     def _check_consistent(self) -> None:
         names = set(self._headers[0])

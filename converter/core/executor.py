@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import logging
 import socket
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
 from tqdm import tqdm
 
 from converter.core.errors import BadInputError, OnnxshipError
+from converter.core.render import progress_bar
 
 __all__ = [
     "EXECUTORS",
@@ -71,9 +71,7 @@ class Executor(Protocol):
 
 
 def _bar(total: int, desc: str, unit: str, progress: bool) -> tqdm:
-    return tqdm(
-        total=total, desc=desc, unit=unit, disable=not progress, file=sys.stderr, leave=False
-    )
+    return progress_bar(total=total, desc=desc, unit=unit, progress=progress)
 
 
 class InProcess:

@@ -8,13 +8,17 @@ from __future__ import annotations
 import base64
 import html
 import logging
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+from tqdm import tqdm
 
 from converter.core.onnxio import atomic_path
 
 __all__ = [
+    "progress_bar",
     "mb",
     "cell",
     "markdown_table",
@@ -29,6 +33,16 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MB = 1_000_000  # bytes in the "MB" every report prints (10**6: file sizes and peak RSS alike)
+
+
+def progress_bar(iterable: Iterable | None = None, *, progress: bool, **kwargs: Any) -> tqdm:
+    """The one progress bar (tqdm, on stderr, erased when done), drawn only when ``progress``
+    is asked for *and* stderr is a terminal: output piped or redirected (a CI log, ``2>
+    file``) gets no bar remnants. ``kwargs`` go to tqdm (``total``, ``desc``, ``unit``)."""
+    stream = sys.stderr
+    isatty = getattr(stream, "isatty", None)
+    shown = progress and callable(isatty) and bool(isatty())
+    return tqdm(iterable, file=stream, disable=not shown, leave=False, **kwargs)
 
 
 def mb(size: float) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -9,10 +10,11 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnxruntime.capi import _pybind_state
 
 from converter.core.errors import BadInputError, InternalError, first_line
 
-__all__ = ["make_session", "cached_session", "run_session", "tensor_values"]
+__all__ = ["make_session", "cached_session", "run_session", "tensor_values", "unknown_ops"]
 
 
 def make_session(
@@ -109,3 +111,35 @@ def tensor_values(
     session = make_session(probe.SerializeToString())
     for feed in feeds:
         yield feed, session.run(list(names), dict(feed))
+
+
+def unknown_ops(model: onnx.ModelProto) -> list[str]:
+    """The nodes onnxruntime has no operator for, as ``name (domain:op)``: ops of a custom
+    domain that are neither onnxruntime's own (com.microsoft, ai.onnx.ml, ...) nor functions
+    the model defines. Standard-domain ops are left to onnxruntime to judge (by opset)."""
+    known = _registered_ops()
+    if known is None:  # this onnxruntime build does not list its schemas: it judges at load
+        return []
+    local = {(f.domain, f.name) for f in model.functions}
+    found = []
+    for node in _walk(model.graph):
+        key = (node.domain, node.op_type)
+        if node.domain not in ("", "ai.onnx") and key not in known and key not in local:
+            found.append(f"{node.name or '(unnamed)'} ({node.domain}:{node.op_type})")
+    return found
+
+
+def _walk(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                yield from _walk(sub)
+
+
+@functools.cache
+def _registered_ops() -> frozenset[tuple[str, str]] | None:
+    """(domain, op) of every operator schema this onnxruntime registers (None when the
+    build does not say: minimal builds)."""
+    schemas = getattr(_pybind_state, "get_all_operator_schema", None)
+    return None if schemas is None else frozenset((s.domain, s.name) for s in schemas())

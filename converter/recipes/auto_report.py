@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from converter.check.node_error import ERROR_HEADER, TensorError, error_rows
+from converter.check.validate_report import scoring_text
 from converter.core import defaults
 from converter.core.machine import machine_line, target_line
 from converter.core.onnxio import atomic_write_text
@@ -35,6 +36,7 @@ _HEADER = [
     "score",
     "cosine to fp32, mean",
     "cosine to fp32, worst",
+    "score batch",
     "meets budget",
     "p50 (ms)",
     "p90 (ms)",
@@ -62,6 +64,7 @@ def _cells(c: Any) -> list[str]:
         cell(c.score, ".4f"),
         cell(c.cosine, ".5f"),
         cell(c.worst, ".5f"),
+        str(c.scored_at["batch_size"]) if c.scored_at else "—",
         "yes" if c.meets else "no",
         cell(c.p50_ms, ".3f"),
         cell(c.p90_ms, ".3f"),
@@ -135,6 +138,27 @@ def _error_table(result: Any) -> tuple[str, str, list[list[str]]] | None:
     return f"Per-tensor error: {c.name}", text, [ERROR_HEADER, *rows]
 
 
+def _scoring_line(result: Any) -> str:
+    """How the scores were measured: batch, threads and samples per kind of candidate."""
+    seen: dict[str, list[str]] = {}
+    for c in result.candidates:
+        if c.scored_at:
+            kind = "dynamic int8" if c.scored_at.get("dynamic_quantization") else "the others"
+            text = scoring_text(c.scored_at)
+            if text not in seen.setdefault(kind, []):
+                seen[kind].append(text)
+    if not seen:
+        return "Scores: none measured."
+    parts = [f"{kind} at {' / '.join(texts)}" for kind, texts in sorted(seen.items())]
+    why = (
+        " (dynamic int8 takes each run's activation range from that run, so it is scored at "
+        "the batch it is deployed at)"
+        if "dynamic int8" in seen
+        else ""
+    )
+    return f"Scores: {'; '.join(parts)}{why}."
+
+
 def _target_line(result: Any) -> str:
     return target_line(result.target.summary())
 
@@ -146,6 +170,7 @@ def _markdown(result: Any, mach: dict, plot: Path | None) -> str:
         _summary_line(result),
         "",
         f"Data: {result.split}.",
+        _scoring_line(result),
         f"Machine: {machine_line(mach)}. Latency: batch 1, interleaved with fp32 in one process.",
         _target_line(result),
         "",
@@ -173,7 +198,7 @@ def _html(result: Any, mach: dict, plot: Path | None) -> str:
         notes += f'<h2>{esc(heading)}</h2><p class="meta">{esc(text)}</p>'
         notes += html_table(header, rows)
     body = f"""<div class="{verdict}">{summary}</div>
-<p class="meta">Data: {esc(result.split)}.</p>
+<p class="meta">Data: {esc(result.split)}. {esc(_scoring_line(result))}</p>
 <p class="meta">Machine: {esc(machine_line(mach))}.
 {esc(_target_line(result))}</p>
 {html_table(_HEADER, [_cells(c) for c in result.candidates], highlight)}{notes}

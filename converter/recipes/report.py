@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from converter.check.bench import plot_latencies
+from converter.check.validate_report import scoring_text
 from converter.core.machine import machine_line, target_line
 from converter.core.onnxio import atomic_write_text
 from converter.core.render import (
@@ -69,14 +70,31 @@ def _scoring_note(result: Any) -> str:
     if result.labelled is None:
         return "The recipe has no validation data: nothing was scored."
     if not result.labelled:
-        return (
+        what = (
             "The validation data has no labels: variants are scored by fidelity to the fp32 "
             "reference only (agreement of the argmax, cosine); there is no accuracy."
         )
-    return (
-        "Accuracy is scored on the validation data; agreement (argmax) and cosine "
-        "compare each variant with the fp32 reference on the same samples."
+    else:
+        what = (
+            "Accuracy is scored on the validation data; agreement (argmax) and cosine "
+            "compare each variant with the fp32 reference on the same samples."
+        )
+    return f"{what} {_measured(result)}"
+
+
+def _measured(result: Any) -> str:
+    """How each model was scored (batch, threads, samples); dynamic int8 at its deployment
+    batch, since its outputs depend on the batch."""
+    scored = [(a.name, a.validation) for a in result.artifacts if a.validation is not None]
+    parts = [f"{name} at {scoring_text(v.scoring())}" for name, v in scored]
+    dynamic = any(v.dynamic_quantization for _, v in scored)
+    why = (
+        "; dynamic int8 takes each run's activation range from that run, so it is scored at "
+        "the batch it is deployed at"
+        if dynamic
+        else ""
     )
+    return f"Scored: {', '.join(parts)}{why}." if parts else ""
 
 
 def _target_line(manifest: dict) -> str:

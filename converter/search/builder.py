@@ -12,7 +12,7 @@ from typing import Any
 
 import onnx
 
-from converter.check.validate import validate
+from converter.check.validate import SCORING_RULE, validate
 from converter.core.errors import InternalError, OnnxshipError
 from converter.core.machine import sha256_data, sha256_file, versions
 from converter.core.onnxio import atomic_write_text, save_model
@@ -59,6 +59,7 @@ class Builder:
             "calibration": sha256_data(calib),
             "scoring": sha256_data(score),
             "metric": budget.metric,
+            "score_batch": SCORING_RULE,  # the batch scores are measured at
             "target": target,
             "versions": {k: v for k, v in versions(False).items() if k != "numpy"},
         }
@@ -82,7 +83,8 @@ class Builder:
             path.unlink(missing_ok=True)  # no record: never read back as a cache entry
             return _failed(candidate, e)
         numbers = {k: getattr(candidate, k) for k in _CACHED}
-        atomic_write_text(record, json.dumps({**numbers, "sha256": sha256_file(path)}))
+        entry = {**numbers, "scored_at": candidate.scored_at, "sha256": sha256_file(path)}
+        atomic_write_text(record, json.dumps(entry))
         return self._judge(candidate)
 
     def read_cache(self, candidate: Candidate) -> bool:
@@ -145,6 +147,7 @@ class Builder:
         values = report.outputs[report.output]
         c.score = values[self.budget.metric].value
         c.cosine, c.worst = values["cosine"].value, values["cosine"].worst
+        c.scored_at = report.scoring()
 
 
 def _failed(candidate: Candidate, e: Exception) -> Candidate:
@@ -165,7 +168,7 @@ def _calib_of(settings: dict[str, Any]) -> str:
     return settings.get("calib_method") or default_calib_method(settings["scheme"])
 
 
-def _cached(path: Path, record: Path) -> dict[str, float] | None:
+def _cached(path: Path, record: Path) -> dict[str, Any] | None:
     """A cache entry's numbers, or None when absent; a corrupt or truncated entry (record
     unreadable, numbers missing, model bytes not those recorded) is dropped with a warning
     and recomputed."""
@@ -174,6 +177,7 @@ def _cached(path: Path, record: Path) -> dict[str, float] | None:
     try:
         entry = json.loads(record.read_text())
         numbers = {k: float(entry[k]) for k in _CACHED}
+        numbers["scored_at"] = entry.get("scored_at")
         if sha256_file(path) != entry["sha256"]:
             raise ValueError("the model file is not the one its numbers were measured on")
     except (ValueError, KeyError, TypeError, OSError) as e:

@@ -35,6 +35,7 @@ class Candidate:
     cached: bool = False
     unfused_dq: float | None = None  # share of run time in unfused DequantizeLinear (static)
     node_errors: dict[str, Any] | None = None  # {"samples", "tensors"}: see auto's node errors
+    scored_at: dict[str, Any] | None = None  # how the score was measured: ValidationReport.scoring
 
     def row(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
+
+from converter.core.render import progress_bar
 
 __all__ = [
     "kd_loss",
@@ -211,7 +212,7 @@ def distill(
     )
     history.eval_steps.append(0)
     history.eval_loss.append(best[0])
-    bar = tqdm(range(total), desc="distilling", disable=not (progress and where.main), leave=False)
+    bar = progress_bar(range(total), desc="distilling", progress=progress and where.main)
     student.train()
     for step in bar:
         idx = order[step][where.rank :: where.size]

@@ -14,6 +14,7 @@ import copy
 import inspect
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -202,20 +203,30 @@ def _check(inputs, prune, distill, options: ShrinkOptions) -> list[InputSpec]:
     specs = [parse_input_spec(s) if isinstance(s, str) else s for s in inputs]
     exporter.check_options(specs, options.exporter, options.opset, options.atol, options.rtol)
     prune.check()
-    problems = {
-        "--temperature must be > 0": distill.temperature <= 0,
-        "--alpha must be in [0, 1]": not 0 <= distill.alpha <= 1,
-        "--epochs must be ≥ 1": distill.epochs < 1,
-        "--steps must be ≥ 1": distill.steps is not None and distill.steps < 1,
-        "--lr must be > 0": distill.lr <= 0,
-        "--batch-size must be ≥ 1": distill.batch_size < 1,
-        "--held-out must be in (0, 1)": not 0 < options.held_out < 1,
-        "--bench-runs must be ≥ 0": options.bench_runs < 0,
-    }
-    bad = [what for what, failed in problems.items() if failed]
-    if bad:
-        raise BadInputError("; ".join(bad), "fix the option(s) named")
+    finite = "a finite number"
+    checks = [  # flag, value, what it must be, whether it is, an example
+        ("--temperature", distill.temperature, f"{finite} > 0", lambda v: v > 0, "4"),
+        ("--alpha", distill.alpha, "a number in [0, 1]", lambda v: 0 <= v <= 1, "0.5"),
+        ("--lr", distill.lr, f"{finite} > 0", lambda v: v > 0, "1e-3"),
+        ("--held-out", options.held_out, "a number in (0, 1)", lambda v: 0 < v < 1, "0.2"),
+        ("--epochs", distill.epochs, "a whole number ≥ 1", _count(1), "10"),
+        ("--steps", distill.steps, "a whole number ≥ 1", _count(1), "100"),
+        ("--batch-size", distill.batch_size, "a whole number ≥ 1", _count(1), "64"),
+        ("--patience", distill.patience, "a whole number ≥ 0", _count(0), "3"),
+        ("--bench-runs", options.bench_runs, "a whole number ≥ 0", _count(0), "200"),
+    ]
+    for flag, value, what, holds, example in checks:
+        if value is None and flag == "--steps":
+            continue
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not (number and math.isfinite(value) and holds(value)):
+            raise BadInputError(f"{flag} {value} is not {what}", f"e.g. {flag} {example}")
     return specs
+
+
+def _count(low: int):
+    """Whether a value is a whole number ≥ ``low`` (a float such as 2.0 is not)."""
+    return lambda v: isinstance(v, int) and v >= low
 
 
 def _check_forward_arity(model, specs: Sequence[InputSpec]) -> None:
