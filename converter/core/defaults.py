@@ -41,6 +41,11 @@ DEFAULT_SENSITIVITY_BATCH = 32
 NODE_ERROR_SAMPLES = 8  # one run of each model per sample (batch 1): memory stays one sample's
 NODE_ERROR_ROWS = 10  # worst tensors shown; the JSON and the manifest have all
 
+# --- kernel truth (converter/check/kernel_truth.py): a QDQ model run both ways
+KERNEL_TRUTH_SAMPLES = 8  # one run each way per sample: cheap enough for every quantize
+KERNEL_TRUTH_THRESHOLD = 0.01  # mean cosine the kernels may differ from the QDQ semantics
+KERNEL_TRUTH_PARTS = 3  # nodes named where the tensors part
+
 # --- auto
 AUTO_MAX_EXCLUDED = 8
 AUTO_BENCH_RUNS = 50
