@@ -130,6 +130,7 @@ def summary(stats: dict[str, Any], settings: dict[str, Any], source: Any, out: A
     """A short human-readable report of the quantization stats."""
     from converter.core.machine import target_line
     from converter.core.render import mb  # here: --help loads no onnx
+    from passes.normalize import describe
     from passes.quant_report import describe_settings
 
     nodes = stats["nodes"]
@@ -139,6 +140,7 @@ def summary(stats: dict[str, Any], settings: dict[str, Any], source: Any, out: A
         f"  {target_line(stats['target'])}",
         f"  pre-processing: {stats['preprocess']}",
     ]
+    lines += [f"  input: {line}" for line in describe(stats.get("normalized"))]
     if "calibration" in stats:
         c = stats["calibration"]
         lines.append(
