@@ -52,6 +52,10 @@ weights vs 0.974 with 8-bit, same speed. --reduce-range/--no-reduce-range overri
 target's choice. The target is recorded in the model (bench/validate warn on another CPU kind).
 --per-tensor uses one scale per tensor.
 
+Models from other exporters: weights held in Constant nodes become initializers, and an
+older opset is upgraded with onnx.version_converter (per-channel QDQ needs 13, the rest 11),
+on a copy; the summary says so. When the converter cannot, exit 2 says how to upgrade by hand.
+
 Before quantizing, onnxruntime's quant_pre_process runs (symbolic shape inference +
 optimization; falls back to ONNX shape inference, then to none, saying so). --exclude and
 --exclude-op keep nodes in fp32; node names are those of the pre-processed model (it keeps
