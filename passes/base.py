@@ -8,6 +8,11 @@ what the pass needs from them. It checks its preconditions in
 the onnx checker on the result. Every pass here is functional: it never edits the model it
 is given, it returns a new one (``__call__`` checks that on the graph's structure, and on
 every byte under --debug).
+
+Before ``requires``, ``accept`` makes a model from another exporter fit, on a copy
+(``passes/normalize.py``): float weights held in ``Constant`` nodes become initializers, and
+the opset is upgraded to what the pass needs (``min_opset``); ``stats["normalized"]`` says
+what was done.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import onnx
 from converter.core.errors import InternalError, OnnxshipError, first_line
 from converter.core.onnxio import check_output_path, load_model, save_model
 from converter.core.packed import dense_model
+from passes.normalize import OpsetNeed, describe, opset_of, upgrade_opset, weights_as_initializers
 from passes.options import NoSettings, check_keys, has_calibration, needs_calibration, options_of
 
 __all__ = [
@@ -101,6 +107,35 @@ class Pass:
     def requires(self, model: onnx.ModelProto) -> None:
         """Raise an OnnxshipError when ``model`` cannot go through this pass."""
 
+    def min_opset(self, model: onnx.ModelProto) -> OpsetNeed:
+        """The ai.onnx opset this pass (with these settings) needs for ``model``; older models
+        are upgraded by ``accept``. Default: any."""
+        return OpsetNeed(0, "")
+
+    def accept(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, Any] | None]:
+        """(``model`` as ``call`` takes it, what was done to it or None). Float ``Constant``
+        weights moved to initializers, the opset upgraded to :meth:`min_opset`, then
+        ``requires`` checked — each on a copy, only when needed. Idempotent: accepting the
+        result again changes nothing (calibration ranges fingerprint it)."""
+        moved, count = weights_as_initializers(model)
+        need = self.min_opset(moved)
+        try:
+            ready, had = upgrade_opset(moved, need.opset, need.why, need.alternative)
+        except OnnxshipError:
+            self.requires(moved)  # a more basic refusal (already quantized...) comes first
+            raise
+        self.requires(ready)
+        if ready is model:
+            return model, None
+        normalized = {
+            "constants_moved": count,
+            "opset_from": had,
+            "opset_to": opset_of(ready),
+            "opset_reason": need.why if opset_of(ready) != had else "",
+        }
+        logger.info("%s: %s", self.name, "; ".join(describe(normalized)))
+        return ready, normalized
+
     def call(self, model: onnx.ModelProto) -> PassResult:
         raise NotImplementedError
 
@@ -113,13 +148,16 @@ class Pass:
             ) from e
 
     def __call__(self, model: onnx.ModelProto) -> PassResult:
-        self.requires(model)
+        ready, normalized = self.accept(model)
         thorough = logger.isEnabledFor(logging.DEBUG)  # --debug: hash every byte too
-        before = (structure(model), fingerprint(model) if thorough else None)
-        result = self.call(model)
-        after = (structure(model), fingerprint(model) if thorough else None)
+        before = (structure(ready), fingerprint(ready) if thorough else None)
+        result = self.call(ready)
+        after = (structure(ready), fingerprint(ready) if thorough else None)
         if after != before:
             raise InternalError(f"pass {self.name} modified its input model")
+        if normalized:
+            result.stats["normalized"] = normalized
+            result.modified = True
         self.ensures(result)
         return result
 

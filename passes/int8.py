@@ -19,6 +19,7 @@ from converter.core.machine import METADATA_KEY, resolve_target
 from converter.core.render import mb
 from converter.core.runtime import unknown_ops
 from passes.base import Pass, PassResult
+from passes.normalize import OpsetNeed
 from passes.ort import Prepared, ort_quiet, preprocess
 from passes.quant_report import is_quantized, matched, node_report, quantized_nodes
 from passes.settings import Int8Settings
@@ -26,6 +27,11 @@ from passes.settings import Int8Settings
 __all__ = ["Int8Pass", "mark_target"]
 
 logger = logging.getLogger(__name__)
+
+# onnxruntime's quantizer upgrades a model below opset 10 to 11 by itself, silently
+# (quant_utils.update_opset_version), and fuses nodes only from opset 11: onnxship upgrades
+# first, so that the report says so and a model the converter cannot upgrade is a clear error.
+MIN_INT8_OPSET = 11
 
 
 def _compile_all(patterns: Sequence[str], flag: str) -> list[re.Pattern]:
@@ -54,6 +60,9 @@ class Int8Pass(Pass):
         if self.reduce_range is None:
             self.reduce_range = self._target.reduce_range
         self._patterns = _compile_all(self.exclude, "--exclude")
+
+    def min_opset(self, model: onnx.ModelProto) -> OpsetNeed:
+        return OpsetNeed(MIN_INT8_OPSET, "int8 quantization with onnxruntime")
 
     def requires(self, model: onnx.ModelProto) -> None:
         if is_quantized(model):

@@ -37,7 +37,8 @@ from passes.calibration import (
     tensors_of,
 )
 from passes.gptq import round_weights
-from passes.int8 import Int8Pass
+from passes.int8 import MIN_INT8_OPSET, Int8Pass
+from passes.normalize import OpsetNeed, opset_of
 from passes.ort import Prepared, method_enum, ort_quiet, quant_type, run_ort
 from passes.quant_report import candidate_ops
 from passes.settings import StaticQuantizeSettings
@@ -57,6 +58,11 @@ logger = logging.getLogger(__name__)
 # else (residual Add, Softmax, LayerNorm, GELU, the mask's Where/Mul, Gather) stays float —
 # NNCF's TRANSFORMER model type; see passes/calibration.py for its mean_minmax ranges.
 TRANSFORMER_OPS = ("Gemm", "MatMul")
+
+# Per-channel weights in QDQ format need DequantizeLinear's ``axis`` (opset 13); onnxruntime
+# writes it at any opset, and the result is an invalid model. QOperator (QLinearConv's 1-D
+# weight scale) and per-tensor QDQ work from opset 11.
+PER_CHANNEL_QDQ_OPSET = 13
 
 
 def default_calib_method(scheme: str) -> str:
@@ -148,6 +154,16 @@ class StaticQuantize(Int8Pass):
     def report_mode(self) -> str:
         return self.format
 
+    def min_opset(self, model: onnx.ModelProto) -> OpsetNeed:
+        if not (self.format == "qdq" and self.per_channel):
+            return super().min_opset(model)
+        enough = opset_of(model) >= MIN_INT8_OPSET  # for what works without the upgrade
+        return OpsetNeed(
+            PER_CHANNEL_QDQ_OPSET,
+            "per-channel QDQ weights (DequantizeLinear's axis attribute)",
+            "keep the model's opset with --per-tensor or --format qoperator" if enough else "",
+        )
+
     def requires(self, model: onnx.ModelProto) -> None:
         super().requires(model)
         if self._ranges is not None:
@@ -189,7 +205,7 @@ class StaticQuantize(Int8Pass):
 
     def calibrate(self, model: onnx.ModelProto) -> CalibrationRanges:
         """Measure activation ranges of ``model`` once, to pass as ``ranges=`` later."""
-        self.requires(model)
+        model, _ = self.accept(model)  # what the pass quantizes: Constant weights moved...
         if self._ranges is not None:
             return self._ranges
         with tempfile.TemporaryDirectory(prefix="onnxship-calibrate-") as tmp:

@@ -58,13 +58,14 @@ class Variants:
                 "points: the ranking carries over)",
                 "drop the format setting",
             )
-        if isinstance(calib, CalibrationRanges):
-            make_pass(StaticQuantize, {**settings, "ranges": calib}).requires(model)
+        if isinstance(calib, CalibrationRanges):  # accept: Constant weights moved...
+            model, _ = make_pass(StaticQuantize, {**settings, "ranges": calib}).accept(model)
             ranges = calib
         else:
             calibrator = make_pass(
                 StaticQuantize, {**settings, "calibration": calib, "progress": progress}
             )
+            model, _ = calibrator.accept(model)
             ranges = calibrator.calibrate(model)
         if ranges.prepared is None:  # loaded from a file: pre-process once here
             with tempfile.TemporaryDirectory(prefix="onnxship-sensitivity-") as tmp:
@@ -80,7 +81,7 @@ class Variants:
     @classmethod
     def _dynamic(cls, model, settings: dict) -> Variants:
         """Pre-process once here; the pass then quantizes the pre-processed model as it is."""
-        make_pass(DynamicQuantize, settings).requires(model)
+        model, _ = make_pass(DynamicQuantize, settings).accept(model)
         with tempfile.TemporaryDirectory(prefix="onnxship-sensitivity-") as tmp:
             prepared = preprocess(model, Path(tmp), settings.get("preprocess", True)).model
         return cls(DynamicQuantize, prepared, {**settings, "preprocess": False}, prepared, settings)

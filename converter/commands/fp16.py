@@ -48,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
 def summary(stats: dict[str, Any], source: Any, out: Any) -> str:
     """A short human-readable report of the fp16 stats."""
     from converter.core.render import mb  # here: --help loads no onnx
+    from passes.normalize import describe
 
     io = "float32" if stats["keep_io_types"] else "float16"
     before, after = stats["size_before"], stats["size_after"]
@@ -63,4 +64,5 @@ def summary(stats: dict[str, Any], source: Any, out: Any) -> str:
         lines.append(f"  values clamped to the fp16 range: {', '.join(stats['clamped_values'])}")
     lines.append(f"  size {mb(before)} → {mb(after)} ({100 * after / before:.0f}%)")
     lines.append("  note: on CPU fp16 saves size, not time; it is meant for GPU/NPU targets")
+    lines += [f"  input: {line}" for line in describe(stats.get("normalized"))]
     return "\n".join(lines)

@@ -60,6 +60,7 @@ def run_unpack(args: argparse.Namespace) -> int:
 def summary(stats: dict[str, Any], source: Any, out: Any) -> str:
     """What was packed (largest savings first) and the file size before and after."""
     from converter.core.render import mb  # here: --help loads no onnx
+    from passes.normalize import describe
 
     before, after = stats["bytes_before"], stats["bytes_after"]
     lines = [f"{source} → {out}: {stats['summary']}"]
@@ -75,4 +76,5 @@ def summary(stats: dict[str, Any], source: Any, out: Any) -> str:
     if len(packed) > 10:
         lines.append(f"  ... and {len(packed) - 10} more")
     lines.append(f"  size {mb(before)} → {mb(after)} ({before / after:.2f}x)")
+    lines += [f"  input: {line}" for line in describe(stats.get("normalized"))]
     return "\n".join(lines)

@@ -54,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
 
 def summary(stats: dict[str, Any], source: Any, out: Any) -> str:
     """A short human-readable report of the prune stats."""
+    from passes.normalize import describe  # here: --help loads no onnx
+
     lines = [
         f"pruned {source} → {out}: {100 * stats['sparsity']:.1f}% of "
         f"{stats['eligible_params']:,} eligible weights are zero "
@@ -69,4 +71,5 @@ def summary(stats: dict[str, Any], source: Any, out: Any) -> str:
     for s in stats["skipped"]:
         lines.append(f"  skipped {s['name']} ({s['params']:,} params): {s['reason']}")
     lines += [f"  warning: {w}" for w in stats["warnings"]]
+    lines += [f"  input: {line}" for line in describe(stats.get("normalized"))]
     return "\n".join(lines)

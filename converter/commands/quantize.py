@@ -52,6 +52,10 @@ weights vs 0.974 with 8-bit, same speed. --reduce-range/--no-reduce-range overri
 target's choice. The target is recorded in the model (bench/validate warn on another CPU kind).
 --per-tensor uses one scale per tensor.
 
+Models from other exporters: weights held in Constant nodes become initializers, and an
+older opset is upgraded with onnx.version_converter (per-channel QDQ needs 13, the rest 11),
+on a copy; the summary says so. When the converter cannot, exit 2 says how to upgrade by hand.
+
 Before quantizing, onnxruntime's quant_pre_process runs (symbolic shape inference +
 optimization; falls back to ONNX shape inference, then to none, saying so). --exclude and
 --exclude-op keep nodes in fp32; node names are those of the pre-processed model (it keeps
@@ -150,6 +154,7 @@ def summary(stats: dict[str, Any], settings: dict[str, Any], source: Any, out: A
     """A short human-readable report of the quantization stats."""
     from converter.core.machine import target_line
     from converter.core.render import mb  # here: --help loads no onnx
+    from passes.normalize import describe
     from passes.quant_report import describe_scales, describe_settings
 
     nodes = stats["nodes"]
@@ -159,6 +164,7 @@ def summary(stats: dict[str, Any], settings: dict[str, Any], source: Any, out: A
         f"  {target_line(stats['target'])}",
         f"  pre-processing: {stats['preprocess']}",
     ]
+    lines += [f"  input: {line}" for line in describe(stats.get("normalized"))]
     if "calibration" in stats:
         c = stats["calibration"]
         lines.append(
