@@ -117,7 +117,7 @@ class StaticQuantizeSettings(Int8Settings):
         None,
         "how ranges are chosen",
         choices=defaults.CALIB_METHODS,
-        default_text="minmax; mean_minmax with --scheme transformer",
+        default_text="mean_minmax",
     )
     calib_samples: int | None = option(
         None, "use the first N samples", low=1, metavar="N", default_text="all"
@@ -141,6 +141,13 @@ class StaticQuantizeSettings(Int8Settings):
         "each weight, closest (GPTQ; same graph and speed; default nearest)",
         choices=defaults.WEIGHT_ROUNDINGS,
         default_text="",
+    )
+    equalize: bool = option(
+        True,
+        "stretch the channels of each activation read by a depthwise Conv towards the "
+        "tensor's range, scaling the Convs around it (float model unchanged; default scheme)",
+        off_flag="--no-equalize",
+        off_help="leave activation channels as they are (no equalization into depthwise Convs)",
     )
     progress: bool = option(True, "show a progress bar while calibrating", cli=False)
 

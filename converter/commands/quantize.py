@@ -128,7 +128,27 @@ def run(args: argparse.Namespace) -> int:
     results = apply_to_file([quantize], args.model, args.output, args.calibration)
     if not args.quiet:
         print(summary(results[0].stats, quantize.settings(), args.model, args.output))
+        for line in _kernel_truth(args):
+            print(f"  {line}")
     return 0
+
+
+def _kernel_truth(args: argparse.Namespace) -> list[str]:
+    """A static QDQ model run both ways (Q/DQ semantics vs the integer kernels that ship) on
+    the first few calibration samples, against the float model (issue #20: they can part)."""
+    from converter.check.kernel_truth import kernel_truth, reference_outputs
+    from converter.core import defaults
+    from converter.core.data import model_input_specs, open_data
+    from converter.core.onnxio import load_model
+
+    if args.mode != "static" or args.format not in (None, "qdq") or args.calibration is None:
+        return []  # (format None: the declared default, QDQ)
+    specs = model_input_specs(load_model(args.model))
+    data = open_data(args.calibration, specs)
+    limit = min(defaults.KERNEL_TRUTH_SAMPLES, data.num_samples)
+    feeds = list(data.batches(specs, 1, limit=limit))
+    truth = kernel_truth(args.output, feeds, reference_outputs(args.model, feeds))
+    return truth.lines()
 
 
 def _check_calibration(args: argparse.Namespace) -> None:

