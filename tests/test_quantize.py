@@ -241,7 +241,7 @@ def test_precomputed_ranges_give_the_same_model(digits_cnn, tmp_path):
     from_file = StaticQuantize(ranges=str(path), nodes_to_exclude=["node_conv2d"])(model)
     direct = StaticQuantize(calibration=digits_cnn.calib, nodes_to_exclude=["node_conv2d"])
     assert bytes_of(from_file.model) == bytes_of(direct(model).model)
-    assert loaded.method == "mean_minmax" and loaded.prepared is None
+    assert loaded.method == "minmax" and loaded.prepared is None
     again = calibrate(model, digits_cnn.calib, calib_method="entropy")
     assert again.method == "entropy"
 
@@ -574,7 +574,7 @@ def test_cli_quantizes_and_reports(tmp_path, capsys, digits_cnn, tiny_encoder):
     assert main(argv) == 0
     report = capsys.readouterr().out
     assert "static int8, QDQ: uint8 activations, int8 per-channel weights" in report
-    assert "calibration: mean_minmax on 256 samples" in report
+    assert "calibration: minmax on 256 samples" in report
     # the shipped kernels checked against the model's QDQ semantics on 8 calibration samples
     assert "kernel truth (8 samples, 1 thread; optimizations on vs off): kernels agree" in report
     assert re.search(r"vs fp32: semantics (0\.99|1\.0)\d+, kernels (0\.99|1\.0)\d+", report)

@@ -88,9 +88,9 @@ def main() -> None:
         rows = {"bare quantize_static (minmax)": _bare(fp32, calib, folder / "bare.onnx")}
         variants = {
             "onnxship, no levers (minmax)": {"equalize": False, "calib_method": "minmax"},
-            "mean_minmax only": {"equalize": False},
-            "equalization only (minmax)": {"calib_method": "minmax"},
-            "equalization + mean_minmax (default)": {},
+            "mean_minmax only": {"equalize": False, "calib_method": "mean_minmax"},
+            "equalization, minmax (default)": {},
+            "equalization + mean_minmax": {"calib_method": "mean_minmax"},
         }
         model = onnx.load(str(fp32))
         for name, settings in variants.items():
