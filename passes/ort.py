@@ -162,6 +162,7 @@ def method_enum(method: str):
         "percentile": CalibrationMethod.Percentile,
         "distribution": CalibrationMethod.Distribution,
         "mean_minmax": CalibrationMethod.MinMax,  # ranges come from passes.calibration
+        "mse": CalibrationMethod.MinMax,  # ranges come from passes.mse_range
     }[method]
 
 

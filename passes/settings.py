@@ -26,6 +26,7 @@ __all__ = [
     "TARGET_HELP",
     "DEFAULT_ALPHA",
     "DEFAULT_CHUNK",
+    "BIAS_CORRECTION_SAMPLES",
 ]
 
 TARGET_HELP = (
@@ -35,6 +36,7 @@ TARGET_HELP = (
 )
 DEFAULT_ALPHA = 0.5
 DEFAULT_CHUNK = 1 << 19  # elements decoded per chunk (see passes/pack.py)
+BIAS_CORRECTION_SAMPLES = 64  # calibration samples bias correction measures on
 
 
 @dataclass(frozen=True)
@@ -117,7 +119,7 @@ class StaticQuantizeSettings(Int8Settings):
         None,
         "how ranges are chosen",
         choices=defaults.CALIB_METHODS,
-        default_text="minmax; mean_minmax with --scheme transformer",
+        default_text="mse; mean_minmax with --scheme transformer",
     )
     calib_samples: int | None = option(
         None, "use the first N samples", low=1, metavar="N", default_text="all"
@@ -148,6 +150,13 @@ class StaticQuantizeSettings(Int8Settings):
         "tensor's range, scaling the Convs around it (float model unchanged; default scheme)",
         off_flag="--no-equalize",
         off_help="leave activation channels as they are (no equalization into depthwise Convs)",
+    )
+    bias_correction: bool | None = option(
+        None,
+        "shift each quantized Conv/Gemm bias so its mean output per channel on the first "
+        f"{BIAS_CORRECTION_SAMPLES} calibration samples matches the float model's (empirical "
+        "bias correction; needs the calibration data, also with reused ranges)",
+        default_text="on with the default scheme when calibration data is given",
     )
     progress: bool = option(True, "show a progress bar while calibrating", cli=False)
 

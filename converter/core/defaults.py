@@ -14,7 +14,7 @@ DEFAULT_PRUNE_SCOPE = "global"  # measured on the trained digits models: beats p
 DEFAULT_MIN_PARAMS = 1024  # smaller tensors (biases of small layers, norms) are left whole
 
 # --- quantize
-CALIB_METHODS = ("minmax", "entropy", "percentile", "distribution", "mean_minmax")
+CALIB_METHODS = ("minmax", "entropy", "percentile", "distribution", "mean_minmax", "mse")
 WEIGHT_ROUNDINGS = ("nearest", "gptq")  # static int8 weights (see passes/gptq.py)
 # where static Q/DQ goes (see passes/quantize.py)
 QUANT_SCHEMES = ("auto", "default", "transformer")

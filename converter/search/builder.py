@@ -116,7 +116,8 @@ class Builder:
                     "progress": False,
                     "ranges": self._ranges(model, _calib_of(settings), settings["scheme"]),
                 }
-                if settings.get("weight_rounding") == "gptq":  # reads the samples again
+                reads = settings.get("weight_rounding") == "gptq"  # reads the samples again,
+                if reads or settings.get("bias_correction") is not False:  # so does this
                     settings["calibration"] = self.calib
             if entry["pass"] in ("prune", "smooth"):  # later passes see the rewritten model
                 rewrite = make_recipe_pass(entry["pass"], settings, self.calib)
