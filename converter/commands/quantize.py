@@ -196,6 +196,13 @@ def summary(stats: dict[str, Any], settings: dict[str, Any], source: Any, out: A
             f"  weight rounding: GPTQ on {rounding['weights']} weights, output error on the "
             f"calibration data {rounding.get('proxy_error_ratio', 1.0):.2f}x nearest rounding's"
         )
+    corrected = stats.get("bias_correction", {})
+    if corrected.get("layers"):
+        lines.append(
+            f"  bias correction: {corrected['layers']} Conv/Gemm biases on "
+            f"{corrected['samples']} samples (mean output shift corrected: "
+            f"{corrected['mean_shift']:.2g} of the mean output)"
+        )
     lines.append(f"  int8: {len(nodes['quantized'])} nodes ({ops or 'none'})")
     if "weight_scales" in stats:  # what onnxruntime did (dynamic Conv: per tensor, always)
         scales = describe_scales(stats["weight_scales"])
