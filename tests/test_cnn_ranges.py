@@ -36,9 +36,7 @@ def _cnn(rng: np.random.Generator) -> onnx.ModelProto:
     nodes = [
         helper.make_node("Conv", ["x", "w1", "b1"], ["h1"], name="conv1", pads=[1, 1, 1, 1]),
         helper.make_node("Relu", ["h1"], ["a1"], name="relu1"),
-        helper.make_node(
-            "Conv", ["a1", "w2", "b2"], ["h2"], name="dw", group=8, pads=[1, 1, 1, 1]
-        ),
+        helper.make_node("Conv", ["a1", "w2", "b2"], ["h2"], name="dw", group=8, pads=[1, 1, 1, 1]),
         helper.make_node("Relu", ["h2"], ["a2"], name="relu2"),
         helper.make_node("Conv", ["a2", "w3", "b3"], ["y"], name="conv3"),
     ]
