@@ -155,8 +155,8 @@ class StaticQuantizeSettings(Int8Settings):
         None,
         "shift each quantized Conv/Gemm bias so its mean output per channel on the first "
         f"{BIAS_CORRECTION_SAMPLES} calibration samples matches the float model's (empirical "
-        "bias correction; needs the calibration data, also with reused ranges)",
-        default_text="on with the default scheme when calibration data is given",
+        "bias correction; needs the calibration data, also with reused ranges; default: on "
+        "with the default scheme when calibration data is given)",
     )
     progress: bool = option(True, "show a progress bar while calibrating", cli=False)
 

@@ -229,17 +229,21 @@ def test_same_bytes_across_processes(tmp_path, digits_cnn):
 
 def test_precomputed_ranges_give_the_same_model(digits_cnn, tmp_path):
     model = onnx.load(str(digits_cnn.onnx))
-    ranges = StaticQuantize(calibration=digits_cnn.calib).calibrate(model)
+    minmax = {"calib_method": "minmax", "bias_correction": False}  # bias correction: the data
+    ranges = StaticQuantize(calibration=digits_cnn.calib, **minmax).calibrate(model)
     assert ranges.samples == 256 and ranges.model == fingerprint(model)
     for skip in ([], ["node_conv2d"], ["node_linear", "node_conv2d_2"]):
-        direct = StaticQuantize(calibration=digits_cnn.calib, nodes_to_exclude=skip)(model)
+        direct = StaticQuantize(calibration=digits_cnn.calib, nodes_to_exclude=skip, **minmax)
+        direct = direct(model)
         reused = StaticQuantize(ranges=ranges, nodes_to_exclude=skip)(model)
         assert bytes_of(direct.model) == bytes_of(reused.model)
         assert reused.stats["calibration"]["reused"] is True
     path = ranges.save(tmp_path / "ranges.json")
     loaded = CalibrationRanges.load(path)
     from_file = StaticQuantize(ranges=str(path), nodes_to_exclude=["node_conv2d"])(model)
-    direct = StaticQuantize(calibration=digits_cnn.calib, nodes_to_exclude=["node_conv2d"])
+    direct = StaticQuantize(
+        calibration=digits_cnn.calib, nodes_to_exclude=["node_conv2d"], **minmax
+    )
     assert bytes_of(from_file.model) == bytes_of(direct(model).model)
     assert loaded.method == "minmax" and loaded.prepared is None
     again = calibrate(model, digits_cnn.calib, calib_method="entropy")
@@ -251,7 +255,7 @@ def test_ranges_of_another_model_are_refused(digits_cnn, digits_mlp, tmp_path):
     with pytest.raises(BadInputError, match="another model"):
         StaticQuantize(ranges=ranges)(onnx.load(str(digits_cnn.onnx)))
     with pytest.raises(BadInputError, match="both calibration data and precomputed ranges"):
-        StaticQuantize(calibration=digits_cnn.calib, ranges=ranges)
+        StaticQuantize(calibration=digits_cnn.calib, ranges=ranges, bias_correction=False)
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(BadInputError, match="cannot read calibration ranges"):
         StaticQuantize(ranges=tmp_path / "bad.json")
@@ -344,7 +348,10 @@ def test_calibration_feeds_one_batch_per_collect_call(digits_cnn, monkeypatch):
 
     monkeypatch.setattr(ort_calibrate.MinMaxCalibrater, "collect_data", spy)
     model = onnx.load(str(digits_cnn.onnx))
-    StaticQuantize(calibration=digits_cnn.calib, calib_samples=100, calib_batch_size=32)(model)
+    StaticQuantize(
+        calibration=digits_cnn.calib, calib_samples=100, calib_batch_size=32,
+        calib_method="minmax", bias_correction=False,
+    )(model)  # fmt: skip
     assert calls == [[32], [32], [32], [4]]
 
 
@@ -574,7 +581,8 @@ def test_cli_quantizes_and_reports(tmp_path, capsys, digits_cnn, tiny_encoder):
     assert main(argv) == 0
     report = capsys.readouterr().out
     assert "static int8, QDQ: uint8 activations, int8 per-channel weights" in report
-    assert "calibration: minmax on 256 samples" in report
+    assert "calibration: mse on 256 samples" in report
+    assert "bias correction: 3 Conv/Gemm biases on 64 samples" in report
     # the shipped kernels checked against the model's QDQ semantics on 8 calibration samples
     assert "kernel truth (8 samples, 1 thread; optimizations on vs off): kernels agree" in report
     assert re.search(r"vs fp32: semantics (0\.99|1\.0)\d+, kernels (0\.99|1\.0)\d+", report)
@@ -591,6 +599,8 @@ def test_calibration_error_is_a_data_error(tmp_path):
     """Values the model rejects at run time surface as a DataError naming the samples."""
     model = symbolic_failure_model()  # 32 table rows: a batch of 40 rows cannot be added
     np.savez(tmp_path / "long.npz", x=np.zeros((40, 8), np.float32))
-    quantize = StaticQuantize(calibration=tmp_path / "long.npz", calib_batch_size=40)
+    quantize = StaticQuantize(
+        calibration=tmp_path / "long.npz", calib_batch_size=40, calib_method="minmax"
+    )
     with pytest.raises(DataError, match="calibration samples 0..39 through the model failed"):
         quantize(model)
