@@ -13,7 +13,10 @@ both share: the flow, the checks, the exclusions), ``passes/dynamic.py`` and
 ``passes/settings.py`` (their settings, declared once), ``passes/ort.py`` (loading
 onnxruntime.quantization without torch, its log capture, pre-processing),
 ``passes/calibration.py`` (ranges: reusable CalibrationRanges, mean_minmax, mask-safe
-histograms) and ``passes/quant_report.py`` (the node report and the MAC estimate).
+histograms), ``passes/mse_range.py`` (``mse`` ranges, the default scheme's),
+``passes/bias_correction.py`` (empirical bias correction, on by default with the default
+scheme), ``passes/equalize.py`` and ``passes/quant_report.py`` (the node report and the MAC
+estimate).
 
 Reusing calibration (sensitivity search, "auto"): measure the ranges once, quantize many
 times with different exclusions; the ranges remember the model they were measured on (and

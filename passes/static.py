@@ -125,7 +125,10 @@ class StaticQuantize(Int8Pass):
     activations, int8 per-channel 7-bit weights — on this AVX2 machine int8 activations made
     a ResNet-18 no faster than fp32 (a BERT-style encoder 0.7x), uint8 1.7-1.9x faster.
     ``calibration`` is an .npz file or folder of shards; ``ranges`` reuses the ranges of an
-    earlier :meth:`calibrate` (object, or path of a file it saved) instead. Settings:
+    earlier :meth:`calibrate` (object, or path of a file it saved) instead. With the default
+    scheme, ranges are ``mse`` (passes/mse_range.py) and the Conv/Gemm biases are corrected
+    on the calibration data afterwards (passes/bias_correction.py; reused ranges without the
+    data skip it unless asked for, which then is an error). Settings:
     :class:`passes.settings.StaticQuantizeSettings`.
     """
 

@@ -42,6 +42,10 @@ arrays named after the model inputs, or a folder of .npz shards; streamed one ba
 time, so memory does not grow with the sample count; checked for NaN/Inf). For CNNs. QDQ
 format and uint8 activations by default: int8 activations ran at 1.13x fp32 speed on a
 ResNet-18 and 0.72x on a BERT-style encoder, uint8 at 1.90x and 1.49x (AMD EPYC, AVX2, no VNNI).
+Default scheme ranges: --calib-method mse (per tensor, the range with the smallest int8
+error, from two streamed passes over the data), then --bias-correction (each Conv/Gemm bias
+shifted, in graph order, so its mean output on the first 64 samples matches fp32); same
+graph and speed. Pretrained MobileNetV2: mean cosine 0.936 (minmax) -> 0.976; README "CNN int8".
 
 weights: int8, per output channel; 7 or 8 bits by --target (default host: this CPU).
 x86 CPUs without VNNI (target avx2, also AVX-512F) add uint8 x int8 products in saturating
