@@ -457,14 +457,22 @@ class StaticQuantize(Int8Pass):
             )
             logger.warning("warning: %s", message)
             warnings.append(message)
+        before = onnx.ModelProto()
+        before.CopyFrom(quantized)
         try:
             return correct_biases(quantized, prepared.model, batches)
         except OnnxshipError:
             raise
         except Exception as e:  # onnxruntime raises InvalidArgument, Fail...
-            raise PassError(
-                f"bias correction failed: {first_line(e)}", "pass bias_correction=False"
-            ) from e
+            if self.bias_correction:  # asked for: say it could not be done
+                raise PassError(
+                    f"bias correction failed: {first_line(e)}", "pass bias_correction=False"
+                ) from e
+            quantized.CopyFrom(before)  # the default: none of it, never half of it
+            message = f"bias correction skipped: {first_line(e)}"
+            logger.warning("warning: %s", message)
+            warnings.append(message)
+            return {"layers": 0, "failed": first_line(e)}
 
 
 def calibrate(
