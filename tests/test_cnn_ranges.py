@@ -187,3 +187,30 @@ def test_best_range_on_laplace_values_clips_the_tails_and_predicts_its_error():
     actual = np.mean((_fake_quant(x, lo, hi) - x) ** 2)
     assert actual == pytest.approx(predicted, rel=0.01)  # 5.84e-4
     assert actual < 0.6 * np.mean((_fake_quant(x, low, high) - x) ** 2)  # minmax: 1.06e-3
+
+
+def test_a_default_bias_correction_that_cannot_run_is_skipped_whole(data, monkeypatch):
+    import passes.static
+    from converter.core.errors import PassError
+
+    model, _, path = data
+
+    def fails(qdq, float_model, batches):
+        for t in qdq.graph.initializer:  # half-way through: one bias already moved
+            if t.name.endswith("_quantized") and t.data_type == TensorProto.INT32:
+                t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) + 7, t.name))
+                break
+        raise RuntimeError("cannot run this segment")
+
+    kw = {"calibration": path, "target": "avx2", "progress": False}
+    plain = StaticQuantize(bias_correction=False, **kw)(model)
+    monkeypatch.setattr(passes.static, "correct_biases", fails)
+    skipped = StaticQuantize(**kw)(model)
+    assert skipped.stats["bias_correction"] == {
+        "layers": 0,
+        "failed": "RuntimeError: cannot run this segment",
+    }
+    assert any("bias correction skipped" in w for w in skipped.stats["warnings"])
+    assert skipped.model.SerializeToString() == plain.model.SerializeToString()
+    with pytest.raises(PassError, match="bias correction failed"):
+        StaticQuantize(bias_correction=True, **kw)(model)
