@@ -6,6 +6,7 @@ photos; batch 1, 1 thread, all in one run. Prints mean / worst cosine of the 128
 to fp32 in kernels (optimisations on) and semantics (off), top-1 agreement of the logits,
 speedup over fp32 and over bare quantize_static (latencies measured one after the
 other in this process: on a shared CPU, contended) and size.
+``python bench_cnn_int8.py efficientnet_lite0`` runs EfficientNet-Lite0 on the same crops.
 README, "CNN int8 (real pretrained weights)".
 """
 
@@ -78,8 +79,11 @@ def _bare(fp32: Path, calib: np.ndarray, out: Path) -> Path:
     return out
 
 
-def main() -> None:
-    fp32 = _real.mobilenet_v2()
+MODELS = {"mobilenet_v2": _real.mobilenet_v2, "efficientnet_lite0": _real.efficientnet_lite0}
+
+
+def main(model_name: str = "mobilenet_v2") -> None:
+    fp32 = MODELS[model_name]()
     calib = _real.crops(_real.CALIB_PHOTOS, CALIB, seed=1)
     test = _real.crops(_real.TEST_PHOTOS, TEST, seed=2)
     with tempfile.TemporaryDirectory() as tmp:
@@ -105,7 +109,7 @@ def main() -> None:
             onnx.save(q(model).model, str(path))
             rows[name] = path
         print(
-            f"MobileNetV2, calibration {CALIB} crops / test {TEST} crops of other photos, batch 1"
+            f"{model_name}, calibration {CALIB} crops / test {TEST} crops of other photos, batch 1"
         )
         print(
             "| static int8 | kernels mean / worst | semantics mean / worst | top-1 | speedup "
@@ -126,4 +130,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(*sys.argv[1:2])  # mobilenet_v2 (default) or efficientnet_lite0
