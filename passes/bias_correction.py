@@ -3,8 +3,9 @@ Quantization", ICCV 2019, §4.2 empirical variant; AIMET's ``bias_correction.py`
 
 Rounding weights and clipping activations shifts the *mean* output of each channel: the error
 ``E[ŷ] − E[y]`` is not zero, and a ReLU network passes it on, layer after layer (measured on
-MobileNetV2, mse ranges: the linear bottleneck projections shift most, 0.3–0.64 of their mean
-|output| per channel in the first blocks, the others 0.01–0.07). This pass
+MobileNetV2, mse ranges, no equalization: the linear bottleneck projections shift most,
+0.3–0.64 of their mean |output| per channel in the first blocks, the others 0.01–0.07). This
+pass
 measures, in graph order, each quantized Conv/Gemm's per-output-channel mean pre-activation
 output on the first calibration samples — in the quantized model with the corrections of the
 layers before it already applied — against the float model's, and adds the difference to
