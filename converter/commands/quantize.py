@@ -128,9 +128,20 @@ def run(args: argparse.Namespace) -> int:
     results = apply_to_file([quantize], args.model, args.output, args.calibration)
     if not args.quiet:
         print(summary(results[0].stats, quantize.settings(), args.model, args.output))
+        print(f"  {_int8_share(args.output)}")
         for line in _kernel_truth(args):
             print(f"  {line}")
     return 0
+
+
+def _int8_share(path: str) -> str:
+    """The share of the written model's multiply-adds that run in int8 (issue #20: a
+    "quantized" model can run almost all of them in fp32)."""
+    import onnx
+
+    from converter.check.int8_share import int8_share
+
+    return int8_share(onnx.load(str(path), load_external_data=False)).line()
 
 
 def _kernel_truth(args: argparse.Namespace) -> list[str]:
