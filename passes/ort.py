@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
+import onnxruntime
 
 from converter.core.errors import PassError, first_line
 from converter.core.onnxio import save_model, serialized_below_2gb
@@ -154,7 +155,6 @@ def optimize(model: onnx.ModelProto, folder: Path, data: bytes | None = None) ->
     serialized bytes, when the caller has them), from memory, written once by ORT itself,
     with ORT's value_info. A model ORT cannot load (a custom op) is quantized as it is,
     saying why."""
-    import onnxruntime
     from onnxruntime.quantization.quant_utils import add_pre_process_metadata
 
     target = folder / "preprocessed.onnx"
