@@ -205,8 +205,9 @@ def unpack(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, Any]]:
         t = graph.initializer.add()
         t.name, t.data_type = name, helper.np_dtype_to_tensor_dtype(array.dtype)
         t.dims.extend(array.shape)
+        header = t.ByteSize()  # before the data: TensorProto.raw_data is field 9, one-byte tag
         t.raw_data = np.ascontiguousarray(array, array.dtype.newbyteorder("<")).tobytes()
-        added += _field(t.ByteSize())
+        added += _field(header + _field(array.nbytes))
     before = model.ByteSize()
     stats = {
         "tensors_unpacked": len(dense),
