@@ -56,8 +56,10 @@ Models from other exporters: weights held in Constant nodes become initializers,
 older opset is upgraded with onnx.version_converter (per-channel QDQ needs 13, the rest 11),
 on a copy; the summary says so. When the converter cannot, exit 2 says how to upgrade by hand.
 
-Before quantizing, onnxruntime's quant_pre_process runs (symbolic shape inference +
-optimization; falls back to ONNX shape inference, then to none, saying so). --exclude and
+Before quantizing, the model is pre-processed: static mode runs onnxruntime's
+quant_pre_process (symbolic shape inference + optimization; falls back to ONNX shape
+inference, then to none, saying so); dynamic mode, which needs no activation shapes, only
+onnxruntime's basic optimization, from memory. --exclude and
 --exclude-op keep nodes in fp32; node names are those of the pre-processed model (it keeps
 the names of the nodes it does not fuse). The report lists every quantizable node left in
 fp32 and why. Check accuracy with `onnxship validate`; measured numbers (and the machine they
