@@ -12,7 +12,7 @@ import onnx
 
 from passes.base import PassResult
 from passes.int8 import Int8Pass
-from passes.ort import Prepared, quant_type, run_ort
+from passes.ort import Prepared, preprocess, quant_type, run_ort
 from passes.quant_report import macs, percent, weight_scales
 
 __all__ = ["DynamicQuantize", "CONV_DOMINATED"]
@@ -37,6 +37,11 @@ class DynamicQuantize(Int8Pass):
 
     name = "quantize-dynamic"
     mode = "dynamic"
+
+    def prepare(self, model: onnx.ModelProto, folder: Path) -> Prepared:
+        """ORT's optimization only: dynamic mode quantizes weights and needs no activation
+        shapes, so the symbolic shape inference of ``quant_pre_process`` is skipped."""
+        return preprocess(model, folder, self.preprocess, symbolic=False)
 
     def quantize(
         self, prepared: Prepared, excluded: Mapping[str, str], out: Path, folder: Path

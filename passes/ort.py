@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
+import onnxruntime
 
 from converter.core.errors import PassError, first_line
-from converter.core.onnxio import save_model
+from converter.core.onnxio import save_model, serialized_below_2gb
 
-__all__ = ["Prepared", "preprocess"]
+__all__ = ["Prepared", "preprocess", "optimize"]
 
 logger = logging.getLogger(__name__)
 
@@ -106,8 +107,17 @@ def _working_dir(folder: Path) -> Iterator[None]:
         os.chdir(previous)
 
 
-def preprocess(model: onnx.ModelProto, folder: Path, enabled: bool = True) -> Prepared:
-    """Run ``quant_pre_process`` on ``model`` in ``folder``, falling back step by step."""
+def preprocess(
+    model: onnx.ModelProto, folder: Path, enabled: bool = True, symbolic: bool = True
+) -> Prepared:
+    """Run ``quant_pre_process`` on ``model`` in ``folder``, falling back step by step.
+    ``symbolic=False`` (dynamic mode, which needs no activation shapes) runs ORT's basic
+    optimization alone, from memory (:func:`optimize`): no symbolic shape inference (it
+    imports sympy, 0.4 s) and no ONNX shape inference (``quantize_dynamic`` runs its own)."""
+    if enabled and not symbolic:
+        data = serialized_below_2gb(model)
+        if data is not None:  # above 2 GB: quant_pre_process, which handles external data
+            return optimize(model, folder, data)
     source = save_model(model, folder / "input.onnx")
     if not enabled:
         return Prepared(source, model, "off (--no-preprocess)")
@@ -137,6 +147,41 @@ def preprocess(model: onnx.ModelProto, folder: Path, enabled: bool = True) -> Pr
         note,
     )
     return Prepared(source, model, note)
+
+
+def optimize(model: onnx.ModelProto, folder: Path, data: bytes | None = None) -> Prepared:
+    """ORT's basic graph optimization (constant folding, redundant nodes, MatMul + Add
+    fusion: the optimization step of ``quant_pre_process``) of ``model`` (``data``: its
+    serialized bytes, when the caller has them), from memory, written once by ORT itself,
+    with ORT's value_info. A model ORT cannot load (a custom op) is quantized as it is,
+    saying why."""
+    from onnxruntime.quantization.quant_utils import add_pre_process_metadata
+
+    target = folder / "preprocessed.onnx"
+    options = onnxruntime.SessionOptions()
+    options.optimized_model_filepath = str(target)
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    try:
+        with ort_quiet():
+            onnxruntime.InferenceSession(
+                data or model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+            )
+    except Exception as e:  # onnxruntime raises Fail, InvalidGraph, NotImplemented...
+        note = f"failed, quantizing the model as it is (optimization failed: {first_line(e)})"
+        logger.warning("pre-processing %s", note)
+        return Prepared(save_model(model, folder / "input.onnx"), model, note)
+    prepared = onnx.load(str(target))
+    # The mark quantize_dynamic looks for (else it asks for pre-processing), added to the file
+    # without writing it again: protobuf parses concatenated messages as one, merged, so a
+    # ModelProto holding only the metadata entry, appended, adds that entry.
+    mark = onnx.ModelProto()
+    add_pre_process_metadata(mark)
+    known = {p.key for p in prepared.metadata_props}
+    if any(p.key not in known for p in mark.metadata_props):
+        with open(target, "ab") as f:
+            f.write(mark.SerializeToString())
+        add_pre_process_metadata(prepared)
+    return Prepared(target, prepared, "optimization")
 
 
 def run_ort(what: str, function, *args, **kwargs) -> None:

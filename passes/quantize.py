@@ -1,11 +1,14 @@
 """Int8 quantization on top of ``onnxruntime.quantization``: dynamic and static (calibrated).
 
 Both passes work the same way, in a private temporary folder (nothing is written next to the
-user's files): save the model, pre-process it with ``quant_pre_process`` (symbolic shape
-inference + ORT basic optimization; when that fails, ONNX shape inference + optimization;
-when that fails too, the model as it is, with a warning), quantize with ``quantize_dynamic``
+user's files): pre-process the model — static mode with ``quant_pre_process`` (symbolic
+shape inference + ORT basic optimization; when that fails, ONNX shape inference +
+optimization; when that fails too, the model as it is, with a warning), dynamic mode with
+ORT's basic optimization alone, from memory (no symbolic shape inference: it needs no
+activation shapes, and sympy costs 0.4 s to import) — quantize with ``quantize_dynamic``
 or ``quantize_static``, load the result. The stats say which quantizable nodes were
-quantized and which stayed fp32, and why.
+quantized and which stayed fp32, and why. The transformer scheme of static mode also
+stores embedding tables as int8 rows (``passes/gather_int8.py``).
 
 This module exports the two passes; the code is split by concern: ``passes/int8.py`` (what
 both share: the flow, the checks, the exclusions), ``passes/dynamic.py`` and

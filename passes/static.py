@@ -38,6 +38,7 @@ from passes.calibration import (
     tensors_of,
 )
 from passes.equalize import equalizable_pairs, equalize
+from passes.gather_int8 import int8_tables, quantize_tables
 from passes.gptq import round_weights
 from passes.int8 import MIN_INT8_OPSET, Int8Pass
 from passes.mse_range import mse_ranges
@@ -345,8 +346,10 @@ class StaticQuantize(Int8Pass):
         the report says why LayerNorm, Softmax, Add... stayed float."""
         out = super().exclusions(model)
         if self.scheme == "transformer":
+            tables = int8_tables(model)  # embedding Gathers: int8 tables (passes/gather_int8)
             for node in model.graph.node:
-                if node.name and node.name not in out and node.op_type not in TRANSFORMER_OPS:
+                kept = node.op_type not in TRANSFORMER_OPS and node.name not in tables
+                if node.name and node.name not in out and kept:
                     out[node.name] = "kept float by the transformer scheme"
         return out
 
@@ -399,7 +402,7 @@ class StaticQuantize(Int8Pass):
             nodes_to_exclude=sorted(excluded),
             extra_options=extra,
         )
-        rounding = {"method": "nearest"}
+        rounding, tables = {"method": "nearest"}, {}
         corrected: dict[str, Any] = {"layers": 0}
         biases = self._corrects_biases()
         if self.scheme == "transformer" or self.weight_rounding == "gptq" or biases:
@@ -408,13 +411,16 @@ class StaticQuantize(Int8Pass):
                 quantized = _float_for_other_readers(quantized, TRANSFORMER_OPS)
             if self.weight_rounding == "gptq":
                 rounding = self._gptq(prepared, quantized)
-            if biases:
+            if self.scheme == "transformer":  # Gathers the user did not exclude
+                tables = quantize_tables(quantized, skip=set(excluded))
+            if biases:  # last: it measures the model as it ships
                 corrected = self._correct_biases(prepared, quantized, warnings)
             save_model(quantized, out)
         return {
             "warnings": warnings,
             "weight_rounding": rounding,
             "bias_correction": corrected,
+            "embedding_tables": tables,
             "calibration": {
                 "method": ranges.method,
                 "scheme": self.scheme,

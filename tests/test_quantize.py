@@ -395,11 +395,26 @@ def symbolic_failure_model() -> onnx.ModelProto:
 
 def test_preprocessing_merges_symbolic_dims(tmp_path, monkeypatch):
     """The BERT position-embedding pattern: with auto_merge, symbolic shape inference
-    succeeds (quant_pre_process runs once, not twice)."""
+    succeeds (quant_pre_process runs once, not twice). Static mode's pre-processing; dynamic
+    mode skips symbolic inference (tests/test_quantize_cost.py)."""
     monkeypatch.chdir(tmp_path)
-    result = DynamicQuantize()(symbolic_failure_model())
+    result = symbolic_then_dynamic(symbolic_failure_model())
     assert result.stats["preprocess"] == "symbolic shape inference + optimization"
     assert list(tmp_path.iterdir()) == [] and result.stats["nodes"]["quantized"] == ["mm"]
+
+
+def symbolic_then_dynamic(model: onnx.ModelProto):
+    """``model`` pre-processed as static mode does (symbolic shape inference first), then
+    quantized by DynamicQuantize; stats["preprocess"] says how it was pre-processed."""
+    import tempfile
+
+    from passes.ort import preprocess
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = preprocess(model, Path(tmp), symbolic=True)
+    result = DynamicQuantize(preprocess=False)(prepared.model)
+    result.stats["preprocess"] = prepared.note
+    return result
 
 
 def test_preprocessing_falls_back_and_keeps_the_cwd_clean(tmp_path, monkeypatch, caplog):
@@ -414,7 +429,7 @@ def test_preprocessing_falls_back_and_keeps_the_cwd_clean(tmp_path, monkeypatch,
     monkeypatch.chdir(tmp_path)  # ORT writes sym_shape_infer_temp.onnx into the cwd on failure
     model = symbolic_failure_model()
     with caplog.at_level(logging.WARNING, logger="passes"):
-        result = DynamicQuantize()(model)
+        result = symbolic_then_dynamic(model)
     assert result.stats["preprocess"].startswith("ONNX shape inference + optimization (after:")
     assert "Incomplete symbolic shape inference" in result.stats["preprocess"]
     assert any("pre-processing" in r.getMessage() for r in caplog.records)

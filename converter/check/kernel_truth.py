@@ -57,6 +57,7 @@ from converter.core.runtime import make_session, run_session
 
 __all__ = [
     "kernel_truth",
+    "locate",
     "reference_outputs",
     "is_qdq",
     "KernelTruth",
@@ -158,6 +159,22 @@ def kernel_truth(
         host_target=host_target().name,
         model_target=next((p.value for p in model.metadata_props if p.key == METADATA_KEY), None),
     )
+
+
+def locate(
+    model: onnx.ModelProto | str | os.PathLike,
+    feeds: Iterable[Feed],
+    threads: int = 1,
+    threshold: float = DEFAULT_THRESHOLD,
+    parts: int = defaults.KERNEL_TRUTH_PARTS,
+) -> tuple[tuple[Parting, ...], bool]:
+    """Where the kernels part from the semantics on ``feeds`` — the first ``parts``
+    partings, and whether they were located in the shipped kernels' graph (see
+    :class:`KernelTruth`) — for a caller that measured the divergence itself."""
+    model = _load(model, "model")
+    feeds = [dict(f) for f in feeds]
+    kernels = _run(model, feeds, threads, optimize=True, what="the model (optimizations on)")
+    return _locate(model, feeds, kernels, threads, threshold, parts)
 
 
 def _load(model: onnx.ModelProto | str | os.PathLike, what: str) -> onnx.ModelProto:

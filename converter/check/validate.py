@@ -24,6 +24,9 @@ import os
 from collections.abc import Sequence
 from typing import NamedTuple
 
+from converter.check.int8_share import Int8Share, int8_share
+from converter.check.kernel_truth import is_qdq
+from converter.check.validate_kernels import ReferenceCache, kernel_figures
 from converter.check.validate_plan import (
     Plan,
     Thresholds,
@@ -38,14 +41,19 @@ from converter.core.data import Dataset, InputSpec, model_input_specs, open_data
 
 # DEFAULT_BASELINE_TOLERANCE, one sample in 200: re-running the same model on another machine
 # can flip a borderline argmax; a real regression moves more than that.
-from converter.core.defaults import DEFAULT_BASELINE_TOLERANCE, METRICS, SCORES
+from converter.core.defaults import (
+    DEFAULT_BASELINE_TOLERANCE,
+    METRICS,
+    SCORES,
+    VALIDATE_KERNEL_SAMPLES,
+)
 from converter.core.defaults import DEFAULT_VALIDATE_BATCH as DEFAULT_BATCH_SIZE
 from converter.core.errors import BadInputError, DataError
 from converter.core.executor import Executor, InProcess
 from converter.core.gates import Gate, ScoreLimits
 from converter.core.machine import warn_if_other_target
 from converter.core.onnxio import load_model
-from passes.quant_report import has_dynamic_quantization
+from passes.quant_report import has_dynamic_quantization, is_quantized
 
 __all__ = [
     "validate",
@@ -88,6 +96,8 @@ def validate(
     threads: int = 1,
     progress: bool = True,
     executor: Executor | None = None,
+    kernel_samples: int = VALIDATE_KERNEL_SAMPLES,
+    references: ReferenceCache | None = None,
 ) -> ValidationReport:
     """Score ``candidate`` on ``data`` and check the gates that are given.
 
@@ -105,10 +115,15 @@ def validate(
     ``executor`` runs the scoring of the data's shards (default: in this process; a
     RayExecutor runs one Ray task per shard); the report is identical either way.
     Bad input raises BadInputError/DataError; failed gates only set ``report.passed``.
+    A QDQ candidate is also scored both ways — optimizations off (its semantics) and on (the
+    kernels that ship, what the gates read) — on its first ``kernel_samples`` samples (0:
+    not), the reference's outputs on them kept in ``references`` when given
+    (converter.check.validate_kernels); a quantized candidate's int8 share of multiply-adds
+    is counted (converter.check.int8_share).
     """
     thresholds = Thresholds(ScoreLimits(min_score, max_drop, min_worst), baseline_tolerance)
     check_counts(DEFAULT_BATCH_SIZE if batch_size is None else batch_size, threads)
-    cand_specs, outputs, ref_specs, dynamic = _load_interfaces(candidate, reference)
+    cand_specs, outputs, ref_specs, dynamic, kind = _load_interfaces(candidate, reference)
     dataset = open_data(data, cand_specs)
     batch = _scoring_batch(batch_size, dynamic, dataset, cand_specs)
     if ref_specs is not None:
@@ -129,6 +144,12 @@ def validate(
     results = {name: scored[name].result() for name in outputs}
     ref_results = {name: scored[name].reference_result() for name in outputs}
     ref_results = {n: r for n, r in ref_results.items() if r}
+    figures = None
+    if kind.qdq and kernel_samples > 0:
+        figures = kernel_figures(
+            candidate, dataset, cand_specs, reference, ref_specs, labels, plan.chosen, gated,
+            batch.size, threads, kernel_samples, cache=references,
+        )  # fmt: skip
     report = ValidationReport(
         candidate=str(candidate),
         data=str(data),
@@ -145,6 +166,8 @@ def validate(
         threads=threads,
         dynamic_quantization=bool(dynamic),
         batch_reason=batch.reason,
+        kernel_truth=figures,
+        int8_macs=kind.share,
     )
     logger.debug("validated %s: %s", candidate, "passed" if report.passed else "FAILED")
     return report
@@ -153,17 +176,26 @@ def validate(
 # ---------------------------------------------------------------- inputs
 
 
-def _load_interfaces(candidate, reference) -> tuple[list[InputSpec], list[str], list | None, str]:
+class _Kind(NamedTuple):
+    qdq: bool  # QuantizeLinear/DequantizeLinear: scored both ways
+    share: Int8Share | None  # of a quantized candidate
+
+
+def _load_interfaces(
+    candidate, reference
+) -> tuple[list[InputSpec], list[str], list | None, str, _Kind]:
     """Input specs and output names of the candidate; input specs of the reference; which
-    of the two quantizes activations at run time ("" when neither does)."""
+    of the two quantizes activations at run time ("" when neither does); whether the
+    candidate is QDQ, and its int8 share of multiply-adds when it is quantized."""
 
     model = load_model(candidate, what="candidate model")
     specs, outputs = model_input_specs(model), [o.name for o in model.graph.output]
     warn_if_other_target(model, candidate)
     dynamic = "candidate" if has_dynamic_quantization(model) else ""
+    kind = _Kind(is_qdq(model), int8_share(model) if is_quantized(model) else None)
     del model
     if reference is None:
-        return specs, outputs, None, dynamic
+        return specs, outputs, None, dynamic, kind
     ref = load_model(reference, what="reference model")
     if not dynamic and has_dynamic_quantization(ref):
         dynamic = "reference"
@@ -177,7 +209,7 @@ def _load_interfaces(candidate, reference) -> tuple[list[InputSpec], list[str], 
         logger.info(
             "outputs paired in order: %s", ", ".join(map("=".join, zip(outputs, ref_outputs)))
         )
-    return specs, outputs, model_input_specs(ref), dynamic
+    return specs, outputs, model_input_specs(ref), dynamic, kind
 
 
 class _Batch(NamedTuple):

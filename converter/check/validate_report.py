@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import Any
 
 from converter.core import __version__
 from converter.core.gates import Gate, Gated, gate_lines, junit_xml
@@ -57,6 +58,10 @@ class ValidationReport(Gated):
     threads: int = 1
     dynamic_quantization: bool = False
     batch_reason: str = ""
+    # A QDQ candidate scored both ways on its first samples (validate_kernels.KernelFigures)
+    # and a quantized one's int8 share of multiply-adds (int8_share.Int8Share).
+    kernel_truth: Any = None
+    int8_macs: Any = None
 
     def scoring(self) -> dict:
         """How the scores were measured, as the reports of run and auto record it."""
@@ -87,6 +92,8 @@ class ValidationReport(Gated):
             "gates": [g.to_dict() for g in self.gates],
             "baseline": self.baseline,
             "baseline_tolerance": self.baseline_tolerance,
+            "kernel_truth": None if self.kernel_truth is None else self.kernel_truth.to_dict(),
+            "int8_macs": None if self.int8_macs is None else self.int8_macs.to_dict(),
         }
 
     def to_json(self) -> str:
@@ -130,10 +137,15 @@ def _summary(r: ValidationReport) -> str:
             rows.append((out, metric, _fmt(v.value), worst, "" if ref is None else _fmt(ref.value)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    if r.int8_macs is not None:
+        lines.append(f"  {r.int8_macs.line()}")
+    if r.kernel_truth is not None:
+        lines += [f"  {line}" for line in r.kernel_truth.lines()]
     if not r.gates:
         lines.append("no gates (use --min-score, --max-drop, --min-worst or --baseline)")
         return "\n".join(lines)
-    lines.append(f"gates on output {r.output}:")
+    kernels = " (optimizations on: the kernels that ship)" if r.kernel_truth is not None else ""
+    lines.append(f"gates on output {r.output}{kernels}:")
     lines += gate_lines(r.gates)
     return "\n".join(lines)
 
@@ -155,6 +167,12 @@ def _properties(r: ValidationReport) -> list[tuple[str, str]]:
                 props.append((f"{prefix}{out}.{metric}", repr(v.value)))
                 if v.worst is not None:
                     props.append((f"{prefix}{out}.{metric}.worst", repr(v.worst)))
+    if r.int8_macs is not None:
+        props.append(("int8_macs.share", repr(r.int8_macs.share)))
+        props.append(("int8_macs.int8", str(r.int8_macs.int8_macs)))
+        props.append(("int8_macs.total", str(r.int8_macs.total_macs)))
+    if r.kernel_truth is not None:
+        props += r.kernel_truth.properties()
     for g in r.gates:
         props.append((f"gate.{g.name}.{g.metric.replace(' ', '_')}", repr(g.value)))
     return props

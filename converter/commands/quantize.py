@@ -60,8 +60,10 @@ Models from other exporters: weights held in Constant nodes become initializers,
 older opset is upgraded with onnx.version_converter (per-channel QDQ needs 13, the rest 11),
 on a copy; the summary says so. When the converter cannot, exit 2 says how to upgrade by hand.
 
-Before quantizing, onnxruntime's quant_pre_process runs (symbolic shape inference +
-optimization; falls back to ONNX shape inference, then to none, saying so). --exclude and
+Before quantizing, the model is pre-processed: static mode runs onnxruntime's
+quant_pre_process (symbolic shape inference + optimization; falls back to ONNX shape
+inference, then to none, saying so); dynamic mode, which needs no activation shapes, only
+onnxruntime's basic optimization, from memory. --exclude and
 --exclude-op keep nodes in fp32; node names are those of the pre-processed model (it keeps
 the names of the nodes it does not fuse). The report lists every quantizable node left in
 fp32 and why. Check accuracy with `onnxship validate`; measured numbers (and the machine they
@@ -132,9 +134,19 @@ def run(args: argparse.Namespace) -> int:
     results = apply_to_file([quantize], args.model, args.output, args.calibration)
     if not args.quiet:
         print(summary(results[0].stats, quantize.settings(), args.model, args.output))
+        print(f"  {_int8_share(args.output)}")
         for line in _kernel_truth(args):
             print(f"  {line}")
     return 0
+
+
+def _int8_share(path: str) -> str:
+    """The share of the written model's multiply-adds that run in int8 (issue #20: a
+    "quantized" model can run almost all of them in fp32)."""
+    from converter.check.int8_share import int8_share
+    from converter.core.onnxio import load_model
+
+    return int8_share(load_model(path)).line()
 
 
 def _kernel_truth(args: argparse.Namespace) -> list[str]:

@@ -45,6 +45,7 @@ NODE_ERROR_ROWS = 10  # worst tensors shown; the JSON and the manifest have all
 KERNEL_TRUTH_SAMPLES = 8  # one run each way per sample: cheap enough for every quantize
 KERNEL_TRUTH_THRESHOLD = 0.01  # mean cosine the kernels may differ from the QDQ semantics
 KERNEL_TRUTH_PARTS = 3  # nodes named where the tensors part
+VALIDATE_KERNEL_SAMPLES = 256  # validate and auto score a QDQ model both ways on these
 
 # --- auto
 AUTO_MAX_EXCLUDED = 8

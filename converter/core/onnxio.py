@@ -265,9 +265,10 @@ def save_model(
     ``<out name>.data``) next to it, written first, from a copy (``model`` itself is never
     changed), replacing any earlier file of that name whole."""
     out = Path(out)
-    if model.ByteSize() < TWO_GB:
+    data = serialized_below_2gb(model)
+    if data is not None:
         with atomic_path(out) as tmp:
-            tmp.write_bytes(model.SerializeToString(deterministic=True))
+            tmp.write_bytes(data)
         return out
     data_name = data_name or out.name + ".data"
     if Path(data_name).name != data_name or data_name in (".", ".."):
@@ -281,6 +282,20 @@ def save_model(
             _move_tensors_out(copy, f, data_name)
         tmp.write_bytes(copy.SerializeToString(deterministic=True))
     return out
+
+
+def serialized_below_2gb(model: onnx.ModelProto) -> bytes | None:
+    """``model``'s deterministic bytes when they fit protobuf's 2 GB, else None: serialized
+    once (``ByteSize`` first would serialize it twice), and not at all when its tensor data
+    alone is 2 GB or more."""
+    raw = sum(len(t.raw_data) for t in _model_tensors(model))
+    if raw >= TWO_GB:
+        return None
+    try:
+        data = model.SerializeToString(deterministic=True)
+    except ValueError:  # protobuf refuses messages above 2 GB
+        return None
+    return data if len(data) < TWO_GB else None
 
 
 def _move_tensors_out(model: onnx.ModelProto, f, location: str, threshold: int = 1024) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from converter.core.errors import BadInputError
 
@@ -57,20 +57,21 @@ def bit_view(a: np.ndarray) -> np.ndarray:
     return a.view(np.dtype(f"u{a.dtype.itemsize}"))
 
 
-def check_chunk(c: Chunk, weight: str) -> None:
-    """Refuse a chunk whose mask does not fit its shape and values (a corrupt file)."""
+def check_chunk(c: Chunk, weight: str, bits: np.ndarray | None = None) -> None:
+    """Refuse a chunk whose mask does not fit its shape and values (a corrupt file).
+    ``bits``: the mask already unpacked (bool, one per element), when the caller has it."""
     n = c.size
     problem = ""
     if c.mask.dtype != np.uint8 or c.mask.ndim != 1 or c.mask.size != -(-n // 8):
         problem = f"mask of {c.mask.size} bytes for {n} elements (needs {-(-n // 8)})"
     elif n % 8 and int(c.mask[-1]) & ((1 << (8 - n % 8)) - 1):
         problem = "mask has bits set past the tensor's end"
-    elif int(np.unpackbits(c.mask).sum()) != c.values.size - 1:
-        problem = (
-            f"mask marks {int(np.unpackbits(c.mask).sum())} values, {c.values.size - 1} stored"
-        )
-    elif c.values.size and bit_view(c.values[:1])[0] != 0:
-        problem = "the values do not start with a zero"
+    else:
+        marked = int(np.count_nonzero(_bits(c) if bits is None else bits))
+        if marked != c.values.size - 1:
+            problem = f"mask marks {marked} values, {c.values.size - 1} stored"
+        elif c.values.size and bit_view(c.values[:1])[0] != 0:
+            problem = "the values do not start with a zero"
     if problem:
         raise BadInputError(
             f"packed weight {weight!r} is corrupt: {problem}",
@@ -78,14 +79,38 @@ def check_chunk(c: Chunk, weight: str) -> None:
         )
 
 
+def _bits(c: Chunk) -> np.ndarray:
+    """The mask as one bool per element (the padding of the last byte cut off)."""
+    return np.unpackbits(c.mask, count=c.size).view(bool)
+
+
 def decode(chunks: list[Chunk], weight: str = "weight") -> np.ndarray:
-    """The dense array, computed the way the ONNX decoder computes it (after checking)."""
-    parts = []
-    for c in chunks:
-        check_chunk(c, weight)
-        bits = np.unpackbits(c.mask)[: c.size].astype(np.int64)
-        parts.append(c.values[np.cumsum(bits) * bits].reshape(c.shape))
-    return np.concatenate(parts) if len(parts) > 1 else parts[0]
+    """The dense array the ONNX decoder computes (after checking), byte for byte: the
+    nonzero values scattered to the set bits of the mask in one boolean assignment per
+    chunk (0.02-0.05 CPU-s per 10 M values; no per-element or per-row Python loop)."""
+    if not chunks:
+        raise BadInputError(
+            f"packed weight {weight!r} has no chunks",
+            "re-create the model with `onnxship pack` from the unpacked model",
+        )
+    total = sum(c.size for c in chunks)
+    rows = sum(c.shape[0] if c.shape else 1 for c in chunks)
+    tail = chunks[0].shape[1:]
+    out = np.zeros(total, chunks[0].values.dtype)
+    start = 0
+    for c in chunks:  # one iteration per chunk of ~512 K values
+        if c.values.dtype != out.dtype or c.shape[1:] != tail:
+            raise BadInputError(
+                f"packed weight {weight!r} is corrupt: its chunks differ in type or row shape",
+                "re-create the model with `onnxship pack` from the unpacked model",
+            )
+        bits = _bits(c)
+        check_chunk(c, weight, bits)
+        out[start : start + c.size][bits] = c.values[1:]
+        start += c.size
+    if len(chunks) == 1:
+        return out.reshape(chunks[0].shape)
+    return out.reshape((rows, *tail))
 
 
 @dataclass
@@ -149,7 +174,7 @@ def check_size(model: onnx.ModelProto) -> None:
             f"{len(external)} tensors of the model are in external data that was not loaded",
             "load the model with converter.core.onnxio.load_model, which reads it",
         )
-    total = sum(t.ByteSize() for t in model.graph.initializer)
+    total = sum(len(t.raw_data) or t.ByteSize() for t in model.graph.initializer)
     if total > MAX_BYTES:
         raise BadInputError(
             f"the model's weights take {total / 1e9:.2f} GB; pack supports models below 2 GB",
@@ -159,26 +184,73 @@ def check_size(model: onnx.ModelProto) -> None:
 
 def unpack(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """``model`` with every packed weight replaced by its dense initializer, byte for byte as
-    before `pack`, and the stats of that (a new model; ``model`` is not changed)."""
+    before `pack`, and the stats of that (a new model; ``model`` is not changed). Each dense
+    weight's bytes are copied once, into its place (protobuf copies of large tensors cost as
+    much as serializing them), and the size after is computed, not serialized again."""
     dense = packed_weights(model)
     out = onnx.ModelProto()
-    out.CopyFrom(model)
-    nodes = [n for n in out.graph.node if not (set(n.output) & set(dense))]
-    nodes = _live(nodes, {o.name for o in out.graph.output})
-    used = {i for n in nodes for i in n.input}
-    inits = [t for t in out.graph.initializer if not t.name.startswith(PREFIX) or t.name in used]
-    inits += [numpy_helper.from_array(a, name) for name, a in dense.items()]
-    del out.graph.node[:]
-    out.graph.node.extend(nodes)
-    del out.graph.initializer[:]
-    out.graph.initializer.extend(inits)
+    out.CopyFrom(model)  # the packed model: small
+    graph = out.graph
+    nodes = list(graph.node)  # one wrapper per node: ids stay valid below
+    live = _live([n for n in nodes if not set(n.output) & set(dense)], _outputs(out))
+    alive = {id(n) for n in live}
+    used = {i for n in live for i in n.input}
+    removed = _remove(graph.node, [id(n) not in alive for n in nodes])
+    removed += _remove(
+        graph.initializer,
+        [t.name.startswith(PREFIX) and t.name not in used for t in graph.initializer],
+    )
+    added = 0
+    for name, array in dense.items():
+        t = graph.initializer.add()
+        t.name, t.data_type = name, helper.np_dtype_to_tensor_dtype(array.dtype)
+        t.dims.extend(array.shape)
+        header = t.ByteSize()  # before the data: TensorProto.raw_data is field 9, one-byte tag
+        t.raw_data = np.ascontiguousarray(array, array.dtype.newbyteorder("<")).tobytes()
+        added += _field(header + _field(array.nbytes))
+    before = model.ByteSize()
     stats = {
         "tensors_unpacked": len(dense),
-        "bytes_before": model.ByteSize(),
-        "bytes_after": out.ByteSize(),
+        "bytes_before": before,
+        "bytes_after": _size_after(model, before, added - removed),
         "summary": f"unpacked {len(dense)} weights" if dense else "nothing to unpack",
     }
     return out, stats
+
+
+def _outputs(model: onnx.ModelProto) -> set[str]:
+    return {o.name for o in model.graph.output}
+
+
+def _remove(field: Any, drop: list[bool]) -> int:
+    """Delete the elements of the repeated ``field`` marked in ``drop``, in place; the bytes
+    they took in their message."""
+    size = 0
+    for i in reversed([i for i, d in enumerate(drop) if d]):
+        size += _field(field[i].ByteSize())
+        del field[i]
+    return size
+
+
+def _varint(n: int) -> int:
+    return max(1, -(-n.bit_length() // 7))
+
+
+def _field(n: int) -> int:
+    """Serialized bytes of a length-delimited field of ``n`` bytes with a one-byte tag (every
+    field used here: GraphProto.node = 1, .initializer = 5, ModelProto.graph = 7)."""
+    return 1 + _varint(n) + n
+
+
+def _size_after(model: onnx.ModelProto, before: int, delta: int) -> int:
+    """``model``'s serialized size once its graph grows by ``delta`` bytes: the graph's own
+    length prefix may change length too."""
+    rest = onnx.ModelProto()
+    rest.CopyFrom(model)
+    rest.ClearField("graph")
+    body = before - rest.ByteSize()  # = _field(graph bytes)
+    graph = next(g for g in range(body - 6, body) if g >= 0 and _field(g) == body)
+    return before - body + _field(graph + delta)
 
 
 def _live(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:

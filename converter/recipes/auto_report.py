@@ -34,6 +34,8 @@ _HEADER = [
     "candidate",
     "passes",
     "score",
+    "semantics score",
+    "int8 MACs",
     "cosine to fp32, mean",
     "cosine to fp32, worst",
     "score batch",
@@ -57,11 +59,35 @@ def _describe_passes(passes: list[dict[str, Any]]) -> str:
     return " → ".join(parts)
 
 
+def _semantics(c: Any) -> str:
+    """The QDQ semantics figure beside the kernel score (the score column): on how many
+    samples, and DIVERGES when they part; — for a model that is not QDQ."""
+    s = c.semantics
+    if not s:
+        return "—"
+    if s["semantics_score"] is None:
+        return "unavailable"
+    text = f"{s['semantics_score']:.4f} (first {s['samples']})"
+    if s["diverged"]:
+        text += " DIVERGES" + (f" at {'; '.join(s['parts'])}" if s["parts"] else "")
+    return text
+
+
+def _int8_macs(c: Any) -> str:
+    share = (c.int8_macs or {}).get("share")
+    return "—" if share is None else f"{100 * share:.1f}%"
+
+
 def _cells(c: Any) -> list[str]:
+    passes = _describe_passes(c.passes) if not c.error else f"failed: {c.error}"
+    if c.fallback:
+        passes += f" [{c.fallback}]"
     return [
         c.name + (" ◀ chosen" if getattr(c, "chosen", False) else ""),
-        _describe_passes(c.passes) if not c.error else f"failed: {c.error}",
+        passes,
         cell(c.score, ".4f"),
+        _semantics(c),
+        _int8_macs(c),
         cell(c.cosine, ".5f"),
         cell(c.worst, ".5f"),
         str(c.scored_at["batch_size"]) if c.scored_at else "—",
@@ -156,7 +182,13 @@ def _scoring_line(result: Any) -> str:
         if "dynamic int8" in seen
         else ""
     )
-    return f"Scores: {'; '.join(parts)}{why}."
+    kernels = (
+        " Every score is the shipped kernels' (onnxruntime's optimized session); auto ranks "
+        "and accepts on it. The semantics score is the QDQ model with optimizations off "
+        "(Q/DQ as float ops) on the first scoring samples; int8 MACs is the share of "
+        "multiply-adds that run in int8."
+    )
+    return f"Scores: {'; '.join(parts)}{why}.{kernels}"
 
 
 def _target_line(result: Any) -> str:
@@ -236,6 +268,7 @@ def _manifest(result: Any, source_model: Any) -> dict[str, Any]:
         },
         "data_split": result.split,
         "chosen": None if result.best is None else result.best.name,
+        "int8_macs": None if result.written is None else result.written.int8_macs,
         **result.outcome(),  # what model.onnx holds, within budget or not; --time-budget
         "candidates": [
             {

@@ -12,12 +12,15 @@ from typing import Any
 
 import onnx
 
+from converter.check.int8_share import int8_share
 from converter.check.validate import SCORING_RULE, validate
+from converter.check.validate_kernels import ReferenceCache
 from converter.core.errors import InternalError, OnnxshipError
 from converter.core.machine import sha256_data, sha256_file, versions
 from converter.core.onnxio import atomic_write_text, save_model
 from converter.search.budget import Budget
 from converter.search.candidates import Candidate, failure_reason
+from converter.search.float_region import FLOAT_REGION, widen_float_region
 from passes import PassRunner, fingerprint
 from passes.base import quiet_passes
 from passes.quantize import StaticQuantize, default_calib_method
@@ -28,6 +31,7 @@ __all__ = ["Builder"]
 logger = logging.getLogger(__name__)
 
 _CACHED = ("score", "cosine", "worst")  # the numbers a cache entry holds
+_RECORDS = ("semantics", "int8_macs")  # and its records (None or a dict)
 
 
 class Builder:
@@ -53,6 +57,7 @@ class Builder:
         self.ranges: dict[tuple[str, str, str], Any] = {}
         self.reference_score = 0.0
         self.threshold = 0.0
+        self.references = ReferenceCache()  # fp32 outputs for the semantics figure, once
         # Everything that feeds a cached number, besides each candidate's own passes.
         self.context = {
             "model": fingerprint(model),
@@ -60,6 +65,7 @@ class Builder:
             "scoring": sha256_data(score),
             "metric": budget.metric,
             "score_batch": SCORING_RULE,  # the batch scores are measured at
+            "record": 2,  # entries hold the semantics figure and the int8 share
             "target": target,
             "versions": {k: v for k, v in versions(False).items() if k != "numpy"},
         }
@@ -82,7 +88,7 @@ class Builder:
         except Exception as e:  # this candidate failed; the search goes on (failure_reason)
             path.unlink(missing_ok=True)  # no record: never read back as a cache entry
             return _failed(candidate, e)
-        numbers = {k: getattr(candidate, k) for k in _CACHED}
+        numbers = {k: getattr(candidate, k) for k in (*_CACHED, *_RECORDS)}
         entry = {**numbers, "scored_at": candidate.scored_at, "sha256": sha256_file(path)}
         atomic_write_text(record, json.dumps(entry))
         return self._judge(candidate)
@@ -114,11 +120,17 @@ class Builder:
                 settings = {
                     **settings,
                     "progress": False,
-                    "ranges": self._ranges(model, _calib_of(settings), settings["scheme"]),
+                    "ranges": self._ranges(
+                        model, _calib_of(settings), settings["scheme"], settings.get("equalize")
+                    ),
                 }
                 reads = settings.get("weight_rounding") == "gptq"  # reads the samples again,
                 if reads or settings.get("bias_correction") is not False:  # so does this
                     settings["calibration"] = self.calib
+            if entry["pass"] == FLOAT_REGION:  # on the quantized model (converter.search.fallback)
+                model = widen_float_region(PassRunner(built).run(model)[0])[0]
+                built = []
+                continue
             if entry["pass"] in ("prune", "smooth"):  # later passes see the rewritten model
                 rewrite = make_recipe_pass(entry["pass"], settings, self.calib)
                 model, _ = PassRunner([rewrite]).run(model)
@@ -126,16 +138,21 @@ class Builder:
             built.append(make_recipe_pass(entry["pass"], settings))
         return PassRunner(built).run(model)[0]
 
-    def _ranges(self, model: onnx.ModelProto, method: str, scheme: str) -> Any:
-
-        key = (fingerprint(model), method, scheme)
+    def _ranges(
+        self, model: onnx.ModelProto, method: str, scheme: str, equalize: bool | None
+    ) -> Any:
+        """The ranges (which carry the model they were measured on: equalized or not, as
+        the config says; None: the pass's default)."""
+        key = (fingerprint(model), method, scheme, equalize)
         if key not in self.ranges:
+            given = {} if equalize is None else {"equalize": equalize}
             self.ranges[key] = StaticQuantize(
                 calibration=self.calib,
                 calib_method=method,
                 progress=False,
                 target=self.target,
                 scheme=scheme,
+                **given,
             ).calibrate(model)
         return self.ranges[key]
 
@@ -143,12 +160,21 @@ class Builder:
 
         metrics = list(dict.fromkeys([self.budget.metric, "cosine"]))
         report = validate(
-            c.path, self.score, reference=self.reference, metrics=metrics, progress=False
+            c.path,
+            self.score,
+            reference=self.reference,
+            metrics=metrics,
+            progress=False,
+            references=self.references,
         )
         values = report.outputs[report.output]
         c.score = values[self.budget.metric].value
         c.cosine, c.worst = values["cosine"].value, values["cosine"].worst
         c.scored_at = report.scoring()
+        if report.kernel_truth is not None:
+            c.semantics = report.kernel_truth.compact()
+        share = report.int8_macs or int8_share(onnx.load(str(c.path), load_external_data=False))
+        c.int8_macs = share.to_dict()
 
 
 def _failed(candidate: Candidate, e: Exception) -> Candidate:
@@ -179,6 +205,7 @@ def _cached(path: Path, record: Path) -> dict[str, Any] | None:
         entry = json.loads(record.read_text())
         numbers = {k: float(entry[k]) for k in _CACHED}
         numbers["scored_at"] = entry.get("scored_at")
+        numbers.update({k: entry[k] for k in _RECORDS})
         if sha256_file(path) != entry["sha256"]:
             raise ValueError("the model file is not the one its numbers were measured on")
     except (ValueError, KeyError, TypeError, OSError) as e:

@@ -36,6 +36,12 @@ class Candidate:
     unfused_dq: float | None = None  # share of run time in unfused DequantizeLinear (static)
     node_errors: dict[str, Any] | None = None  # {"samples", "tensors"}: see auto's node errors
     scored_at: dict[str, Any] | None = None  # how the score was measured: ValidationReport.scoring
+    # The QDQ semantics figure beside the kernel one (validate_kernels.KernelFigures.compact),
+    # the int8 share of multiply-adds (int8_share.Int8Share.to_dict) and, for a step of the
+    # fp32 fallback, its verdict (converter.search.fallback).
+    semantics: dict[str, Any] | None = None
+    int8_macs: dict[str, Any] | None = None
+    fallback: str = ""
 
     def row(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}

@@ -10,8 +10,9 @@ from typing import Any
 
 from converter.check.sensitivity import sensitivity
 from converter.core.executor import Executor
+from converter.search import fallback
 from converter.search.builder import Builder
-from converter.search.candidates import Candidate, failure_reason, passes_of
+from converter.search.candidates import Candidate, passes_of
 from converter.search.tasks import Deadline
 
 __all__ = ["search"]
@@ -76,38 +77,11 @@ def _exclusions(
     executor: Executor,
     deadline: Deadline,
 ) -> Iterator[Candidate]:
-    """Keep the most sensitive nodes of ``best``'s mode in fp32, one more at a time (as many
-    at a time as the executor runs at once; the list ends at the first that meets). The
-    ranking is not cached: with the time spent, none of these is tried (``max_excluded`` of
-    them are listed as not tried)."""
-
-    if max_excluded == 0:  # nothing to rank for
-        return
-    if deadline.spent():
-        deadline.not_tried += [f"{best.name}_fp32x{k}" for k in range(1, max_excluded + 1)]
-        return
-    try:
-        ranked = _ranking(builder, config, executor)
-    except (OSError, MemoryError):  # the environment: the search cannot go on
-        raise
-    except Exception as e:  # this stage failed: the report says so, the search goes on
-        reason = f"ranking the nodes by sensitivity failed: {failure_reason(e)}"
-        failed = Candidate(f"{best.name}_fp32x1..{max_excluded}", [], error=reason)
-        logger.warning("warning: %s: %s", failed.name, failed.error)
-        logger.debug("%s", failed.name, exc_info=e)
-        yield failed
-        return
-    ks = list(range(1, min(max_excluded, len(ranked)) + 1))
-    for i in range(0, len(ks), executor.width):
-        chunk = [
-            Candidate(f"{best.name}_fp32x{k}", passes_of(config, ranked[:k]))
-            for k in ks[i : i + executor.width]
-        ]
-        for c in deadline.evaluate(builder, chunk, executor):
-            if c is not None:
-                yield _log(c)
-                if c.meets:
-                    return
+    """Keep the most sensitive nodes of ``best``'s mode in fp32, one more at a time, each
+    step verified in kernels (converter.search.fallback)."""
+    yield from fallback.exclusions(
+        builder, best, config, max_excluded, executor, deadline, rank=_ranking
+    )
 
 
 def _ranking(builder: Builder, config: dict[str, Any], executor: Executor) -> list[str]:

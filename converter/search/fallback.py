@@ -1,0 +1,159 @@
+"""auto's fp32 fallback, verified in kernels: keep the most sensitive nodes in fp32 one at a
+time, and keep a step only if the shipped kernels score it no lower than the step before.
+
+Every candidate's score is the kernel figure (validate runs onnxruntime's optimized
+session). Keeping a node in fp32 can lower it: onnxruntime re-quantizes a float Conv/Gemm
+that sits between a DequantizeLinear and a QuantizeLinear per tensor at load
+(docs/ort-kernel-divergence.md; issue #20 measured 0.939 simulated, 0.389 in kernels). So
+each step (the nodes kept so far, plus the next in the sensitivity ranking) is scored; if
+its kernel score is below the last kept step's (the full-int8 configuration's, at first):
+
+- when the step left a node that onnxruntime re-quantizes, it is retried with the float
+  region widened (converter.search.float_region: the Q/DQ pairs around such nodes dropped,
+  so they run in fp32 — and from then on every later step is widened too);
+- if that is lower too (or there was nothing to widen), the node is not kept: the next step
+  adds the next node to the nodes kept so far.
+
+The walk ends at the first step that meets the budget or after ``max_excluded`` nodes of
+the ranking. Every step scored is a row of the report, with its verdict in
+``Candidate.fallback``. Steps run one at a time: each depends on the one before.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from converter.core.executor import Executor
+from converter.search.candidates import Candidate, failure_reason, passes_of
+from converter.search.float_region import FLOAT_REGION
+from converter.search.tasks import Deadline
+
+__all__ = ["exclusions", "step_passes"]
+
+logger = logging.getLogger(__name__)
+
+Ranking = Callable[[Any, dict[str, Any], Executor], list[str]]
+
+
+def exclusions(
+    builder: Any,
+    best: Candidate,
+    config: dict[str, Any],
+    max_excluded: int,
+    executor: Executor,
+    deadline: Deadline,
+    rank: Ranking,
+) -> Iterator[Candidate]:
+    """The fallback steps of ``best`` (made with ``config``), in order; ``rank`` gives the
+    nodes by sensitivity (``rank(builder, config, executor)``). A ranking that fails is one
+    failed row; with the time spent, none is tried (``max_excluded`` listed as not tried)."""
+    if max_excluded == 0:  # nothing to rank for
+        return
+    if deadline.spent():
+        deadline.not_tried += [f"{best.name}_fp32x{k}" for k in range(1, max_excluded + 1)]
+        return
+    try:
+        ranked = rank(builder, config, executor)
+    except (OSError, MemoryError):  # the environment: the search cannot go on
+        raise
+    except Exception as e:  # this stage failed: the report says so, the search goes on
+        reason = f"ranking the nodes by sensitivity failed: {failure_reason(e)}"
+        failed = Candidate(f"{best.name}_fp32x1..{max_excluded}", [], error=reason)
+        logger.warning("warning: %s: %s", failed.name, failed.error)
+        logger.debug("%s", failed.name, exc_info=e)
+        yield failed
+        return
+    yield from _walk(builder, best, config, ranked[:max_excluded], executor, deadline)
+
+
+def step_passes(config: dict[str, Any], kept: list[str], widen: bool) -> list[dict[str, Any]]:
+    """The passes of a step: ``config`` with ``kept`` in fp32, the float region widened
+    around the nodes onnxruntime would re-quantize when ``widen``."""
+    return passes_of(config, kept) + ([{"pass": FLOAT_REGION}] if widen else [])
+
+
+def _walk(
+    builder: Any,
+    best: Candidate,
+    config: dict[str, Any],
+    ranked: list[str],
+    executor: Executor,
+    deadline: Deadline,
+) -> Iterator[Candidate]:
+    kept: list[str] = []
+    widen = False
+    previous = best.score
+    for k, node in enumerate(ranked, start=1):
+        trial = kept + [node]
+        c = _evaluate(builder, best, config, trial, widen, k, executor, deadline)
+        if c is None:
+            continue
+        if _accepted(c, previous):
+            kept, previous = trial, c.score
+            yield _log(c)
+            if c.meets:
+                return
+            continue
+        yield _log(c)
+        if widen or not (c.int8_macs or {}).get("requantized"):
+            continue
+        w = _evaluate(builder, best, config, trial, True, k, executor, deadline)
+        if w is None:
+            continue
+        if _accepted(w, previous):
+            kept, previous, widen = trial, w.score, True
+            yield _log(w)
+            if w.meets:
+                return
+            continue
+        yield _log(w)
+
+
+def _evaluate(
+    builder: Any,
+    best: Candidate,
+    config: dict[str, Any],
+    trial: list[str],
+    widen: bool,
+    step: int,
+    executor: Executor,
+    deadline: Deadline,
+) -> Candidate | None:
+    name = f"{best.name}_fp32x{len(trial)}"
+    if len(trial) != step:  # an earlier step was not kept
+        name += f"_step{step}"
+    if widen:
+        name += "_wide"
+    (c,) = deadline.evaluate(
+        builder, [Candidate(name, step_passes(config, trial, widen))], executor
+    )
+    return c
+
+
+def _accepted(c: Candidate, previous: float | None) -> bool:
+    """Whether step ``c`` is kept (its verdict set): scored, and its kernel score not
+    below ``previous`` (the last kept step's)."""
+    if c.score is None:
+        c.fallback = "not kept: not scored"
+        return False
+    if previous is None or c.score >= previous:
+        c.fallback = "kept" + (f" (kernel score ≥ {previous:.4f})" if previous is not None else "")
+        return True
+    c.fallback = f"not kept: kernel score {c.score:.4f} < {previous:.4f}, the step before"
+    return False
+
+
+def _log(c: Candidate) -> Candidate:
+    if c.score is not None:
+        logger.info(
+            "  %-34s score %.4f  worst cosine %.4f  %s%s — %s",
+            c.name,
+            c.score,
+            c.worst,
+            "meets" if c.meets else "misses",
+            " (cached)" if c.cached else "",
+            c.fallback,
+        )
+    return c

@@ -1,0 +1,194 @@
+"""auto on the kernel figure (converter/search/fallback.py, builder, auto_report): every
+candidate's score is what onnxruntime's optimized session computes; its report row also
+shows the QDQ semantics figure and the int8 share of multiply-adds; the fp32 fallback keeps a
+step only if its kernel score is not below the step before, and retries a step that left a
+Conv onnxruntime re-quantizes with the float region widened around it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from test_kernel_truth import _folded_depthwise_model
+
+from converter.core.executor import InProcess
+from converter.search import auto as auto_module
+from converter.search import fallback, stages
+from converter.search.candidates import Candidate
+from converter.search.float_region import FLOAT_REGION
+from converter.search.tasks import Deadline
+
+# ---------------------------------------------------------------- the walk, on given scores
+
+
+class _Scores:
+    """A builder whose candidates score from a table: (nodes kept fp32, widened) → (kernel
+    score, nodes onnxruntime re-quantizes); the budget is met at ``meets`` and above."""
+
+    def __init__(self, table: dict, meets: float = 0.99) -> None:
+        self.table, self.meets, self.built = table, meets, []
+
+    def evaluate(self, c: Candidate) -> Candidate:
+        kept = tuple(c.passes[0].get("nodes_to_exclude", ()))
+        widened = c.passes[-1] == {"pass": FLOAT_REGION}
+        self.built.append((kept, widened))
+        c.score, requantized = self.table[kept, widened]
+        c.worst = c.cosine = c.score
+        c.int8_macs = {"share": 0.5, "requantized": list(requantized)}
+        c.meets = c.score >= self.meets
+        return c
+
+    def read_cache(self, c: Candidate) -> bool:
+        return False
+
+
+def _walk(table: dict, ranked: list[str], full: float = 0.90) -> tuple[list[Candidate], list]:
+    builder = _Scores(table)
+    best = Candidate("s", [], score=full)
+    config = {"pass": "quantize-static", "scheme": "default"}
+    found = list(
+        fallback.exclusions(
+            builder, best, config, len(ranked), InProcess(), Deadline(None),
+            rank=lambda *_: ranked,
+        )
+    )  # fmt: skip
+    return found, builder.built
+
+
+def test_a_step_that_lowers_the_kernel_score_is_not_kept():
+    """a lowers the score (0.85 < 0.90) and leaves nothing to widen: not kept, so the next
+    step keeps b alone (0.93, kept); b+c lowers it again (0.92 < 0.93): not kept."""
+    found, built = _walk(
+        {(("a",), False): (0.85, ()), (("b",), False): (0.93, ()),
+         (("b", "c"), False): (0.92, ())},
+        ["a", "b", "c"],
+    )  # fmt: skip
+    assert [c.name for c in found] == ["s_fp32x1", "s_fp32x1_step2", "s_fp32x2_step3"]
+    assert built == [(("a",), False), (("b",), False), (("b", "c"), False)]
+    assert [c.fallback for c in found] == [
+        "not kept: kernel score 0.8500 < 0.9000, the step before",
+        "kept (kernel score ≥ 0.9000)",
+        "not kept: kernel score 0.9200 < 0.9300, the step before",
+    ]
+    kept = [c.score for c in found if c.fallback.startswith("kept")]
+    assert kept == sorted(kept) and min(kept) >= 0.90
+
+
+def test_a_requantized_step_is_retried_with_the_float_region_widened():
+    """a lowers the score and onnxruntime re-quantizes it: retried widened (0.95, kept), and
+    every later step is widened too; the walk ends at the first that meets (0.995)."""
+    found, built = _walk(
+        {(("a",), False): (0.80, ("a",)), (("a",), True): (0.95, ()),
+         (("a", "b"), True): (0.995, ())},
+        ["a", "b", "c"],
+    )  # fmt: skip
+    assert [c.name for c in found] == ["s_fp32x1", "s_fp32x1_wide", "s_fp32x2_wide"]
+    assert built == [(("a",), False), (("a",), True), (("a", "b"), True)]
+    assert found[1].passes[-1] == {"pass": FLOAT_REGION}
+    assert found[1].fallback.startswith("kept") and found[2].meets
+
+
+def test_a_widened_retry_that_still_lowers_the_score_is_not_kept():
+    found, built = _walk(
+        {(("a",), False): (0.80, ("a",)), (("a",), True): (0.88, ()),
+         (("b",), False): (0.91, ())},
+        ["a", "b"],
+    )  # fmt: skip
+    assert built == [(("a",), False), (("a",), True), (("b",), False)]
+    assert [c.fallback.split(":")[0] for c in found] == [
+        "not kept",
+        "not kept",
+        "kept (kernel score ≥ 0.9000)",
+    ]
+
+
+# ---------------------------------------------------------------- auto end to end
+
+
+def _auto(d: Path):
+    """auto on the folded-depthwise model (tests/test_kernel_truth.py): one configuration
+    (static u8, per-channel, minmax, no equalization: conv2 as built), the fallback ranking
+    given (conv2, conv3, conv1: the ranking is not what is tested), 7-bit weights."""
+    every = auto_module._configs
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(
+            auto_module,
+            "_configs",
+            lambda m, t: [(n, {**c, "equalize": False}) for n, c in every(m, t)
+                          if n == "static_u8_pc_minmax"],
+        )  # fmt: skip
+        mp.setattr(stages, "_ranking", lambda *_: ["conv2", "conv3", "conv1"])
+        return auto_module.auto(
+            d / "m.onnx", d / "t.npz", d / "o", metric="cosine", min_score=0.9999,
+            calib=d / "c.npz", target="avx2", bench_runs=3, max_excluded=3,
+        )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("auto_kernels")
+    rng = np.random.default_rng(1)
+    np.savez(d / "c.npz", x=rng.standard_normal((32, 4, 16, 16)).astype(np.float32))
+    np.savez(d / "t.npz", x=rng.standard_normal((40, 4, 16, 16)).astype(np.float32))
+    onnx.save(_folded_depthwise_model(), d / "m.onnx")
+    return _auto(d), d / "o"
+
+
+def test_auto_rejects_the_requantized_exclusion_and_keeps_it_widened(run):
+    """Keeping conv2 in fp32 is 0.9996 in the model's semantics and 0.946 in the kernels
+    (onnxruntime re-quantizes it per tensor): not kept. Widened (conv2 really fp32) it is
+    0.9997 in both, kept; no kept step is below the one before."""
+    result, _ = run
+    found = {c.name: c for c in result.candidates}
+    assert list(found) == [
+        "static_u8_pc_minmax", "static_u8_pc_minmax_fp32x1", "static_u8_pc_minmax_fp32x1_wide",
+        "static_u8_pc_minmax_fp32x2_wide", "static_u8_pc_minmax_fp32x3_wide",
+    ]  # fmt: skip
+    full, step, wide = (found[n] for n in list(found)[:3])
+    assert full.score == pytest.approx(0.9995, abs=3e-4) and not full.semantics["diverged"]
+    assert step.score == pytest.approx(0.9464, abs=0.005)
+    assert step.semantics["semantics_score"] == pytest.approx(0.9996, abs=3e-4)
+    assert step.semantics["diverged"] and step.semantics["parts"] == ["conv2, relu2"]
+    assert step.int8_macs["requantized"] == ["conv2"] and step.fallback.startswith("not kept")
+    assert wide.score == pytest.approx(0.9997, abs=3e-4) and wide.fallback.startswith("kept")
+    assert wide.semantics["semantics_score"] == pytest.approx(wide.score, abs=1e-5)
+    assert wide.int8_macs["share"] == 0.0  # all three Convs run fp32 in this tiny model
+    kept = [full.score] + [c.score for c in found.values() if c.fallback.startswith("kept")]
+    assert kept == sorted(kept)
+    assert result.best is found["static_u8_pc_minmax_fp32x3_wide"]
+
+
+def test_the_report_and_manifest_show_both_figures_and_the_int8_share(run):
+    result, out = run
+    md = (out / "report.md").read_text()
+    assert "| semantics score | int8 MACs |" in md
+    step = next(c for c in result.candidates if c.name == "static_u8_pc_minmax_fp32x1")
+    semantics = step.semantics["semantics_score"]
+    assert (
+        f"| {step.score:.4f} | {semantics:.4f} (first 40) DIVERGES at conv2, relu2 | 100.0% |" in md
+    )
+    assert "auto ranks and accepts on it" in md
+    manifest = json.loads((out / "manifest.json").read_text())
+    rows = {c["name"]: c for c in manifest["candidates"]}
+    assert rows["static_u8_pc_minmax_fp32x1"]["semantics"]["kernel_score"] == pytest.approx(
+        rows["static_u8_pc_minmax_fp32x1"]["score"]
+    )
+    assert rows["static_u8_pc_minmax"]["int8_macs"]["int8_macs"] == 100352
+    assert manifest["int8_macs"] == result.written.int8_macs
+
+
+def test_a_rerun_reads_both_figures_from_the_cache(run):
+    result, out = run
+    again = _auto(out.parent)
+    assert [c.name for c in again.candidates] == [c.name for c in result.candidates]
+    assert all(c.cached for c in again.candidates)
+    for old, new in zip(result.candidates, again.candidates):
+        assert (new.score, new.semantics, new.int8_macs) == (
+            old.score,
+            old.semantics,
+            old.int8_macs,
+        )
+        assert new.fallback == old.fallback
