@@ -40,6 +40,7 @@ _HEADER = [
     "cosine to fp32, worst",
     "score batch",
     "meets budget",
+    "calibrated on",
     "p50 (ms)",
     "p90 (ms)",
     "speedup (× fp32, p50)",
@@ -73,6 +74,11 @@ def _semantics(c: Any) -> str:
     return text
 
 
+def _unbenched(c: Any) -> bool:
+    """Built and scored, but not benched: only finalists are (converter.search.auto)."""
+    return c.path is not None and not c.error and c.p50_ms is None
+
+
 def _int8_macs(c: Any) -> str:
     share = (c.int8_macs or {}).get("share")
     return "—" if share is None else f"{100 * share:.1f}%"
@@ -92,7 +98,8 @@ def _cells(c: Any) -> list[str]:
         cell(c.worst, ".5f"),
         str(c.scored_at["batch_size"]) if c.scored_at else "—",
         "yes" if c.meets else "no",
-        cell(c.p50_ms, ".3f"),
+        "—" if c.calib_samples is None else f"{c.calib_samples} samples",
+        "not benched" if _unbenched(c) else cell(c.p50_ms, ".3f"),
         cell(c.p90_ms, ".3f"),
         cell(c.speedup, ".2f", "x"),
         cell(None if c.size is None else c.size / MB, ".3f"),
@@ -267,6 +274,7 @@ def _manifest(result: Any, source_model: Any) -> dict[str, Any]:
             "reference_score": result.reference_score,
         },
         "data_split": result.split,
+        "notes": result.notes,
         "chosen": None if result.best is None else result.best.name,
         "int8_macs": None if result.written is None else result.written.int8_macs,
         **result.outcome(),  # what model.onnx holds, within budget or not; --time-budget
