@@ -221,7 +221,8 @@ def test_overlapping_calibration_is_refused_unless_allowed(mlp_files, tmp_path, 
     code = _auto(mlp_files, out, "--calib", str(mlp_files / "overlapping.npz"))
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
-    assert err[0].startswith("error: 3 of the 19 samples in --calib") and "--allow-overlap" in err[0]
+    assert err[0].startswith("error: 3 of the 19 samples in --calib")
+    assert "--allow-overlap" in err[0]
     assert not out.exists()  # checked before anything was written
     allowed = _auto(
         mlp_files, out, "--calib", str(mlp_files / "overlapping.npz"), "--allow-overlap"
