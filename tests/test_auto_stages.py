@@ -190,6 +190,14 @@ def test_only_finalists_are_benched(mlp_files, tmp_path) -> None:
         assert c["size"] > 0  # every built candidate's size, benched or not
     report = (out / "report.md").read_text()
     assert "not benched" in report and "only finalists are" in report
+    stages = json.loads((out / "manifest.json").read_text())["stages"]
+    names = [s["stage"] for s in stages]
+    assert names[0] == "full int8" and "bench of the finalists" in names
+    assert all(s["seconds"] >= 0 for s in stages)
+    assert stages[0]["candidates"] == 5 + 3  # every full-int8 configuration of an MLP
+    bench = next(s for s in stages if s["stage"] == "bench of the finalists")
+    assert bench["candidates"] == sum(c["meets"] for c in scored)
+    assert "Time: full int8 (8 candidates)" in report
 
 
 def test_calibration_samples_are_reported_per_candidate(mlp_files, tmp_path) -> None:

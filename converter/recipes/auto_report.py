@@ -212,6 +212,7 @@ def _markdown(result: Any, mach: dict, plot: Path | None) -> str:
         _scoring_line(result),
         f"Machine: {machine_line(mach)}. Latency: batch 1, interleaved with fp32 in one process.",
         _target_line(result),
+        *([f"Time: {result.stage_line()}."] if result.stage_line() else []),
         "",
         *markdown_table(_HEADER, [_cells(c) for c in result.candidates]),
     ]
@@ -240,6 +241,7 @@ def _html(result: Any, mach: dict, plot: Path | None) -> str:
 <p class="meta">Data: {esc(result.split)}. {esc(_scoring_line(result))}</p>
 <p class="meta">Machine: {esc(machine_line(mach))}.
 {esc(_target_line(result))}</p>
+<p class="meta">Time: {esc(result.stage_line() or "—")}.</p>
 {html_table(_HEADER, [_cells(c) for c in result.candidates], highlight)}{notes}
 {"" if plot is None else embedded_png(plot, "candidates: score vs speedup")}
 <p class="meta">All numbers and hashes: <code>manifest.json</code>.</p>"""
@@ -275,6 +277,7 @@ def _manifest(result: Any, source_model: Any) -> dict[str, Any]:
         },
         "data_split": result.split,
         "notes": result.notes,
+        "stages": result.stages,
         "chosen": None if result.best is None else result.best.name,
         "int8_macs": None if result.written is None else result.written.int8_macs,
         **result.outcome(),  # what model.onnx holds, within budget or not; --time-budget

@@ -157,12 +157,17 @@ def auto(
             target=resolved, time_budget=time_summary(deadline, len(candidates)),
         )  # fmt: skip
         result.notes += log.notes + notes(executor) + time_note(result.time_budget)
+        result.stages = log.stages
         result.notes += _calibration_notes(candidates, open_data(calib_path, specs).num_samples)
         if calib is not None and allow_overlap:
             result.split += " (--allow-overlap: calibration samples may also be scored)"
+        log.stage("bench of the finalists", len(_finalists(result)))
+        log.stages[-1]["candidates"] = len(_finalists(result))
         _bench(result, reference, score_path, bench_runs, threads)
         result.best = choose(candidates)
+        log.stage("per-tensor error of the chosen model", 1)
         _note_node_errors(result, builder, threads)
+        log.end()
         _write_model(result)
 
         write_auto_outputs(result, model)

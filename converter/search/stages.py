@@ -51,11 +51,13 @@ _MODE = {"quantize-dynamic": "dynamic", "quantize-static": "static"}
 @dataclass
 class SearchLog:
     """What the search says besides its candidates: why a stage was skipped (the report's
-    notes), and the pace of building, for the progress line's time estimate."""
+    notes), the pace of building, for the progress line's time estimate, and the wall time
+    of each stage (the report's and the manifest's ``stages``)."""
 
     notes: list[str] = field(default_factory=list)
     built: int = 0  # candidates built and scored (not read from the cache)
     seconds: float = 0.0  # the time they took
+    stages: list[dict[str, Any]] = field(default_factory=list)  # name, candidates, seconds
     # its own clock: the deadline's is read once per candidate started (and tests count it)
     clock: Callable[[], float] = time.monotonic
     start: float = field(default_factory=time.monotonic)
@@ -64,13 +66,29 @@ class SearchLog:
         return self.seconds / self.built if self.built else None
 
     def stage(self, name: str, count: int, extra: str = "") -> None:
-        """The progress line of a stage about to start: what, how many, the time left."""
+        """A stage starts (the one before ends): its progress line — what, how many, the
+        time it is expected to take."""
+        self.end()
         each = self.pace()
         eta = f", about {count * each:.0f} s at {each:.1f} s each" if each else ""
         logger.info(
             "auto: %s: up to %d candidate%s%s%s (%.0f s so far)",
             name, count, "" if count == 1 else "s", extra, eta, self.clock() - self.start,
         )  # fmt: skip
+        self.stages.append({"stage": name, "candidates": 0, "seconds": None, "_t": self.clock()})
+
+    def counted(self, found: Iterator[Candidate]) -> Iterator[Candidate]:
+        """``found``, each candidate counted in the current stage."""
+        for c in found:
+            if self.stages:
+                self.stages[-1]["candidates"] += 1
+            yield c
+
+    def end(self) -> None:
+        """The current stage, if any, ends now."""
+        if self.stages and self.stages[-1]["seconds"] is None:
+            last = self.stages[-1]
+            last["seconds"] = round(self.clock() - last.pop("_t"), 1)
 
     def note(self, text: str) -> None:
         logger.info("auto: %s", text)
@@ -125,10 +143,11 @@ def search(
             f"{_MODE[mode]} fp32 fallback from {best.name}", max_excluded,
             " after ranking the nodes by sensitivity",
         )  # fmt: skip
-        yield from _exclusions(builder, best, config, max_excluded, executor, deadline)
+        yield from log.counted(_exclusions(builder, best, config, max_excluded, executor, deadline))
     if sparsity_grid:
         log.stage("pruning", 2 * len(sparsity_grid))
-        yield from _pruned(builder, base, sparsity_grid, executor, deadline)
+        yield from log.counted(_pruned(builder, base, sparsity_grid, executor, deadline))
+    log.end()
 
 
 def _every_op_probe(
@@ -161,6 +180,7 @@ def _evaluate(
     candidates = [Candidate(n, passes_of(cfg, [])) for n, cfg in configs]
     evaluated = deadline.evaluate(builder, candidates, executor)
     done = [(c, cfg) for c, (_, cfg) in zip(evaluated, configs) if c is not None]
+    log.stages[-1]["candidates"] += len(done)
     built = sum(not c.cached for c, _ in done)
     if built:
         log.built += built
