@@ -64,7 +64,10 @@ def _semantics(c: Any) -> str:
     """The QDQ semantics figure beside the kernel score (the score column): on how many
     samples, and DIVERGES when they part; — for a model that is not QDQ."""
     s = c.semantics
-    if not s:
+    if s is None:
+        static = any(p["pass"] == "quantize-static" for p in c.passes)
+        return "not measured" if static and c.score is not None else "—"
+    if not s:  # measured: not a QDQ model
         return "—"
     if s["semantics_score"] is None:
         return "unavailable"
@@ -192,7 +195,8 @@ def _scoring_line(result: Any) -> str:
     kernels = (
         " Every score is the shipped kernels' (onnxruntime's optimized session); auto ranks "
         "and accepts on it. The semantics score is the QDQ model with optimizations off "
-        "(Q/DQ as float ops) on the first scoring samples; int8 MACs is the share of "
+        "(Q/DQ as float ops) on the first scoring samples, measured for the finalists and "
+        "for the fallback steps not kept; int8 MACs is the share of "
         "multiply-adds that run in int8."
     )
     return f"Scores: {'; '.join(parts)}{why}.{kernels}"

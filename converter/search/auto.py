@@ -161,6 +161,9 @@ def auto(
         result.notes += _calibration_notes(candidates, open_data(calib_path, specs).num_samples)
         if calib is not None and allow_overlap:
             result.split += " (--allow-overlap: calibration samples may also be scored)"
+        log.stage("semantics of the finalists", len(_finalists(result)))
+        for c in _finalists(result):
+            builder.measure_semantics(c)
         log.stage("bench of the finalists", len(_finalists(result)))
         log.stages[-1]["candidates"] = len(_finalists(result))
         _bench(result, reference, score_path, bench_runs, threads)
