@@ -36,8 +36,10 @@ class _Scores:
     """A builder whose candidates score from ``scores`` by name (fallback steps: ``step``);
     the budget is met at ``threshold`` and above. Records what it built."""
 
-    def __init__(self, model, scores: dict[str, float], step: float = 0.5, cache=None) -> None:
-        self.model, self.scores, self.step = model, scores, step
+    def __init__(
+        self, model, scores: dict[str, float], step: float = 0.5, cache=None, shares=None
+    ) -> None:
+        self.model, self.scores, self.step, self.shares = model, scores, step, shares or {}
         self.threshold, self.built, self.cache = 0.99, [], cache
 
     def evaluate(self, c: Candidate) -> Candidate:
@@ -45,6 +47,8 @@ class _Scores:
         default = self.step if "fp32x" in c.name else 0.5
         c.score = c.worst = c.cosine = self.scores.get(c.name, default)
         c.meets = c.score >= self.threshold
+        if c.name in self.shares:
+            c.int8_macs = {"share": self.shares[c.name]}
         return c
 
     def read_cache(self, c: Candidate) -> bool:
@@ -92,6 +96,20 @@ def test_static_fallback_still_runs_when_only_dynamic_meets(monkeypatch) -> None
     steps = [c.name for c in found if "fp32x" in c.name]
     assert steps == ["static_u8_pc_percentile_fp32x1"]  # meets at once: the walk ends
     assert not any("was skipped" in n for n in notes)
+
+
+def test_static_fallback_runs_when_what_meets_is_hardly_int8(monkeypatch) -> None:
+    """On a CNN the transformer scheme quantizes only the final Gemm (0.4 % of the MACs)
+    and meets the budget: the every-op static fallback (100 %) may give a faster model, so
+    it runs, from the best every-op configuration; the dynamic one too (nothing as int8 as
+    dynamic_pc meets)."""
+    scores = {"static_transformer": 0.9999, "static_u8_pc_percentile": 0.95, "dynamic_pc": 0.9}
+    shares = {"static_transformer": 0.004}
+    builder = _Scores(CNN, scores, step=0.995, shares=shares)
+    found, notes, ranked = _search(builder, monkeypatch)
+    assert ranked == ["quantize-dynamic", "quantize-static"]
+    assert "static_u8_pc_percentile_fp32x1" in [c.name for c in found]
+    assert any("static_transformer meets the budget with only 0.4%" in n for n in notes)
 
 
 def test_both_fallbacks_run_when_nothing_meets(monkeypatch) -> None:
