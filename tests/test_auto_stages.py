@@ -259,3 +259,14 @@ def test_overlapping_calibration_is_refused_unless_allowed(mlp_files, tmp_path, 
     )
     assert allowed == 0
     assert "--allow-overlap" in json.loads((out / "manifest.json").read_text())["data_split"]
+
+
+def test_no_dynamic_fallback_on_a_conv_dominated_model(monkeypatch) -> None:
+    """Dynamic int8 convolutions run slower than fp32: keeping nodes of a dynamic CNN in
+    fp32 cannot give a model worth shipping, so only the static fallback runs."""
+    from test_kernel_truth import _folded_depthwise_model
+
+    builder = _Scores(_folded_depthwise_model(), {"dynamic_pc": 0.9}, step=0.5)
+    found, notes, ranked = _search(builder, monkeypatch)
+    assert ranked == ["quantize-static"]
+    assert any("dynamic fp32 fallback was skipped: the model is conv-dominated" in n for n in notes)
