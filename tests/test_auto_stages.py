@@ -264,9 +264,21 @@ def test_overlapping_calibration_is_refused_unless_allowed(mlp_files, tmp_path, 
 def test_no_dynamic_fallback_on_a_conv_dominated_model(monkeypatch) -> None:
     """Dynamic int8 convolutions run slower than fp32: keeping nodes of a dynamic CNN in
     fp32 cannot give a model worth shipping, so only the static fallback runs."""
-    from test_kernel_truth import _folded_depthwise_model
-
-    builder = _Scores(_folded_depthwise_model(), {"dynamic_pc": 0.9}, step=0.5)
+    rng = np.random.default_rng(0)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 32, 32])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    weights = [
+        onnx.numpy_helper.from_array(rng.standard_normal((16, 3, 3, 3)).astype(np.float32), "w"),
+        onnx.numpy_helper.from_array(rng.standard_normal((16, 4)).astype(np.float32), "g"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("GlobalAveragePool", ["c"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["f"]),
+        helper.make_node("Gemm", ["f", "g"], ["y"]),
+    ]
+    cnn = helper.make_model(helper.make_graph(nodes, "cnn", [x], [y], weights))
+    builder = _Scores(cnn, {"dynamic_pc": 0.9}, step=0.5)
     found, notes, ranked = _search(builder, monkeypatch)
     assert ranked == ["quantize-static"]
     assert any("dynamic fp32 fallback was skipped: the model is conv-dominated" in n for n in notes)
