@@ -135,3 +135,25 @@ def test_quantize_prints_the_share(tmp_path, capsys):
         code, out, err = cli(capsys, *args)
         assert code == 0, err
         assert f"  int8 multiply-adds: {text}" in out
+
+
+def test_a_matmul_after_a_dynamic_reshape_counts_its_constant_weight():
+    """Exported encoders lose shapes at a Reshape whose shape is computed at run time: a
+    MatMul with a constant [K, N] weight after it still counts K·N per row (unknown dims read
+    as 1); an activation × activation MatMul there stays unknown."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 6, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    z = helper.make_tensor_value_info("z", TensorProto.FLOAT, None)
+    w = numpy_helper.from_array(np.ones((8, 5), np.float32), "w")
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node("Reshape", ["x", "s"], ["r"]),  # shape known only at run time
+        helper.make_node("MatMul", ["r", "w"], ["y"], name="dense"),
+        helper.make_node("Transpose", ["r"], ["rt"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["r", "rt"], ["z"], name="attention"),
+    ]
+    graph = helper.make_graph(nodes, "g", [x], [y, z], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    s = int8_share(model)
+    assert s.total_macs == 8 * 5 and s.mac_nodes == 1
+    assert s.unknown == ("attention",)

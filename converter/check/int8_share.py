@@ -218,6 +218,12 @@ def _macs(node: onnx.NodeProto, shapes: Mapping[str, list[int | None]]) -> int |
     out = shapes.get(node.output[0])
     x = shapes.get(node.input[x_at])
     w = shapes.get(node.input[w_at]) if len(node.input) > w_at else None
+    if op not in _CONV and w is not None and len(w) == 2 and None not in w:
+        if out is None or None in out[1:]:  # shapes lost downstream of a dynamic Reshape
+            # (exported encoders): a constant [K, N] weight still gives K·N per row, every
+            # unknown dim read as 1 — the same rule for every candidate of one model
+            lead = [1 if d is None else d for d in (out or [1, 1])[:-1]]
+            return math.prod(lead) * w[0] * w[1]
     if out is None or not out:
         return None
     out = [1 if (d is None and i == 0) else d for i, d in enumerate(out)]

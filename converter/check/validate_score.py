@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import zipfile
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -221,29 +222,73 @@ def _merge(scores: list[_ShardScore], dataset: Dataset) -> tuple[int, dict[str, 
     return sum(counts), {n: Running.merged([s.running[n] for s in scores]) for n in names}
 
 
+class _ReferenceOutputs:
+    """The reference model's outputs per shard, batch by batch, kept in this process for the
+    next candidate scored against the same reference on the same data (auto scores many):
+    keyed by the reference's digest, the shard file (path, size, mtime), the batch size and
+    threads; at most ``budget`` bytes, the least recently used shard dropped first."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.entries: OrderedDict[tuple, list[list[np.ndarray]]] = OrderedDict()
+
+    def get(self, key: tuple) -> list[list[np.ndarray]] | None:
+        if key in self.entries:
+            self.entries.move_to_end(key)
+        return self.entries.get(key)
+
+    def put(self, key: tuple, outputs: list[list[np.ndarray]]) -> None:
+        size = sum(a.nbytes for batch in outputs for a in batch)
+        if size > self.budget:
+            return
+        self.entries[key] = outputs
+        while sum(a.nbytes for v in self.entries.values() for b in v for a in b) > self.budget:
+            self.entries.popitem(last=False)
+
+
+_REFERENCE_OUTPUTS = _ReferenceOutputs(budget=256 * 2**20)
+
+
+def _reference_key(job: _ShardJob, shard: _Shard) -> tuple:
+    stat = os.stat(shard.path)
+    dtypes = tuple(sorted((s.name, str(s.dtype)) for s in job.ref_specs or []))
+    where = (str(Path(shard.path).resolve()), stat.st_size, stat.st_mtime_ns)
+    return (job.reference.key, *where, job.batch_size, job.threads, dtypes)
+
+
 def _score_shard(job: _ShardJob, shard: _Shard) -> _ShardScore:
-    """Score one shard: pure, so it may run anywhere (a Ray worker) and run again."""
+    """Score one shard: pure, so it may run anywhere (a Ray worker) and run again. The
+    reference's outputs are reused when this process computed them before (same reference,
+    shard file, batch size and threads: the same numbers)."""
     cand = cached_session(job.candidate.key, job.candidate.data, job.threads)
-    ref = None
+    ref, key, known, computed = None, None, None, []
     if job.reference is not None:
-        ref = cached_session(job.reference.key, job.reference.data, job.threads)
+        key = _reference_key(job, shard)
+        known = _REFERENCE_OUTPUTS.get(key)
+        if known is None:
+            ref = cached_session(job.reference.key, job.reference.data, job.threads)
     names = [o.name for o in cand.get_outputs()]
     running = {name: Running() for name in names}
     ref_dtypes = {s.name: s.dtype for s in job.ref_specs or []}
     done = 0
-    for feed in _shard_batches(job, shard):
+    for b, feed in enumerate(_shard_batches(job, shard)):
         n = len(next(iter(feed.values())))
         start = shard.start + done
         outs = run_session(cand, feed, what=f"{job.candidate.path} (samples {start}–{start + n})")
         ref_outs = None
-        if ref is not None:
+        if known is not None:
+            ref_outs = known[b]
+        elif ref is not None:
             ref_feed = {
                 k: a.astype(ref_dtypes.get(k, a.dtype), copy=False) for k, a in feed.items()
             }
             ref_outs = run_session(ref, ref_feed, what=f"reference {job.reference.path}")
+            computed.append(ref_outs)
         labels = None if shard.labels is None else shard.labels[done : done + n]
         _accumulate(running, names, outs, ref_outs, labels, job, first=start == 0)
         done += n
+    if ref is not None:
+        _REFERENCE_OUTPUTS.put(key, computed)
     return _ShardScore(shard.index, done, running)
 
 

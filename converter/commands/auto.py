@@ -56,6 +56,12 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--min-worst", type=float, help="worst-sample cosine to fp32 must reach this")
     p.add_argument("--calib", help="calibration data (default: a split of --data)")
     p.add_argument(
+        "--allow-overlap",
+        action="store_true",
+        help="let --calib share samples with --data (refused by default: a score on "
+        "calibration samples is optimistic; the report names it)",
+    )
+    p.add_argument(
         "--sparsity-grid",
         type=_floats,
         default=[],
@@ -121,6 +127,7 @@ def _auto(args: argparse.Namespace, executor):
         max_drop=args.max_drop,
         min_worst=args.min_worst,
         calib=args.calib,
+        allow_overlap=args.allow_overlap,
         sparsity_grid=args.sparsity_grid,
         max_excluded=args.max_excluded,
         bench_runs=args.bench_runs,

@@ -40,6 +40,7 @@ _HEADER = [
     "cosine to fp32, worst",
     "score batch",
     "meets budget",
+    "calibrated on",
     "p50 (ms)",
     "p90 (ms)",
     "speedup (× fp32, p50)",
@@ -63,7 +64,10 @@ def _semantics(c: Any) -> str:
     """The QDQ semantics figure beside the kernel score (the score column): on how many
     samples, and DIVERGES when they part; — for a model that is not QDQ."""
     s = c.semantics
-    if not s:
+    if s is None:
+        static = any(p["pass"] == "quantize-static" for p in c.passes)
+        return "not measured" if static and c.score is not None else "—"
+    if not s:  # measured: not a QDQ model
         return "—"
     if s["semantics_score"] is None:
         return "unavailable"
@@ -71,6 +75,11 @@ def _semantics(c: Any) -> str:
     if s["diverged"]:
         text += " DIVERGES" + (f" at {'; '.join(s['parts'])}" if s["parts"] else "")
     return text
+
+
+def _unbenched(c: Any) -> bool:
+    """Built and scored, but not benched: only finalists are (converter.search.auto)."""
+    return c.path is not None and not c.error and c.p50_ms is None
 
 
 def _int8_macs(c: Any) -> str:
@@ -92,7 +101,8 @@ def _cells(c: Any) -> list[str]:
         cell(c.worst, ".5f"),
         str(c.scored_at["batch_size"]) if c.scored_at else "—",
         "yes" if c.meets else "no",
-        cell(c.p50_ms, ".3f"),
+        "—" if c.calib_samples is None else f"{c.calib_samples} samples",
+        "not benched" if _unbenched(c) else cell(c.p50_ms, ".3f"),
         cell(c.p90_ms, ".3f"),
         cell(c.speedup, ".2f", "x"),
         cell(None if c.size is None else c.size / MB, ".3f"),
@@ -185,7 +195,8 @@ def _scoring_line(result: Any) -> str:
     kernels = (
         " Every score is the shipped kernels' (onnxruntime's optimized session); auto ranks "
         "and accepts on it. The semantics score is the QDQ model with optimizations off "
-        "(Q/DQ as float ops) on the first scoring samples; int8 MACs is the share of "
+        "(Q/DQ as float ops) on the first scoring samples, measured for the finalists and "
+        "for the fallback steps not kept; int8 MACs is the share of "
         "multiply-adds that run in int8."
     )
     return f"Scores: {'; '.join(parts)}{why}.{kernels}"
@@ -205,6 +216,7 @@ def _markdown(result: Any, mach: dict, plot: Path | None) -> str:
         _scoring_line(result),
         f"Machine: {machine_line(mach)}. Latency: batch 1, interleaved with fp32 in one process.",
         _target_line(result),
+        *([f"Time: {result.stage_line()}."] if result.stage_line() else []),
         "",
         *markdown_table(_HEADER, [_cells(c) for c in result.candidates]),
     ]
@@ -233,6 +245,7 @@ def _html(result: Any, mach: dict, plot: Path | None) -> str:
 <p class="meta">Data: {esc(result.split)}. {esc(_scoring_line(result))}</p>
 <p class="meta">Machine: {esc(machine_line(mach))}.
 {esc(_target_line(result))}</p>
+<p class="meta">Time: {esc(result.stage_line() or "—")}.</p>
 {html_table(_HEADER, [_cells(c) for c in result.candidates], highlight)}{notes}
 {"" if plot is None else embedded_png(plot, "candidates: score vs speedup")}
 <p class="meta">All numbers and hashes: <code>manifest.json</code>.</p>"""
@@ -267,6 +280,8 @@ def _manifest(result: Any, source_model: Any) -> dict[str, Any]:
             "reference_score": result.reference_score,
         },
         "data_split": result.split,
+        "notes": result.notes,
+        "stages": result.stages,
         "chosen": None if result.best is None else result.best.name,
         "int8_macs": None if result.written is None else result.written.int8_macs,
         **result.outcome(),  # what model.onnx holds, within budget or not; --time-budget

@@ -51,15 +51,18 @@ from converter.recipes.auto_report import write_auto_outputs
 from converter.search.budget import Budget, check_options
 from converter.search.builder import Builder
 from converter.search.candidates import (
+    CALIBRATED,
+    MIN_CALIBRATION,
     SMOOTH_ALPHA,
     Candidate,
     configs,
     failure_reason,
     passes_of,
+    uses,
 )
 from converter.search.result import AutoResult, check_result, choose, time_note, time_summary
-from converter.search.split import calibration_split
-from converter.search.stages import search
+from converter.search.split import calibration_split, overlap
+from converter.search.stages import SearchLog, search
 from converter.search.tasks import Deadline, notes
 from passes.base import quiet_passes
 from passes.pack import dense_model, packed_size
@@ -101,6 +104,7 @@ def auto(
     executor: Executor | None = None,
     time_budget: float | None = None,
     clock: Callable[[], float] = time.monotonic,
+    allow_overlap: bool = False,
 ) -> AutoResult:
     """Search configurations; write the fastest one meeting the budget to OUTDIR/model.onnx.
     Returns the result; ``result.best`` is None when nothing met the budget, and then the
@@ -109,7 +113,8 @@ def auto(
     ``executor`` builds and scores the candidates (default: in this process; see
     converter.search.tasks); the bench of the candidates always runs here, interleaved on this
     machine. ``time_budget``: seconds of wall time on ``clock``, counted from here, after
-    which no new candidate starts (converter.search.tasks.Deadline)."""
+    which no new candidate starts (converter.search.tasks.Deadline). ``calib`` and ``data``
+    may share samples only with ``allow_overlap`` (the report names it)."""
     deadline = Deadline(time_budget, clock)
     budget = check_options(
         metric, min_score, max_drop, min_worst, sparsity_grid, time_budget,
@@ -121,8 +126,8 @@ def auto(
     fp32 = dense_model(load_model(model))  # a packed input is searched on its dense weights
     _refuse_quantized(fp32, model)
     specs, dataset = _open_data(fp32, data, metric)
-    if calib is not None:
-        open_data(calib, specs)  # every input checked before the first file is written
+    if calib is not None:  # every input checked before the first file is written
+        _check_overlap(open_data(calib, specs), dataset, specs, calib, data, allow_overlap)
     with _undone_on_bad_input(out):
         out.mkdir(parents=True, exist_ok=True)
         reference = out / "fp32.onnx"
@@ -145,15 +150,27 @@ def auto(
         executor = executor or InProcess()
         tried = _configs(fp32, resolved.name)
         grid = sorted(sparsity_grid or [])
-        candidates = list(search(builder, tried, grid, max_excluded, executor, deadline))
+        log = SearchLog()
+        candidates = list(search(builder, tried, grid, max_excluded, executor, deadline, log))
         result = AutoResult(
             out, budget, builder.reference_score, builder.threshold, candidates, None, split,
             target=resolved, time_budget=time_summary(deadline, len(candidates)),
         )  # fmt: skip
-        result.notes += notes(executor) + time_note(result.time_budget)
+        result.notes += log.notes + notes(executor) + time_note(result.time_budget)
+        result.stages = log.stages
+        result.notes += _calibration_notes(candidates, open_data(calib_path, specs).num_samples)
+        if calib is not None and allow_overlap:
+            result.split += " (--allow-overlap: calibration samples may also be scored)"
+        log.stage("semantics of the finalists", len(_finalists(result)))
+        for c in _finalists(result):
+            builder.measure_semantics(c)
+        log.stage("bench of the finalists", len(_finalists(result)))
+        log.stages[-1]["candidates"] = len(_finalists(result))
         _bench(result, reference, score_path, bench_runs, threads)
         result.best = choose(candidates)
+        log.stage("per-tensor error of the chosen model", 1)
         _note_node_errors(result, builder, threads)
+        log.end()
         _write_model(result)
 
         write_auto_outputs(result, model)
@@ -230,6 +247,43 @@ def _calib_and_score(
     return Path(calib), Path(data), split
 
 
+def _check_overlap(
+    calib: Dataset, data: Dataset, specs: list, calib_path: Any, data_path: Any, allowed: bool
+) -> None:
+    """Refuse calibration samples that are also scored, unless the user allows it."""
+    if allowed:
+        return
+    shared = overlap(calib, data, specs)
+    if shared:
+        raise BadInputError(
+            f"{shared} of the {calib.num_samples} samples in --calib {calib_path} are also in "
+            f"--data {data_path}: a candidate scored on its own calibration samples looks "
+            "better than it is",
+            "give calibration and scoring samples that do not overlap, or pass "
+            "--allow-overlap to score them anyway (the report says so)",
+        )
+
+
+def _calibration_notes(candidates: list[Candidate], samples: int) -> list[str]:
+    """How many samples calibrated the candidates that need them, and a warning for each
+    method given fewer than it needs (candidates.MIN_CALIBRATION)."""
+    for c in candidates:
+        if any(p["pass"] in CALIBRATED for p in c.passes):
+            c.calib_samples = samples
+    found = []
+    for method, (least, why) in MIN_CALIBRATION.items():
+        short = [c.name for c in candidates if c.calib_samples and uses(c, method)]
+        if short and samples < least:
+            text = (
+                f"{method} calibrated on {samples} samples, fewer than the {least} it needs "
+                f"({why}): {', '.join(short)} may score below what it can reach — give "
+                f"--calib with at least {least} samples"
+            )
+            logger.warning("warning: %s", text)
+            found.append(text)
+    return found
+
+
 def _write_model(result: AutoResult) -> None:
     """OUTDIR/model.onnx: the chosen candidate or, on a miss, the closest one; none (a stale
     one removed) when no candidate was scored."""
@@ -260,9 +314,17 @@ def _reference_score(reference: Path, score: Path, metric: str) -> float:
 
 
 def _bench(result: AutoResult, reference: Path, score: Path, runs: int, threads: int) -> None:
-    """Every built candidate benched interleaved with fp32; a candidate the bench cannot run
-    is marked failed (its reason in the report) and the others are benched without it."""
-    built = [c for c in result.candidates if c.path is not None]
+    """The finalists benched interleaved with fp32: every candidate meeting the budget, or
+    on a miss the closest one (a candidate that misses cannot be chosen: its latency would
+    only cost time). A candidate the bench cannot run is marked failed (its reason in the
+    report) and the others are benched without it."""
+    built = _finalists(result)
+    left = sum(c.path is not None for c in result.candidates) - len(built)
+    if left:
+        result.notes.append(
+            f"{left} candidate{'s' if left > 1 else ''} missing the budget "
+            f"{'were' if left > 1 else 'was'} not benched (only finalists are)"
+        )
     try:
         result.bench = _interleaved(reference, built, score, runs, threads)
     except (OSError, MemoryError):
@@ -276,13 +338,26 @@ def _bench(result: AutoResult, reference: Path, score: Path, runs: int, threads:
     for i, c in enumerate(built, start=1):
         m = result.bench.get(i, threads)
         c.p50_ms, c.p90_ms, c.speedup = m.latency.p50_ms, m.latency.p90_ms, m.speedup
-        c.size = packed_size(c.path)  # what shipping it costs: pruned zeros pack away
+    with quiet_passes():  # "nothing to pack" once per candidate says nothing here
+        for c in result.candidates:
+            if c.path is not None and not c.error:  # what shipping it costs: zeros pack away
+                c.size = packed_size(c.path)
     try:
         note_unfused_dq(result, built, score, threads)
     except (OSError, MemoryError):
         raise
     except Exception as e:  # a report note, not the end of the search
         _note_failure(result, "the unfused-DequantizeLinear profile was not measured", e)
+
+
+def _finalists(result: AutoResult) -> list[Candidate]:
+    """The candidates worth a latency: those meeting the budget, else the closest one."""
+    built = [c for c in result.candidates if c.path is not None and not c.error]
+    meeting = [c for c in built if c.meets]
+    if meeting:
+        return meeting
+    closest = result.closest()
+    return [closest] if closest is not None and closest.path is not None else []
 
 
 def _interleaved(reference: Path, built: list[Candidate], score: Path, runs: int, threads: int):

@@ -156,8 +156,33 @@ class Builder:
             ).calibrate(model)
         return self.ranges[key]
 
-    def _score(self, c: Candidate) -> None:
+    def measure_semantics(self, c: Candidate) -> None:
+        """``c``'s QDQ semantics figure (optimizations off) beside its kernel score, if not
+        measured yet: auto measures it for the finalists and for the fallback steps it
+        rejects (what the report explains), not for every candidate — it costs several
+        times the kernel scoring, and no decision reads it. The cache entry is updated."""
+        if c.path is None or c.error or c.semantics is not None:
+            return
+        report = validate(
+            c.path,
+            self.score,
+            reference=self.reference,
+            metrics=list(dict.fromkeys([self.budget.metric, "cosine"])),
+            progress=False,
+            references=self.references,
+        )
+        # {}: measured, and not a QDQ model (nothing runs differently with optimizations off)
+        c.semantics = {} if report.kernel_truth is None else report.kernel_truth.compact()
+        record = Path(c.path).with_suffix(".json")
+        try:
+            entry = json.loads(record.read_text())
+        except (OSError, ValueError):  # no entry to update: the figure stays in this run
+            return
+        atomic_write_text(record, json.dumps({**entry, "semantics": c.semantics}))
 
+    def _score(self, c: Candidate) -> None:
+        """The kernel score (what ships, what the search decides on) and the int8 share;
+        the semantics figure is left to measure_semantics."""
         metrics = list(dict.fromkeys([self.budget.metric, "cosine"]))
         report = validate(
             c.path,
@@ -165,14 +190,12 @@ class Builder:
             reference=self.reference,
             metrics=metrics,
             progress=False,
-            references=self.references,
+            kernel_samples=0,
         )
         values = report.outputs[report.output]
         c.score = values[self.budget.metric].value
         c.cosine, c.worst = values["cosine"].value, values["cosine"].worst
         c.scored_at = report.scoring()
-        if report.kernel_truth is not None:
-            c.semantics = report.kernel_truth.compact()
         share = report.int8_macs or int8_share(onnx.load(str(c.path), load_external_data=False))
         c.int8_macs = share.to_dict()
 

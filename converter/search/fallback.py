@@ -96,7 +96,7 @@ def _walk(
             if c.meets:
                 return
             continue
-        yield _log(c)
+        yield _log(_explain(builder, c))
         if widen or not (c.int8_macs or {}).get("requantized"):
             continue
         w = _evaluate(builder, best, config, trial, True, k, executor, deadline)
@@ -108,7 +108,7 @@ def _walk(
             if w.meets:
                 return
             continue
-        yield _log(w)
+        yield _log(_explain(builder, w))
 
 
 def _evaluate(
@@ -129,6 +129,15 @@ def _evaluate(
     (c,) = deadline.evaluate(
         builder, [Candidate(name, step_passes(config, trial, widen))], executor
     )
+    return c
+
+
+def _explain(builder: Any, c: Candidate) -> Candidate:
+    """A rejected step with its QDQ semantics figure: the report shows where the kernels
+    part from the model (the figure is measured for such steps and the finalists only)."""
+    measure = getattr(builder, "measure_semantics", None)
+    if measure is not None and c.score is not None:
+        measure(c)
     return c
 
 

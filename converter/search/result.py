@@ -36,6 +36,17 @@ class AutoResult:
     target: Target = field(default_factory=host_target)  # of every candidate
     written: Candidate | None = None  # in OUTDIR/model.onnx: best, or on a miss the closest
     time_budget: dict[str, Any] | None = None  # with --time-budget: see time_summary
+    stages: list[dict[str, Any]] = field(default_factory=list)  # wall time of each stage
+
+    def stage_line(self) -> str:
+        """Where the time went: "full int8 (6 candidates) 61 s; bench ... 4 s"."""
+        parts = [
+            f"{s['stage']} ({s['candidates']} candidate{'' if s['candidates'] == 1 else 's'}) "
+            f"{s['seconds']:.0f} s"
+            for s in self.stages
+            if s.get("seconds") is not None
+        ]
+        return "; ".join(parts)
 
     def closest(self) -> Candidate | None:
         scored = [c for c in self.candidates if c.score is not None and not c.error]

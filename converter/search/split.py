@@ -3,15 +3,17 @@ samples (kept apart: a candidate is never scored on the samples it was calibrate
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from converter.core.data import LABELS, Dataset
+from converter.core.data import LABELS, Dataset, InputSpec
 from converter.core.errors import BadInputError
 from converter.core.onnxio import atomic_path
 
-__all__ = ["calibration_split", "CALIB_EVERY", "CALIB_SAMPLES"]
+__all__ = ["calibration_split", "overlap", "CALIB_EVERY", "CALIB_SAMPLES"]
 
 CALIB_EVERY = 4  # every 4th sample calibrates ...
 CALIB_SAMPLES = 256  # ... up to this many
@@ -63,3 +65,23 @@ def _write_npz(path: Path, parts: dict[str, list[np.ndarray]]) -> Path:
         with open(tmp, "wb") as f:
             np.savez(f, **{k: np.concatenate(v) for k, v in parts.items()})
     return path
+
+
+def overlap(calib: Dataset, data: Dataset, specs: Sequence[InputSpec]) -> int:
+    """How many calibration samples are also scoring samples (the same values in every
+    input): a score on them is optimistic. Streams both files (one batch in memory), holding
+    one digest per scoring sample."""
+    scored = set(_digests(data, specs))
+    return sum(d in scored for d in _digests(calib, specs))
+
+
+def _digests(dataset: Dataset, specs: Sequence[InputSpec]):
+    names = [s.name for s in specs]
+    for feed in dataset.batches(specs, 256):
+        for i in range(len(feed[names[0]])):
+            h = hashlib.blake2b(digest_size=16)
+            for name in names:
+                row = np.ascontiguousarray(feed[name][i])
+                h.update(str(row.shape).encode())
+                h.update(row.tobytes())
+            yield h.digest()

@@ -1,23 +1,100 @@
-"""auto's search stages, in order: the full-int8 configurations; for a mode none of whose
-configurations meets the budget, its best one with the most sensitive nodes kept in fp32;
-with a sparsity grid, each pruning level alone and followed by the best quantization."""
+"""auto's search stages, in order, each started only when it can still win:
+
+1. the full-int8 configurations. On a model that looks like a transformer encoder, the
+   every-op static family (Q/DQ on every op) is probed with one configuration first; its
+   calibration variants are tried only when the probe comes within ``EVERY_OP_REACH`` of
+   the budget (on encoders every-op Q/DQ loses to activation outliers whatever the ranges:
+   all-MiniLM-L6-v2 0.82–0.865 cosine for all five variants, budget 0.997);
+2. for a mode none of whose configurations meets the budget, its best one with the most
+   sensitive nodes kept in fp32 (converter.search.fallback) — skipped when a configuration
+   of a mode at least as fast already meets it in full int8: keeping nodes in fp32 only
+   makes a model slower than its own full-int8 configuration;
+3. with a sparsity grid, each pruning level alone and followed by the best quantization.
+
+Each skipped stage is a line of ``SearchLog.notes`` (the report's notes), and each stage
+logs a progress line with the time it is expected to take.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from converter.check.sensitivity import sensitivity
 from converter.core.executor import Executor
+from converter.core.onnxio import atomic_write_text
 from converter.search import fallback
 from converter.search.builder import Builder
 from converter.search.candidates import Candidate, passes_of
 from converter.search.tasks import Deadline
+from passes.dynamic import CONV_DOMINATED
+from passes.quant_report import macs
+from passes.quantize import looks_like_transformer
 
-__all__ = ["search"]
+__all__ = ["search", "SearchLog", "EVERY_OP_REACH"]
 
 logger = logging.getLogger(__name__)
+
+EVERY_OP_REACH = 0.05  # the every-op calibration variants differ by less than this: MiniLM
+# 0.82-0.865 cosine for all five; MobileNetV2 0.936-0.959 (minmax vs mean_minmax)
+
+# How fast a mode's int8 runs, for whether its fallback can still win: static QDQ runs at
+# least as fast as dynamic, which quantizes every activation at run time (on convolutions
+# dynamic int8 is slower than fp32; on encoders the static transformer scheme matches
+# per-channel dynamic's speed).
+_SPEED_RANK = {"quantize-dynamic": 0, "quantize-static": 1}
+_MODE = {"quantize-dynamic": "dynamic", "quantize-static": "static"}
+
+
+@dataclass
+class SearchLog:
+    """What the search says besides its candidates: why a stage was skipped (the report's
+    notes), the pace of building, for the progress line's time estimate, and the wall time
+    of each stage (the report's and the manifest's ``stages``)."""
+
+    notes: list[str] = field(default_factory=list)
+    built: int = 0  # candidates built and scored (not read from the cache)
+    seconds: float = 0.0  # the time they took
+    stages: list[dict[str, Any]] = field(default_factory=list)  # name, candidates, seconds
+    # its own clock: the deadline's is read once per candidate started (and tests count it)
+    clock: Callable[[], float] = time.monotonic
+    start: float = field(default_factory=time.monotonic)
+
+    def pace(self) -> float | None:
+        return self.seconds / self.built if self.built else None
+
+    def stage(self, name: str, count: int, extra: str = "") -> None:
+        """A stage starts (the one before ends): its progress line — what, how many, the
+        time it is expected to take."""
+        self.end()
+        each = self.pace()
+        eta = f", about {count * each:.0f} s at {each:.1f} s each" if each else ""
+        logger.info(
+            "auto: %s: up to %d candidate%s%s%s (%.0f s so far)",
+            name, count, "" if count == 1 else "s", extra, eta, self.clock() - self.start,
+        )  # fmt: skip
+        self.stages.append({"stage": name, "candidates": 0, "seconds": None, "_t": self.clock()})
+
+    def counted(self, found: Iterator[Candidate]) -> Iterator[Candidate]:
+        """``found``, each candidate counted in the current stage."""
+        for c in found:
+            if self.stages:
+                self.stages[-1]["candidates"] += 1
+            yield c
+
+    def end(self) -> None:
+        """The current stage, if any, ends now."""
+        if self.stages and self.stages[-1]["seconds"] is None:
+            last = self.stages[-1]
+            last["seconds"] = round(self.clock() - last.pop("_t"), 1)
+
+    def note(self, text: str) -> None:
+        logger.info("auto: %s", text)
+        self.notes.append(text)
 
 
 def search(
@@ -27,22 +104,156 @@ def search(
     max_excluded: int,
     executor: Executor,
     deadline: Deadline,
+    log: SearchLog | None = None,
 ) -> Iterator[Candidate]:
     """The candidates, in search order, starting from ``configs`` (candidates.configs); those
     ``deadline`` leaves out are not yielded (they are in ``deadline.not_tried``), and later
-    stages decide on the ones tried."""
-    first = [Candidate(name, passes_of(config, [])) for name, config in configs]
-    evaluated = deadline.evaluate(builder, first, executor)
-    base = [(c, cfg) for c, (_, cfg) in zip(evaluated, configs) if c is not None]
-    for c, _ in base:
-        yield _log(c)
+    stages decide on the ones tried. Stages skipped are noted in ``log``."""
+    log = log if log is not None else SearchLog()
+    probe, variants = _every_op_probe(builder, configs)
+    first = [(n, cfg) for n, cfg in configs if n not in {v for v, _ in variants}]
+    base = _evaluate(builder, "full int8", first, executor, deadline, log)
+    yield from (c for c, _ in base)
+    if variants:
+        tried = next((c for c, _ in base if c.name == probe), None)
+        short = None if tried is None or tried.score is None else builder.threshold - tried.score
+        if short is not None and short > EVERY_OP_REACH:
+            log.note(
+                f"{', '.join(n for n, _ in variants)} not tried: on this transformer-like model "
+                f"every-op Q/DQ scored {tried.score:.4f} ({probe}), {short:.4f} below the "
+                f"budget, and its calibration variants differ by less than {EVERY_OP_REACH}"
+            )
+        else:
+            more = _evaluate(builder, "every-op static variants", variants, executor, deadline, log)
+            yield from (c for c, _ in more)
+            base += more
+    slow_dynamic = _conv_dominated(builder.model)
     for mode in ("quantize-dynamic", "quantize-static"):
-        tried = [(c, cfg) for c, cfg in base if cfg["pass"] == mode and c.score is not None]
-        if tried and not any(c.meets for c, _ in tried):
-            best, config = max(tried, key=lambda t: t[0].score)
-            yield from _exclusions(builder, best, config, max_excluded, executor, deadline)
+        if (
+            mode == "quantize-dynamic"
+            and slow_dynamic
+            and any(cfg["pass"] == mode and c.score is not None and not c.meets for c, cfg in base)
+        ):
+            log.note(
+                "the dynamic fp32 fallback was skipped: the model is conv-dominated, and dynamic "
+                "int8 convolutions run slower than fp32 (0.12x measured on EfficientNet-Lite0)"
+            )
+            continue
+        fallback_from = _fallback_parent(base, mode, log)
+        if fallback_from is None:
+            continue
+        best, config = fallback_from
+        log.stage(
+            f"{_MODE[mode]} fp32 fallback from {best.name}", max_excluded,
+            " after ranking the nodes by sensitivity",
+        )  # fmt: skip
+        yield from log.counted(_exclusions(builder, best, config, max_excluded, executor, deadline))
     if sparsity_grid:
-        yield from _pruned(builder, base, sparsity_grid, executor, deadline)
+        log.stage("pruning", 2 * len(sparsity_grid))
+        yield from log.counted(_pruned(builder, base, sparsity_grid, executor, deadline))
+    log.end()
+
+
+def _fallback_parent(
+    base: list[tuple[Candidate, dict[str, Any]]], mode: str, log: SearchLog
+) -> tuple[Candidate, dict[str, Any]] | None:
+    """The full-int8 configuration of ``mode`` whose fp32 fallback can still win, or None.
+
+    A fallback step is never faster than its parent (it keeps nodes in fp32), so a parent is
+    worth repairing only if it runs more of the model in int8 than every candidate that
+    already meets the budget in a mode at least as fast (static QDQ ≥ dynamic): its int8
+    share of multiply-adds (unknown: read as all) above theirs by more than INT8_MARGIN.
+    On a CNN, ``static_transformer`` meets a budget with 0.4 % of the MACs in int8: the
+    every-op static fallback still runs. Of the parents left, the best scored one."""
+    scored = [(c, cfg) for c, cfg in base if cfg["pass"] == mode and c.score is not None]
+    meeting = [c for c, cfg in base if c.meets and _SPEED_RANK[cfg["pass"]] >= _SPEED_RANK[mode]]
+    bar = max((_share(c) for c in meeting), default=None)
+    repairable = [
+        (c, cfg) for c, cfg in scored
+        if not c.meets and (bar is None or _share(c) > bar + INT8_MARGIN)
+    ]  # fmt: skip
+    if not repairable:
+        if scored and meeting and not any(c.meets for c, _ in scored):
+            best = max(scored, key=lambda t: t[0].score)[0]
+            winner = max(meeting, key=_share)
+            log.note(
+                f"the {_MODE[mode]} fp32 fallback (from {best.name}) was skipped: "
+                f"{winner.name} meets the budget with {_percent(winner)} of the multiply-adds "
+                f"in int8 and runs at least as fast as {_MODE[mode]} int8; keeping nodes in "
+                f"fp32 would only make a model slower than {best.name} itself"
+            )
+        return None
+    best = max(repairable, key=lambda t: t[0].score)
+    if meeting:
+        winner = max(meeting, key=_share)
+        log.note(
+            f"{winner.name} meets the budget with only {_percent(winner)} of the "
+            f"multiply-adds in int8: the {_MODE[mode]} fp32 fallback from {best[0].name} "
+            f"({_percent(best[0])}) runs, as it may give a faster model"
+        )
+    return best
+
+
+INT8_MARGIN = 0.01
+
+
+def _conv_dominated(model: Any) -> bool:
+    """More than half the multiply-adds in Conv (passes.dynamic's conv-dominated warning)."""
+    if not any(n.op_type == "Conv" for n in model.graph.node):
+        return False
+    counts = macs(model)
+    total = counts["conv"] + counts["matmul"]
+    return bool(total) and counts["conv"] / total > CONV_DOMINATED
+
+
+def _share(c: Candidate) -> float:
+    share = (c.int8_macs or {}).get("share")
+    return 1.0 if share is None else float(share)
+
+
+def _percent(c: Candidate) -> str:
+    share = (c.int8_macs or {}).get("share")
+    return "an unknown share" if share is None else f"{100 * share:.1f}%"
+
+
+def _every_op_probe(
+    builder: Builder, configs: list[tuple[str, dict[str, Any]]]
+) -> tuple[str | None, list[tuple[str, dict[str, Any]]]]:
+    """On a transformer-like model, the every-op static configuration tried first (the
+    probe) and its variants, held back until the probe is scored; (None, []) otherwise."""
+    every_op = [(n, cfg) for n, cfg in configs if _every_op(cfg)]
+    if len(every_op) < 2 or not looks_like_transformer(builder.model):
+        return None, []
+    return every_op[0][0], every_op[1:]
+
+
+def _every_op(config: dict[str, Any]) -> bool:
+    return config["pass"] == "quantize-static" and config.get("scheme") == "default"
+
+
+def _evaluate(
+    builder: Builder,
+    name: str,
+    configs: list[tuple[str, dict[str, Any]]],
+    executor: Executor,
+    deadline: Deadline,
+    log: SearchLog,
+) -> list[tuple[Candidate, dict[str, Any]]]:
+    """The configurations built and scored (those the deadline leaves out dropped), with
+    the stage's progress line and its pace recorded."""
+    log.stage(name, len(configs))
+    began = log.clock()
+    candidates = [Candidate(n, passes_of(cfg, [])) for n, cfg in configs]
+    evaluated = deadline.evaluate(builder, candidates, executor)
+    done = [(c, cfg) for c, (_, cfg) in zip(evaluated, configs) if c is not None]
+    log.stages[-1]["candidates"] += len(done)
+    built = sum(not c.cached for c, _ in done)
+    if built:
+        log.built += built
+        log.seconds += log.clock() - began
+    for c, _ in done:
+        _log(c)
+    return done
 
 
 def _pruned(
@@ -86,20 +297,46 @@ def _exclusions(
 
 def _ranking(builder: Builder, config: dict[str, Any], executor: Executor) -> list[str]:
     """The nodes by sensitivity, most sensitive first, under the settings of the candidate
-    being repaired (the per-tensor error is not needed here: not measured)."""
+    being repaired (the per-tensor error is not needed here: not measured). Cached in the
+    candidate cache by content (model, data, settings, versions: Builder.key), so a re-run
+    does not rank again."""
     mode = "static" if config["pass"] == "quantize-static" else "dynamic"
     settings = {k: v for k, v in config.items() if k not in ("pass", "per_channel", "smooth")}
-    return sensitivity(
+    per_channel = config.get("per_channel", True)
+    key = builder.key([{"ranking": mode, "per_channel": per_channel, **settings}])
+    path = builder.cache / f"ranking-{key}.json"
+    cached = _cached_ranking(path)
+    if cached is not None:
+        logger.info("auto: sensitivity ranking read from the cache (%s)", path.name)
+        return cached
+    ranked = sensitivity(
         builder.model,
         builder.score,
         mode=mode,
         calib=builder.calib,
-        per_channel=config.get("per_channel", True),
+        per_channel=per_channel,
         quant_settings=settings,
         progress=False,
         executor=executor,
         tensor_errors=0,
     ).ranked_nodes()
+    atomic_write_text(path, json.dumps(ranked))
+    return ranked
+
+
+def _cached_ranking(path: Any) -> list[str] | None:
+    """A cached ranking, or None when absent or unreadable (then it is measured again)."""
+    try:
+        ranked = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        logger.warning("warning: cached ranking %s is unreadable (%s); ranking again", path, e)
+        return None
+    if not (isinstance(ranked, list) and all(isinstance(n, str) for n in ranked)):
+        logger.warning("warning: cached ranking %s is not a list of nodes; ranking again", path)
+        return None
+    return ranked
 
 
 def _log(c: Candidate) -> Candidate:
