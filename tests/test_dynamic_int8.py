@@ -108,7 +108,12 @@ def test_auto_and_run_report_the_scoring_batch(dynamic_mm, tmp_path, capsys) -> 
     fp32, _, data = dynamic_mm
     out = tmp_path / "auto"
     args = ["--metric", "cosine", "--min-score", "0.5", "--bench-runs", "3", "-o", out]
-    assert cli(capsys, "-q", "auto", fp32, "--data", data, "--calib", data, *args)[0] == 0
+    assert (
+        cli(capsys, "-q", "auto", fp32, "--data", data, "--calib", data, "--allow-overlap", *args)[
+            0
+        ]
+        == 0
+    )
     manifest = json.loads((out / "manifest.json").read_text())
     scored = {c["name"]: c["scored_at"] for c in manifest["candidates"] if c["scored_at"]}
     assert scored["dynamic_pc"]["batch_size"] == 1 and scored["dynamic_pc"]["samples"] == 64
