@@ -231,6 +231,7 @@ class _ReferenceOutputs:
     def __init__(self, budget: int) -> None:
         self.budget = budget
         self.entries: OrderedDict[tuple, list[list[np.ndarray]]] = OrderedDict()
+        self.sizes: dict[tuple, int] = {}
 
     def get(self, key: tuple) -> list[list[np.ndarray]] | None:
         if key in self.entries:
@@ -241,9 +242,10 @@ class _ReferenceOutputs:
         size = sum(a.nbytes for batch in outputs for a in batch)
         if size > self.budget:
             return
-        self.entries[key] = outputs
-        while sum(a.nbytes for v in self.entries.values() for b in v for a in b) > self.budget:
-            self.entries.popitem(last=False)
+        self.entries[key], self.sizes[key] = outputs, size
+        while sum(self.sizes.values()) > self.budget:
+            dropped, _ = self.entries.popitem(last=False)
+            del self.sizes[dropped]
 
 
 _REFERENCE_OUTPUTS = _ReferenceOutputs(budget=256 * 2**20)

@@ -161,14 +161,14 @@ def auto(
         result.notes += _calibration_notes(candidates, open_data(calib_path, specs).num_samples)
         if calib is not None and allow_overlap:
             result.split += " (--allow-overlap: calibration samples may also be scored)"
-        log.stage("semantics of the finalists", len(_finalists(result)))
-        for c in _finalists(result):
+        finalists = _finalists(result)
+        log.stage("semantics of the finalists", len(finalists), known=True)
+        for c in finalists:
             builder.measure_semantics(c)
-        log.stage("bench of the finalists", len(_finalists(result)))
-        log.stages[-1]["candidates"] = len(_finalists(result))
-        _bench(result, reference, score_path, bench_runs, threads)
+        log.stage("bench of the finalists", len(finalists), known=True)
+        _bench(result, finalists, reference, score_path, bench_runs, threads)
         result.best = choose(candidates)
-        log.stage("per-tensor error of the chosen model", 1)
+        log.stage("per-tensor error of the chosen model", 1, known=True)
         _note_node_errors(result, builder, threads)
         log.end()
         _write_model(result)
@@ -313,12 +313,18 @@ def _reference_score(reference: Path, score: Path, metric: str) -> float:
     return report.outputs[report.output]["accuracy"].value
 
 
-def _bench(result: AutoResult, reference: Path, score: Path, runs: int, threads: int) -> None:
+def _bench(
+    result: AutoResult,
+    built: list[Candidate],
+    reference: Path,
+    score: Path,
+    runs: int,
+    threads: int,
+) -> None:
     """The finalists benched interleaved with fp32: every candidate meeting the budget, or
     on a miss the closest one (a candidate that misses cannot be chosen: its latency would
     only cost time). A candidate the bench cannot run is marked failed (its reason in the
     report) and the others are benched without it."""
-    built = _finalists(result)
     left = sum(c.path is not None for c in result.candidates) - len(built)
     if left:
         result.notes.append(

@@ -3,6 +3,7 @@ the :class:`Candidate` record that the builder, the bench and the reports fill i
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,10 @@ __all__ = [
     "failure_reason",
     "bug_of",
     "SMOOTH_ALPHA",
+    "log_scored",
 ]
+
+logger = logging.getLogger(__name__)
 
 SMOOTH_ALPHA = 0.8  # all-MiniLM-L6-v2, avx2: 0.9965 / 0.9924 vs 0.9947 / 0.9877 at 0.95
 _GPTQ = {"weight_rounding": "gptq"}
@@ -73,6 +77,21 @@ def uses(candidate: Candidate, method: str) -> bool:
     if method == "GPTQ rounding":
         return any(p.get("weight_rounding") == "gptq" for p in candidate.passes)
     return False
+
+
+def log_scored(c: Candidate) -> Candidate:
+    """The progress line of a scored candidate (a fallback step's verdict after a dash)."""
+    if c.score is not None:
+        logger.info(
+            "  %-34s score %.4f  worst cosine %.4f  %s%s%s",
+            c.name,
+            c.score,
+            c.worst,
+            "meets" if c.meets else "misses",
+            " (cached)" if c.cached else "",
+            f" — {c.fallback}" if c.fallback else "",
+        )
+    return c
 
 
 def failure_reason(e: Exception) -> str:

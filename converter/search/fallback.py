@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from converter.core.executor import Executor
-from converter.search.candidates import Candidate, failure_reason, passes_of
+from converter.search.candidates import Candidate, failure_reason, log_scored, passes_of
 from converter.search.float_region import FLOAT_REGION
 from converter.search.tasks import Deadline
 
@@ -92,11 +92,11 @@ def _walk(
             continue
         if _accepted(c, previous):
             kept, previous = trial, c.score
-            yield _log(c)
+            yield log_scored(c)
             if c.meets:
                 return
             continue
-        yield _log(_explain(builder, c))
+        yield log_scored(_explain(builder, c))
         if widen or not (c.int8_macs or {}).get("requantized"):
             continue
         w = _evaluate(builder, best, config, trial, True, k, executor, deadline)
@@ -104,11 +104,11 @@ def _walk(
             continue
         if _accepted(w, previous):
             kept, previous, widen = trial, w.score, True
-            yield _log(w)
+            yield log_scored(w)
             if w.meets:
                 return
             continue
-        yield _log(_explain(builder, w))
+        yield log_scored(_explain(builder, w))
 
 
 def _evaluate(
@@ -152,17 +152,3 @@ def _accepted(c: Candidate, previous: float | None) -> bool:
         return True
     c.fallback = f"not kept: kernel score {c.score:.4f} < {previous:.4f}, the step before"
     return False
-
-
-def _log(c: Candidate) -> Candidate:
-    if c.score is not None:
-        logger.info(
-            "  %-34s score %.4f  worst cosine %.4f  %s%s — %s",
-            c.name,
-            c.score,
-            c.worst,
-            "meets" if c.meets else "misses",
-            " (cached)" if c.cached else "",
-            c.fallback,
-        )
-    return c

@@ -29,7 +29,7 @@ from converter.core.executor import Executor
 from converter.core.onnxio import atomic_write_text
 from converter.search import fallback
 from converter.search.builder import Builder
-from converter.search.candidates import Candidate, passes_of
+from converter.search.candidates import Candidate, log_scored, passes_of
 from converter.search.tasks import Deadline
 from passes.dynamic import CONV_DOMINATED
 from passes.quant_report import macs
@@ -67,9 +67,10 @@ class SearchLog:
     def pace(self) -> float | None:
         return self.seconds / self.built if self.built else None
 
-    def stage(self, name: str, count: int, extra: str = "") -> None:
+    def stage(self, name: str, count: int, extra: str = "", known: bool = False) -> None:
         """A stage starts (the one before ends): its progress line — what, how many, the
-        time it is expected to take."""
+        time it is expected to take. ``known``: it works on exactly ``count`` candidates
+        (else they are counted as the stage yields them)."""
         self.end()
         each = self.pace()
         eta = f", about {count * each:.0f} s at {each:.1f} s each" if each else ""
@@ -77,7 +78,8 @@ class SearchLog:
             "auto: %s: up to %d candidate%s%s%s (%.0f s so far)",
             name, count, "" if count == 1 else "s", extra, eta, self.clock() - self.start,
         )  # fmt: skip
-        self.stages.append({"stage": name, "candidates": 0, "seconds": None, "_t": self.clock()})
+        done = count if known else 0
+        self.stages.append({"stage": name, "candidates": done, "seconds": None, "_t": self.clock()})
 
     def counted(self, found: Iterator[Candidate]) -> Iterator[Candidate]:
         """``found``, each candidate counted in the current stage."""
@@ -252,7 +254,7 @@ def _evaluate(
         log.built += built
         log.seconds += log.clock() - began
     for c, _ in done:
-        _log(c)
+        log_scored(c)
     return done
 
 
@@ -277,7 +279,7 @@ def _pruned(
             pruned.append(Candidate(f"prune{sparsity:g}+{best.name}", [prune, *quantize]))
     for c in deadline.evaluate(builder, pruned, executor):
         if c is not None:
-            yield _log(c)
+            yield log_scored(c)
 
 
 def _exclusions(
@@ -337,16 +339,3 @@ def _cached_ranking(path: Any) -> list[str] | None:
         logger.warning("warning: cached ranking %s is not a list of nodes; ranking again", path)
         return None
     return ranked
-
-
-def _log(c: Candidate) -> Candidate:
-    if c.score is not None:
-        logger.info(
-            "  %-34s score %.4f  worst cosine %.4f  %s%s",
-            c.name,
-            c.score,
-            c.worst,
-            "meets" if c.meets else "misses",
-            " (cached)" if c.cached else "",
-        )
-    return c
