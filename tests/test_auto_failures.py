@@ -17,6 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 from test_sensitivity import _data, _outlier_mlp
 
 from converter.core.errors import BadInputError
+from converter.core.machine import host_target
 from converter.search import auto as auto_module
 from converter.search import stages
 from converter.search.builder import Builder
@@ -336,3 +337,18 @@ def test_help_and_readme_search_on_validation_and_keep_test_for_validate(capsys)
         autos = re.findall(r"onnxship auto .*?--data (\S+)", text)
         assert autos and not any("test" in d for d in autos), autos
         assert re.search(r"onnxship validate \S+ --data test\.npz", text)
+
+
+def test_another_target_is_warned_once_not_per_candidate(mlp, tmp_path, capsys, monkeypatch):
+    """Candidates made for a CPU kind other than this host: one warning for the search,
+    not one per candidate validated and benched."""
+    other = "arm64" if host_target().name != "arm64" else "avx2"
+    _only(monkeypatch, "dynamic_pc", "dynamic_pt", "static_s8_pc_minmax")
+    model, score, calib = mlp
+    args = ["auto", model, "--data", score, "--calib", calib, "--metric", "cosine"]
+    args += ["--min-score", "0.99", "--bench-runs", "3", "--max-excluded", "0"]
+    code, _, err = cli(capsys, *args, "--target", other, "-o", tmp_path / "o")
+    assert code in (0, 1), err
+    assert len(_manifest(tmp_path / "o")) == 3
+    assert err.count(f"made for target {other}") == 1, err
+    assert "was quantized for target" not in err, err  # validate/bench stayed quiet

@@ -184,3 +184,17 @@ def test_bench_and_validate_warn_about_a_model_for_another_cpu(tmp_path, capsys,
             err = capsys.readouterr().err
             said = f"quantized for target {name}, but this host is avx2" in err
             assert said is warned, (verb, name, err)
+
+
+def test_cpu_id_tells_generations_apart_where_the_model_name_does_not():
+    from converter.core.machine import cpu_id, machine_line
+
+    zen4 = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+    zen4 += "model name\t: AMD EPYC\n\nprocessor\t: 1\ncpu family\t: 23\nmodel\t\t: 1\n"
+    assert cpu_id(zen4) == "family 25 model 17"  # the first processor's block
+    assert cpu_id("processor\t: 0\nFeatures\t: asimd asimddp\n") == ""  # ARM: no family
+    m = {"cpu": "AMD EPYC", "cpu_id": "family 25 model 17", "logical_cores": 2}
+    m |= {"vnni": True, "target": "avx512-vnni"}
+    line = machine_line(m)
+    assert line == "AMD EPYC (family 25 model 17, 2 logical cores, VNNI, host target avx512-vnni)"
+    assert machine_line({**m, "cpu_id": ""}).startswith("AMD EPYC (2 logical cores")

@@ -87,6 +87,7 @@ def bench(
     optimize: bool = True,
     progress: bool = False,
     gates: BenchGates | None = None,
+    warn_target: bool = True,
 ) -> BenchReport:
     """Measure ``models`` interleaved at each thread count in ``threads``.
 
@@ -96,6 +97,7 @@ def bench(
     model (default DEFAULT_RUNS), or rounds until ``seconds`` have passed (per thread count,
     all models together), after ``warmup`` untimed runs per model. ``gates`` are checked on
     the result (``report.passed``); their settings and baseline are checked before measuring.
+    ``warn_target`` False: no warning per model made for another CPU kind (auto warns once).
     """
     threads = _check_settings(models, threads, warmup, runs, seconds, batch, inter_op_threads)
     if runs is None and seconds is None:
@@ -104,7 +106,7 @@ def bench(
         raise BadInputError("--dim is for generated inputs", "drop --dim when giving --data")
     gates = gates or BenchGates()
     baseline = gates.check_models(len(models))
-    prepared = [_prepare(m, data, dims or {}, seed, batch) for m in models]
+    prepared = [_prepare(m, data, dims or {}, seed, batch, warn_target) for m in models]
     _check_dims_used(dims or {}, prepared)
     machine = _machine()
     if baseline is not None:
@@ -176,12 +178,15 @@ class _Prepared:
     symbols: set[str]
 
 
-def _prepare(path, data, dims: Mapping[str, int], seed: int, batch: int | None) -> _Prepared:
+def _prepare(
+    path, data, dims: Mapping[str, int], seed: int, batch: int | None, warn_target: bool = True
+) -> _Prepared:
     """Check the model file, build its feeds, measure its size; keep nothing else."""
 
     model = load_model(path)
     specs = model_input_specs(model)
-    warn_if_other_target(model, path)
+    if warn_target:
+        warn_if_other_target(model, path)
     del model
     if data is not None:
         feeds = _data_feeds(path, specs, data, batch)

@@ -98,6 +98,7 @@ def validate(
     executor: Executor | None = None,
     kernel_samples: int = VALIDATE_KERNEL_SAMPLES,
     references: ReferenceCache | None = None,
+    warn_target: bool = True,
 ) -> ValidationReport:
     """Score ``candidate`` on ``data`` and check the gates that are given.
 
@@ -119,11 +120,13 @@ def validate(
     kernels that ship, what the gates read) — on its first ``kernel_samples`` samples (0:
     not), the reference's outputs on them kept in ``references`` when given
     (converter.check.validate_kernels); a quantized candidate's int8 share of multiply-adds
-    is counted (converter.check.int8_share).
+    is counted (converter.check.int8_share). ``warn_target`` False: no warning that the
+    candidate was made for another CPU kind (a caller that warned once already: auto).
     """
     thresholds = Thresholds(ScoreLimits(min_score, max_drop, min_worst), baseline_tolerance)
     check_counts(DEFAULT_BATCH_SIZE if batch_size is None else batch_size, threads)
-    cand_specs, outputs, ref_specs, dynamic, kind = _load_interfaces(candidate, reference)
+    loaded = _load_interfaces(candidate, reference, warn_target)
+    cand_specs, outputs, ref_specs, dynamic, kind = loaded
     dataset = open_data(data, cand_specs)
     batch = _scoring_batch(batch_size, dynamic, dataset, cand_specs)
     if ref_specs is not None:
@@ -182,7 +185,7 @@ class _Kind(NamedTuple):
 
 
 def _load_interfaces(
-    candidate, reference
+    candidate, reference, warn_target: bool = True
 ) -> tuple[list[InputSpec], list[str], list | None, str, _Kind]:
     """Input specs and output names of the candidate; input specs of the reference; which
     of the two quantizes activations at run time ("" when neither does); whether the
@@ -190,7 +193,8 @@ def _load_interfaces(
 
     model = load_model(candidate, what="candidate model")
     specs, outputs = model_input_specs(model), [o.name for o in model.graph.output]
-    warn_if_other_target(model, candidate)
+    if warn_target:
+        warn_if_other_target(model, candidate)
     dynamic = "candidate" if has_dynamic_quantization(model) else ""
     kind = _Kind(is_qdq(model), int8_share(model) if is_quantized(model) else None)
     del model

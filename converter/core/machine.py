@@ -53,6 +53,7 @@ __all__ = [
     "versions",
     "machine",
     "cpu_model_and_flags",
+    "cpu_id",
     "INT8_FLAGS",
 ]
 
@@ -178,7 +179,11 @@ def target_line(summary: dict[str, object]) -> str:
 def machine_line(m: dict[str, object]) -> str:
     """The one rendering of :func:`machine` (every report's machine line)."""
     vnni = "VNNI" if m["vnni"] else "no VNNI"
-    return f"{m['cpu']} ({m['logical_cores']} logical cores, {vnni}, host target {m['target']})"
+    cpu_id = f"{m['cpu_id']}, " if m.get("cpu_id") else ""
+    return (
+        f"{m['cpu']} ({cpu_id}{m['logical_cores']} logical cores, {vnni}, "
+        f"host target {m['target']})"
+    )
 
 
 def warn_if_other_target(model, path: object) -> str | None:
@@ -239,6 +244,28 @@ def versions(with_torch: bool) -> dict[str, str]:
 
 
 @functools.lru_cache(maxsize=1)
+def cpu_id(cpuinfo: str | None = None) -> str:
+    """The x86 CPU family and model numbers ("family 25 model 17": AMD Zen 4), which tell
+    generations apart where the model name does not (a VM's "AMD EPYC"); "" elsewhere.
+    ``cpuinfo``: the text of /proc/cpuinfo (read from the file when None)."""
+    if cpuinfo is None:
+        path = Path("/proc/cpuinfo")
+        if not path.is_file():
+            return ""
+        cpuinfo = path.read_text(errors="replace")
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key in ("cpu family", "model") and key not in fields:
+            fields[key] = value.strip()
+        if not line.strip() and fields:  # the first processor's block is enough
+            break
+    if "cpu family" not in fields or "model" not in fields:
+        return ""
+    return f"family {fields['cpu family']} model {fields['model']}"
+
+
 def cpu_model_and_flags() -> tuple[str, frozenset[str]]:
     """The CPU's model name and its flags (x86 ``flags``, ARM ``Features``), read from
     /proc/cpuinfo once per process on Linux; elsewhere what platform knows and no flags."""
@@ -260,6 +287,7 @@ def machine() -> dict[str, object]:
     model, flags = cpu_model_and_flags()
     return {
         "cpu": model,
+        "cpu_id": cpu_id(),
         "cores": os.cpu_count(),
         "logical_cores": os.cpu_count(),
         "physical_cores": psutil.cpu_count(logical=False),

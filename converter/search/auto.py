@@ -45,7 +45,7 @@ from converter.core.data import Dataset, model_input_specs, open_data
 from converter.core.defaults import SCORES as METRICS
 from converter.core.errors import BadInputError, OnnxshipError
 from converter.core.executor import Executor, InProcess
-from converter.core.machine import Target, resolve_target
+from converter.core.machine import Target, host_target, resolve_target
 from converter.core.onnxio import copy_model, load_model
 from converter.recipes.auto_report import write_auto_outputs
 from converter.search.budget import Budget, check_options
@@ -122,6 +122,7 @@ def auto(
         max_score_samples=max_score_samples,
     )  # fmt: skip
     resolved = resolve_target(target)
+    _warn_other_target(resolved)
     out = _check_outdir(outdir)
     fp32 = dense_model(load_model(model))  # a packed input is searched on its dense weights
     _refuse_quantized(fp32, model)
@@ -366,15 +367,28 @@ def _finalists(result: AutoResult) -> list[Candidate]:
     return [closest] if closest is not None and closest.path is not None else []
 
 
+def _warn_other_target(target: Target) -> None:
+    """One warning for the whole search when the candidates are made for another CPU kind
+    than this host (validate and bench, called per candidate, stay quiet about it)."""
+    host = host_target()
+    if target.name != host.name:
+        logger.warning(
+            "warning: the candidates are made for target %s, but this host is %s: their "
+            "latency and int8 scores here are not what the target CPU will give",
+            target.name, host.name,
+        )  # fmt: skip
+
+
 def _interleaved(reference: Path, built: list[Candidate], score: Path, runs: int, threads: int):
     paths = [reference] + [c.path for c in built]
-    return bench(paths, threads=[threads], warmup=5, runs=runs, data=score)
+    return bench(paths, threads=[threads], warmup=5, runs=runs, data=score, warn_target=False)
 
 
 def _runs_alone(c: Candidate, reference: Path, score: Path, threads: int) -> bool:
     """Whether the bench runs ``c`` (one run beside fp32); if not, ``c`` is marked failed."""
     try:
-        bench([reference, c.path], threads=[threads], warmup=0, runs=1, data=score)
+        paths = [reference, c.path]
+        bench(paths, threads=[threads], warmup=0, runs=1, data=score, warn_target=False)
         return True
     except (OSError, MemoryError):
         raise

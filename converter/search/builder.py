@@ -170,6 +170,7 @@ class Builder:
             metrics=list(dict.fromkeys([self.budget.metric, "cosine"])),
             progress=False,
             references=self.references,
+            warn_target=False,  # auto warned once
         )
         # {}: measured, and not a QDQ model (nothing runs differently with optimizations off)
         c.semantics = {} if report.kernel_truth is None else report.kernel_truth.compact()
@@ -191,6 +192,7 @@ class Builder:
             metrics=metrics,
             progress=False,
             kernel_samples=0,
+            warn_target=False,  # auto warned once
         )
         values = report.outputs[report.output]
         c.score = values[self.budget.metric].value

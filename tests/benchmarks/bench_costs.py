@@ -10,7 +10,8 @@ peak). Bare and onnxship runs alternate, REPEATS times; each cell is the median.
 
 Rows: ``quantize --mode dynamic`` vs ``quantize_dynamic(per_channel=True)``;
 ``quantize --mode static --scheme transformer`` (160 calibration sentences) vs
-``quantize_static`` on MatMul only with the same sentences; loading a 50 %-pruned packed
+``quantize_static`` on MatMul only with the same sentences; ``--scheme default`` vs
+``quantize_static`` on every op (was bench_pass_cost.py); loading a 50 %-pruned packed
 model in onnxruntime vs loading the same model unpacked; ``unpack`` vs reading and writing
 the dense file with onnx. The decode alone is timed in this process (CPU-s per 10 M packed
 weights). ``auto``'s stages are bench_auto.py's.
@@ -53,7 +54,7 @@ class Reader(CalibrationDataReader):
         return next(self.feeds, None)
 
 quantize_static({src!r}, {out!r}, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                reduce_range=True, op_types_to_quantize=["MatMul"],
+                reduce_range=True, op_types_to_quantize={ops!r},
                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
 """
 
@@ -189,9 +190,16 @@ def main() -> int:
             ),
             measure(
                 "`quantize --mode static --scheme transformer` (`quantize_static`, MatMul)",
-                BARE_STATIC.format(src=str(fp32), out=out, calib=str(calib)),
+                BARE_STATIC.format(src=str(fp32), out=out, calib=str(calib), ops=["MatMul"]),
                 ONNXSHIP.format(
                     argv=[*q, "--mode", "static", "--scheme", "transformer", "--calib", str(calib)]
+                ),
+            ),
+            measure(  # every op: the default scheme against the bare call's defaults
+                "`quantize --mode static --scheme default` (`quantize_static`, every op)",
+                BARE_STATIC.format(src=str(fp32), out=out, calib=str(calib), ops=None),
+                ONNXSHIP.format(
+                    argv=[*q, "--mode", "static", "--scheme", "default", "--calib", str(calib)]
                 ),
             ),
             measure(
@@ -207,7 +215,7 @@ def main() -> int:
         ]
         print(f"all-MiniLM-L6-v2 (seq 64); whole processes, median of {REPEATS} alternating runs")
         print(table(rows))
-        load, unpack = rows[2], rows[3]
+        load, unpack = rows[3], rows[4]
         per = 1e7 / values
         print(
             f"\n50 %-pruned MiniLM, {values:,} values packed: decode (numpy, in process) "
