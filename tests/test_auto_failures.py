@@ -343,7 +343,7 @@ def test_another_target_is_warned_once_not_per_candidate(mlp, tmp_path, capsys, 
     """Candidates made for a CPU kind other than this host: one warning for the search,
     not one per candidate validated and benched."""
     other = "arm64" if host_target().name != "arm64" else "avx2"
-    _only(monkeypatch, "dynamic_pc", "dynamic_pt", "static_s8_pc_minmax")
+    _only(monkeypatch, "dynamic_pc", "dynamic_pt", "static_u8_pc_mse")
     model, score, calib = mlp
     args = ["auto", model, "--data", score, "--calib", calib, "--metric", "cosine"]
     args += ["--min-score", "0.99", "--bench-runs", "3", "--max-excluded", "0"]

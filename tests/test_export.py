@@ -642,3 +642,10 @@ def test_verification_reports_its_rule_and_how_close_each_output_came():
     assert near.ok and near.outputs[0].worst_ratio == pytest.approx(0.5)  # 5e-5 / 1e-4
     assert not far.ok
     assert far.outputs[0].worst_ratio == pytest.approx(5e-4 / 3e-4, rel=1e-6)  # 1e-4 + 1e-4·2
+
+
+@pytest.mark.parametrize("flag", [("--atol", "nan"), ("--rtol", "nan"), ("--atol=-1e-3",)])
+def test_tolerance_that_is_not_a_number_at_least_zero(capsys, tmp_path, user_code, flag) -> None:
+    """NaN compared False with 0 and passed the check; every comparison with it fails."""
+    msg = _bad(capsys, tmp_path, [f"{user_code}:build", "--input", "x:2,4", *flag])
+    assert "tolerances must be numbers ≥ 0" in msg

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import onnx
 from onnx import shape_inference
 
-__all__ = ["Int8Share", "int8_share", "requantized_nodes", "MAC_OPS"]
+__all__ = ["Int8Share", "int8_share", "node_macs", "requantized_nodes", "MAC_OPS"]
 
 # op type -> (index of the activation input, index of the weight input)
 MAC_OPS: dict[str, tuple[int, int]] = {
@@ -128,6 +128,13 @@ def int8_share(model: onnx.ModelProto) -> Int8Share:
         if kind == "requantized":
             requantized.append(node.name)
     return Int8Share(int8, total, int8_nodes, nodes, tuple(requantized), tuple(unknown))
+
+
+def node_macs(model: onnx.ModelProto) -> dict[str, int | None]:
+    """Multiply-adds per sample of each Conv/Gemm/MatMul-like node, by name (None: a shape
+    is unknown)."""
+    shapes = _shapes(model)
+    return {n.name: _macs(n, shapes) for n in model.graph.node if n.op_type in MAC_OPS}
 
 
 def requantized_nodes(model: onnx.ModelProto) -> list[str]:

@@ -12,6 +12,7 @@ from typing import Any
 
 import onnx
 
+from converter.check.bench import bench
 from converter.check.int8_share import int8_share
 from converter.check.validate import SCORING_RULE, validate
 from converter.check.validate_kernels import ReferenceCache
@@ -32,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 _CACHED = ("score", "cosine", "worst")  # the numbers a cache entry holds
 _RECORDS = ("semantics", "int8_macs")  # and its records (None or a dict)
+PROBE_RUNS = 20  # runs per model of Builder.speeds' quick probe
 
 
 class Builder:
@@ -103,6 +105,22 @@ class Builder:
         candidate.__dict__.update(numbers, path=path, cached=True)
         self._judge(candidate)
         return True
+
+    def speeds(self, candidates: list[Candidate], runs: int = PROBE_RUNS) -> dict[str, float]:
+        """A quick speed probe of built candidates: each one's speedup over fp32 at batch 1,
+        one thread, interleaved in this process, from the fastest of ``runs`` runs (the
+        minimum: on a shared CPU the median moves with the neighbours' load, the minimum
+        far less). For choosing between candidates before the finalists' bench, never
+        reported as a candidate's speed."""
+        built = [c for c in candidates if c.path is not None and not c.error]
+        if not built:
+            return {}
+        report = bench(
+            [self.reference, *(c.path for c in built)], threads=[1], warmup=3, runs=runs,
+            data=self.score, warn_target=False,
+        )  # fmt: skip
+        fastest = [report.get(i, 1).latency.min_ms for i in range(len(built) + 1)]
+        return {c.name: fastest[0] / t for c, t in zip(built, fastest[1:])}
 
     def _judge(self, c: Candidate) -> Candidate:
         """Whether ``c`` meets this run's budget (cached numbers may come from another)."""

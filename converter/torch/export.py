@@ -208,8 +208,11 @@ def check_options(
         raise BadInputError(f"unknown exporter {exporter!r}", f"use one of {', '.join(EXPORTERS)}")
     if not 7 <= opset <= 23:
         raise BadInputError(f"opset {opset} is out of range", "use an opset from 7 to 23")
-    if atol < 0 or rtol < 0:
-        raise BadInputError("tolerances must be ≥ 0", "pass --atol/--rtol ≥ 0")
+    if not (atol >= 0 and rtol >= 0):  # (NaN compares False: refused too)
+        raise BadInputError(
+            f"tolerances must be numbers ≥ 0 (got atol {atol}, rtol {rtol})",
+            "pass --atol/--rtol ≥ 0",
+        )
 
 
 def example_inputs(
