@@ -158,6 +158,12 @@ class StaticQuantizeSettings(Int8Settings):
         "bias correction; needs the calibration data, also with reused ranges; default: on "
         "with the default scheme when calibration data is given)",
     )
+    stem_rounding: bool | None = option(
+        None,
+        "GPTQ rounding for the Convs that read the model input (the stem; im2col XᵀX of the "
+        f"first {BIAS_CORRECTION_SAMPLES} calibration samples; same graph and speed; default: "
+        "on with the default scheme when calibration data is given)",
+    )
     progress: bool = option(True, "show a progress bar while calibrating", cli=False)
 
 

@@ -39,7 +39,7 @@ from passes.calibration import (
 )
 from passes.equalize import equalizable_pairs, equalize
 from passes.gather_int8 import int8_tables, quantize_tables
-from passes.gptq import round_weights
+from passes.gptq import round_stem, round_weights
 from passes.int8 import MIN_INT8_OPSET, Int8Pass
 from passes.mse_range import mse_ranges
 from passes.normalize import OpsetNeed, opset_of
@@ -147,7 +147,11 @@ class StaticQuantize(Int8Pass):
 
     def _check_settings(self) -> None:
         # GPTQ and bias correction read the data even with reused ranges
-        reads_data = self.weight_rounding == "gptq" or self.bias_correction is not False
+        reads_data = (
+            self.weight_rounding == "gptq"
+            or self.bias_correction is not False
+            or self.stem_rounding is True
+        )
         if self.calibration is not None and self.ranges is not None and not reads_data:
             raise BadInputError(
                 "both calibration data and precomputed ranges were given",
@@ -193,6 +197,8 @@ class StaticQuantize(Int8Pass):
                 self._need_data(model, "GPTQ weight rounding", "weight_rounding='nearest'")
             if self.bias_correction:
                 self._need_data(model, "bias correction", "bias_correction=False")
+            if self.stem_rounding:
+                self._need_data(model, "stem rounding", "stem_rounding=False")
             elif self.calibration is not None:
                 self._open_data(model)
             return
@@ -404,13 +410,17 @@ class StaticQuantize(Int8Pass):
         )
         rounding, tables = {"method": "nearest"}, {}
         corrected: dict[str, Any] = {"layers": 0}
+        stem_stats: dict[str, Any] = {"convs": 0}
         biases = self._corrects_biases()
-        if self.scheme == "transformer" or self.weight_rounding == "gptq" or biases:
+        stem = self._rounds_stem()
+        if self.scheme == "transformer" or self.weight_rounding == "gptq" or biases or stem:
             quantized = onnx.load(str(out))
             if self.scheme == "transformer":
                 quantized = _float_for_other_readers(quantized, TRANSFORMER_OPS)
             if self.weight_rounding == "gptq":
                 rounding = self._gptq(prepared, quantized)
+            if stem:  # before bias correction, which then measures the rounded stem
+                stem_stats = self._round_stem(prepared, quantized)
             if self.scheme == "transformer":  # Gathers the user did not exclude
                 tables = quantize_tables(quantized, skip=set(excluded))
             if biases:  # last: it measures the model as it ships
@@ -419,6 +429,7 @@ class StaticQuantize(Int8Pass):
         return {
             "warnings": warnings,
             "weight_rounding": rounding,
+            "stem_rounding": stem_stats,
             "bias_correction": corrected,
             "embedding_tables": tables,
             "calibration": {
@@ -431,18 +442,38 @@ class StaticQuantize(Int8Pass):
             },
         }
 
-    def _gptq(self, prepared: Prepared, quantized: onnx.ModelProto) -> dict[str, Any]:
-        """Re-round the weights of ``quantized`` in place with GPTQ (passes/gptq.py), XᵀX
-        measured on the calibration samples through the pre-processed float model."""
+    def _rounds_stem(self) -> bool:
+        """Whether the stem's weights are GPTQ-rounded: as set; unset, with the default
+        scheme when the calibration data is at hand (reused ranges alone have no inputs)."""
+        if self.stem_rounding is None:
+            return self.scheme == "default" and self.calibration is not None
+        return self.stem_rounding
+
+    def _qranges(self) -> dict[int, tuple[int, int]]:
         from onnxruntime.quantization.quant_utils import get_qmin_qmax_for_qType
 
-        feeds, total = self._calibration_feeds(prepared.model)
-        qrange = {
+        return {
             t: tuple(int(v) for v in get_qmin_qmax_for_qType(t, self.reduce_range, signed))
             for t, signed in ((onnx.TensorProto.INT8, True), (onnx.TensorProto.UINT8, False))
         }
+
+    def _round_stem(self, prepared: Prepared, quantized: onnx.ModelProto) -> dict[str, Any]:
+        """GPTQ-round the weights of the Convs reading the model input (passes/gptq.py) on
+        the first calibration samples, in place."""
+        feeds, total = self._calibration_feeds(prepared.model)
+        batches = first_samples(feeds, BIAS_CORRECTION_SAMPLES)
         try:
-            stats = round_weights(quantized, prepared.model, feeds, qrange)
+            stats = round_stem(quantized, prepared.model, batches, self._qranges())
+        except np.linalg.LinAlgError as e:
+            raise PassError(f"stem rounding failed: {e}", "pass stem_rounding=False") from e
+        return {**stats, "samples": min(total, BIAS_CORRECTION_SAMPLES)}
+
+    def _gptq(self, prepared: Prepared, quantized: onnx.ModelProto) -> dict[str, Any]:
+        """Re-round the weights of ``quantized`` in place with GPTQ (passes/gptq.py), XᵀX
+        measured on the calibration samples through the pre-processed float model."""
+        feeds, total = self._calibration_feeds(prepared.model)
+        try:
+            stats = round_weights(quantized, prepared.model, feeds, self._qranges())
         except np.linalg.LinAlgError as e:
             raise PassError(f"GPTQ failed: {e}", "use weight_rounding='nearest'") from e
         return {**stats, "samples": total}

@@ -212,6 +212,13 @@ def summary(stats: dict[str, Any], settings: dict[str, Any], source: Any, out: A
             f"  weight rounding: GPTQ on {rounding['weights']} weights, output error on the "
             f"calibration data {rounding.get('proxy_error_ratio', 1.0):.2f}x nearest rounding's"
         )
+    stem = stats.get("stem_rounding", {})
+    if stem.get("convs"):
+        lines.append(
+            f"  stem rounding: GPTQ on {stem['convs']} Conv(s) reading the input, output error "
+            f"on {stem['samples']} calibration samples {stem['proxy_error_ratio']:.2f}x nearest "
+            "rounding's"
+        )
     corrected = stats.get("bias_correction", {})
     if corrected.get("layers"):
         lines.append(

@@ -7,6 +7,9 @@ to fp32 in kernels (optimisations on) and semantics (off), top-1 agreement of th
 speedup over fp32 and over bare quantize_static (latencies measured one after the
 other in this process: on a shared CPU, contended) and size.
 ``python bench_cnn_int8.py efficientnet_lite0`` runs EfficientNet-Lite0 on the same crops.
+Then, for the default, where the error sits (``_breakdown.py``: the Q/DQ semantics re-enacted
+on the float model for a subset of tensors — weights only, activations only, the input and
+the stem's output alone and together, everything but those two).
 README, "CNN int8 (real pretrained weights)".
 """
 
@@ -23,6 +26,7 @@ import onnx
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _breakdown  # noqa: E402
 import _real  # noqa: E402
 
 from converter.core.runtime import make_session  # noqa: E402
@@ -92,15 +96,17 @@ def main(model_name: str = "mobilenet_v2") -> None:
         ref = _outputs(fp32, test)
         t_fp32 = _latency(fp32, test)
         rows = {"bare quantize_static (minmax)": _bare(fp32, calib, folder / "bare.onnx")}
-        off = {"bias_correction": False}
+        nostem = {"stem_rounding": False}
+        off = {"bias_correction": False, **nostem}
         variants = {
             "onnxship, no levers (minmax)": {"equalize": False, "calib_method": "minmax", **off},
             "mean_minmax only": {"equalize": False, "calib_method": "mean_minmax", **off},
             "equalization, minmax": {"calib_method": "minmax", **off},
             "equalization + mean_minmax": {"calib_method": "mean_minmax", **off},
             "equalization + mse": {"calib_method": "mse", **off},
-            "equalization + minmax + bias correction": {"calib_method": "minmax"},
-            "equalization + mse + bias correction (default)": {},
+            "equalization + minmax + bias correction": {"calib_method": "minmax", **nostem},
+            "equalization + mse + bias correction": {"stem_rounding": False},
+            "equalization + mse + stem rounding + bias correction (default)": {},
         }
         model = onnx.load(str(fp32))
         for name, settings in variants.items():
@@ -127,6 +133,35 @@ def main(model_name: str = "mobilenet_v2") -> None:
                 f"| {name} | {ck.mean():.4f} / {ck.min():.4f} | {cs.mean():.4f} / {cs.min():.4f} "
                 f"| {top1:.2f} | {t_fp32 / t:.2f}x | {t_bare / t:.2f}x | {size:.2f} |"
             )
+        breakdown(fp32, folder / "calib.npz", test, ref)
+
+
+def breakdown(fp32: Path, calib: Path, test: np.ndarray, ref: list[np.ndarray]) -> None:
+    """The default's error, a subset of the quantized tensors at a time (semantics)."""
+    model = onnx.load(str(fp32))
+    ranges = StaticQuantize(calibration=calib, progress=False).calibrate(model)
+    qdq = StaticQuantize(calibration=calib, ranges=ranges, progress=False)(model).model
+    prepared = onnx.load_from_string(ranges.prepared)
+    parts = _breakdown.read_parts(qdq, prepared)
+    acts, convs = list(parts.acts), list(parts.weights)
+    front = acts[:2]  # the model's input and the stem's (first Conv's) output
+    subsets = {
+        "everything (= the semantics above)": (acts, convs),
+        "weights only (corrected biases)": ((), convs),
+        "activations only": (acts, ()),
+        f"input alone ({front[0]})": (front[:1], ()),
+        f"stem output alone ({front[1]})": (front[1:], ()),
+        "input + stem output": (front, ()),
+        "everything but input + stem output": (acts[2:], convs),
+    }
+    print("default, the quantized tensors a subset at a time (semantics)")
+    print("| quantized | mean / worst cosine | top-1 |")
+    print("|---|---|---|")
+    for name, (a, w) in subsets.items():
+        out = _breakdown.run_float(_breakdown.simulate(prepared, parts, a, w), test)
+        c = _cosine(ref[0], out[0])
+        top1 = float((ref[1].argmax(1) == out[1].argmax(1)).mean())
+        print(f"| {name} | {c.mean():.4f} / {c.min():.4f} | {top1:.2f} |")
 
 
 if __name__ == "__main__":
