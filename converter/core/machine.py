@@ -243,7 +243,6 @@ def versions(with_torch: bool) -> dict[str, str]:
     return found
 
 
-@functools.lru_cache(maxsize=1)
 def cpu_id(cpuinfo: str | None = None) -> str:
     """The x86 CPU family and model numbers ("family 25 model 17": AMD Zen 4), which tell
     generations apart where the model name does not (a VM's "AMD EPYC"); "" elsewhere.
@@ -266,6 +265,7 @@ def cpu_id(cpuinfo: str | None = None) -> str:
     return f"family {fields['cpu family']} model {fields['model']}"
 
 
+@functools.lru_cache(maxsize=1)
 def cpu_model_and_flags() -> tuple[str, frozenset[str]]:
     """The CPU's model name and its flags (x86 ``flags``, ARM ``Features``), read from
     /proc/cpuinfo once per process on Linux; elsewhere what platform knows and no flags."""

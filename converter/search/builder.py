@@ -4,6 +4,7 @@ its numbers by content hash so that a re-run is fast."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -12,6 +13,7 @@ from typing import Any
 
 import onnx
 
+import passes as passes_package
 from converter.check.bench import bench
 from converter.check.int8_share import int8_share
 from converter.check.validate import SCORING_RULE, validate
@@ -70,6 +72,8 @@ class Builder:
             "record": 2,  # entries hold the semantics figure and the int8 share
             "target": target,
             "versions": {k: v for k, v in versions(False).items() if k != "numpy"},
+            # a default that changes within a version (a lever switched on) changes the key
+            "passes": passes_code(),
         }
 
     def key(self, passes: list[dict[str, Any]]) -> str:
@@ -142,8 +146,11 @@ class Builder:
                         model, _calib_of(settings), settings["scheme"], settings.get("equalize")
                     ),
                 }
-                reads = settings.get("weight_rounding") == "gptq"  # reads the samples again,
-                if reads or settings.get("bias_correction") is not False:  # so does this
+                # GPTQ, bias correction and stem rounding read the samples again (the last
+                # two are on by default with data: unless both are off, they get it)
+                reads = settings.get("weight_rounding") == "gptq"
+                later = ("bias_correction", "stem_rounding")
+                if reads or any(settings.get(k) is not False for k in later):
                     settings["calibration"] = self.calib
             if entry["pass"] == FLOAT_REGION:  # on the quantized model (converter.search.fallback)
                 model = widen_float_region(PassRunner(built).run(model)[0])[0]
@@ -218,6 +225,16 @@ class Builder:
         c.scored_at = report.scoring()
         share = report.int8_macs or int8_share(onnx.load(str(c.path), load_external_data=False))
         c.int8_macs = share.to_dict()
+
+
+@functools.cache
+def passes_code() -> str:
+    """A digest of the passes package's source: what builds a candidate besides its
+    settings. Cached candidates of other code are built again."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(passes_package.__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _failed(candidate: Candidate, e: Exception) -> Candidate:
