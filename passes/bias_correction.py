@@ -19,17 +19,27 @@ Conv/Gemm nodes without a quantized bias (none, or kept float) are left alone an
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from converter.core.runtime import make_session, tensor_values
+from passes.base import fingerprint
 
-__all__ = ["MIN_SAMPLES", "BiasJob", "bias_jobs", "correct_biases", "first_samples"]
+__all__ = [
+    "MIN_SAMPLES",
+    "BiasJob",
+    "FloatTargets",
+    "batches_digest",
+    "bias_jobs",
+    "correct_biases",
+    "first_samples",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +104,61 @@ def _channel_means(value: np.ndarray, axis: int) -> np.ndarray:
     return moved.reshape(moved.shape[0], -1).sum(axis=1)
 
 
+def batches_digest(batches: list[Mapping[str, np.ndarray]]) -> str:
+    """A digest of ``batches`` (names, dtypes, shapes, bytes): what a FloatTargets entry
+    was measured on."""
+    h = hashlib.sha256()
+    for batch in batches:
+        for name in sorted(batch):
+            value = np.ascontiguousarray(batch[name])
+            h.update(f"{name}|{value.dtype}|{value.shape}|".encode())
+            h.update(value.tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class FloatTargets:
+    """The float model's mean output per channel, by (batches digest, tensor): what bias
+    correction aims at. The float model is the same for every quantization made from one
+    :class:`passes.calibration.CalibrationRanges` (it carries the pre-processed model), so
+    its candidates — auto builds up to ten from one set of ranges — measure it once.
+    ``model`` is the float model's fingerprint: entries of another model are never read."""
+
+    model: str = ""
+    means: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
+
+
+def _targets(
+    float_model: onnx.ModelProto,
+    jobs: list[BiasJob],
+    batches: list[Mapping[str, np.ndarray]],
+    cache: FloatTargets | None,
+) -> dict[str, np.ndarray]:
+    """The float targets of ``jobs``; with ``cache``, those measured before are read and the
+    first measurement takes every Conv/Gemm output of the float model (a later quantization
+    with nodes kept float needs a subset of them)."""
+    names = [j.float_output for j in jobs]
+    axes = {j.float_output: j.axis for j in jobs}
+    if cache is None:
+        return _mean_outputs(float_model, names, [axes[n] for n in names], batches)
+    key = fingerprint(float_model)
+    if cache.model != key:
+        cache.model, cache.means = key, {}
+    digest = batches_digest(batches)
+    missing = [n for n in names if (digest, n) not in cache.means]
+    if missing:
+        every = {
+            n.output[0]: (1 if n.op_type == "Conv" else -1)
+            for n in float_model.graph.node
+            if n.op_type in ("Conv", "Gemm")
+        }
+        every.update(axes)
+        wanted = [n for n in every if (digest, n) not in cache.means]
+        measured = _mean_outputs(float_model, wanted, [every[n] for n in wanted], batches)
+        cache.means.update({(digest, n): m for n, m in measured.items()})
+    return {n: cache.means[(digest, n)] for n in names}
+
+
 def _mean_outputs(model, names, axes, batches) -> dict[str, np.ndarray]:
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
@@ -150,7 +215,10 @@ def _elem_type(value: np.ndarray) -> int:
 
 
 def correct_biases(
-    qdq: onnx.ModelProto, float_model: onnx.ModelProto, batches: list[Mapping[str, np.ndarray]]
+    qdq: onnx.ModelProto,
+    float_model: onnx.ModelProto,
+    batches: list[Mapping[str, np.ndarray]],
+    float_targets: FloatTargets | None = None,
 ) -> dict[str, object]:
     """Correct the int32 biases of ``qdq`` in place, in graph order, so that each quantized
     Conv/Gemm's mean output per channel on ``batches`` matches ``float_model``'s. Returns
@@ -159,14 +227,13 @@ def correct_biases(
 
     Each node runs once: the graph is cut after every corrected layer into segments, the
     tensors alive at a cut are kept (for every sample), and a corrected layer's output is
-    moved by its bias change (the bias adds per channel) before the next segment reads it."""
+    moved by its bias change (the bias adds per channel) before the next segment reads it.
+    ``float_targets``: the float model's means measured before, reused (and filled in)."""
     jobs, skipped = bias_jobs(qdq, float_model)
     samples = sum(len(next(iter(b.values()))) for b in batches)
     if not jobs or not samples:
         return {"layers": 0, "skipped": skipped, "samples": samples}
-    targets = _mean_outputs(
-        float_model, [j.float_output for j in jobs], [j.axis for j in jobs], batches
-    )
+    targets = _targets(float_model, jobs, batches, float_targets)
     nodes = list(qdq.graph.node)
     position = {n.name: i for i, n in enumerate(nodes)}
     inits = {t.name: t for t in qdq.graph.initializer}

@@ -31,10 +31,12 @@ import onnx
 from converter.core.errors import BadInputError, first_line
 from converter.core.onnxio import atomic_write_text
 from converter.core.runtime import tensor_values
+from passes.bias_correction import FloatTargets
 
 __all__ = [
     "MASK_FILL",
     "MaskSafeHistogramCollector",
+    "histogram_on_edges",
     "install_mask_safe_collector",
     "matmul_inputs",
     "mean_minmax",
@@ -123,16 +125,105 @@ def _collector_base():
     return HistogramCollector
 
 
+def _without_mask_fills(array) -> np.ndarray:
+    """``array`` flat, its mask fills dropped; no copy when it has none (the usual case:
+    its extremes say so, cheaper than a mask over every value)."""
+    values = np.asarray(array).ravel()
+    if values.size == 0:
+        return values
+    low, high = np.nanmin(values), np.nanmax(values)
+    if -MASK_FILL < low and high < MASK_FILL:
+        return values
+    return _drop_mask_fills(values)
+
+
+def histogram_on_edges(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """``np.histogram(values, bins=edges)[0]``, the same counts, in linear time: numpy sorts
+    the values for bins given as edges (ORT's percentile calibration on MobileNetV2 spent
+    127 of its 197 s there). Each value's bin is guessed from the even spacing, then moved
+    until ``edges[i] <= value < edges[i + 1]`` (the last bin also holds its right edge);
+    values outside the edges (and NaN) are not counted, as in numpy."""
+    edges = np.asarray(edges)
+    if edges.ndim != 1 or edges.size < 2 or np.any(edges[:-1] > edges[1:]):
+        raise ValueError("edges must be a 1-d increasing array of at least two values")
+    bins = edges.size - 1
+    values = np.asarray(values).ravel()
+    counts = np.zeros(bins, np.int64)
+    for start in range(0, values.size, _CHUNK):  # temporaries of one chunk: no page faults
+        counts += _chunk_histogram(values[start : start + _CHUNK], edges)
+    return counts
+
+
+_CHUNK = 1 << 20
+
+
+def _chunk_histogram(x: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    bins = edges.size - 1
+    first, last = edges[0], edges[-1]
+    if not (x.min() >= first and x.max() <= last):  # (NaN fails both)
+        x = x[(x >= first) & (x <= last)]
+    if x.size == 0:
+        return np.zeros(bins, np.int64)
+    lower = edges[:-1]
+    upper = np.append(edges[1:-1], np.inf)  # the last bin holds its right edge
+    if last > first:
+        guess = x - first
+        guess *= np.asarray(bins / (float(last) - float(first)), guess.dtype)
+        np.minimum(guess, bins - 1, out=guess)
+        index = guess.astype(np.int32)
+    else:
+        index = np.zeros(x.size, np.int32)
+    wrong = np.flatnonzero((x < lower[index]) | (x >= upper[index]))
+    while wrong.size:  # the guess is off by rounding (float32 edges are not evenly spaced)
+        xs, at = x[wrong], index[wrong]
+        at = at - (xs < lower[at]) + (xs >= upper[at])
+        index[wrong] = at
+        wrong = wrong[(xs < lower[at]) | (xs >= upper[at])]
+    return np.bincount(index, minlength=bins)
+
+
 class MaskSafeHistogramCollector(_collector_base()):
-    """ORT's ``HistogramCollector`` that ignores mask fill values (see the module doc)."""
+    """ORT's ``HistogramCollector`` that ignores mask fill values (see the module doc), with
+    ORT's ``collect_absolute_value`` (percentile) made linear: the same histograms, the
+    later batches' counted by :func:`histogram_on_edges` instead of numpy's sort."""
 
     def collect(self, name_to_arr: Mapping[str, object]) -> None:
         cleaned = {}
         for name, arrays in name_to_arr.items():
             parts = arrays if isinstance(arrays, list) else [arrays]
-            kept = [_drop_mask_fills(a) for a in parts]
-            cleaned[name] = np.concatenate(kept) if kept else np.zeros(0, np.float32)
+            kept = [_without_mask_fills(a) for a in parts]
+            if len(kept) == 1:
+                cleaned[name] = kept[0]
+            else:
+                cleaned[name] = np.concatenate(kept) if kept else np.zeros(0, np.float32)
         super().collect(cleaned)
+
+    def collect_absolute_value(self, name_to_arr: Mapping[str, np.ndarray]) -> None:
+        """ORT 1.32's ``HistogramCollector.collect_absolute_value`` for flat float arrays
+        (what :meth:`collect` passes), the same results."""
+        for tensor, data in name_to_arr.items():
+            data = np.asarray(data).ravel()
+            if data.size > 0:
+                min_value, max_value = np.nanmin(data), np.nanmax(data)
+            else:
+                min_value = np.array(0, dtype=data.dtype)
+                max_value = np.array(0, dtype=data.dtype)
+            data = np.absolute(data)
+            if data.dtype == np.float64:
+                raise ValueError("only float32 or float16 activations are calibrated")
+            if tensor not in self.histogram_dict:
+                hist, edges = np.histogram(data, bins=self.num_bins)
+                self.histogram_dict[tensor] = (hist, edges.astype(data.dtype), min_value, max_value)
+                continue
+            old_hist, edges, old_min, old_max = self.histogram_dict[tensor]
+            top = np.nanmax(data)
+            if top > edges[-1]:  # more bins of the same width, as ORT adds them
+                width = edges[1] - edges[0]
+                edges = np.hstack((edges, np.arange(edges[-1] + width, top + width, width)))
+            hist = histogram_on_edges(data, edges)
+            hist[: len(old_hist)] += old_hist
+            low, high = min(old_min, min_value), max(old_max, max_value)
+            self.histogram_dict[tensor] = (hist, edges.astype(data.dtype), low, high)
 
 
 def install_mask_safe_collector(calibrator) -> None:
@@ -169,6 +260,9 @@ class CalibrationRanges:
     prepared: bytes | None = field(default=None, repr=False, compare=False)
     prepared_note: str = ""
     scheme: str = "default"
+    # bias correction's float targets on ``prepared`` (in memory only): every quantization
+    # made from these ranges shares them (passes.bias_correction.FloatTargets)
+    float_targets: FloatTargets = field(default_factory=FloatTargets, repr=False, compare=False)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the ranges as JSON (ORT's calibration cache format plus our metadata)."""

@@ -229,13 +229,18 @@ class StaticQuantize(Int8Pass):
         specs = model_input_specs(model)
         return open_data(self.calibration, specs), specs
 
-    def calibrate(self, model: onnx.ModelProto) -> CalibrationRanges:
-        """Measure activation ranges of ``model`` once, to pass as ``ranges=`` later."""
+    def calibrate(
+        self, model: onnx.ModelProto, prepared_as: CalibrationRanges | None = None
+    ) -> CalibrationRanges:
+        """Measure activation ranges of ``model`` once, to pass as ``ranges=`` later.
+        ``prepared_as``: ranges measured (with another method) on the same model, data and
+        settings but the method: their pre-processed (and equalized) model is taken as it is
+        instead of being made again — it depends on those, not on the method."""
         model, _ = self.accept(model)  # what the pass quantizes: Constant weights moved...
         if self._ranges is not None:
             return self._ranges
         with tempfile.TemporaryDirectory(prefix="onnxship-calibrate-") as tmp:
-            prepared = self.prepare(model, Path(tmp))
+            prepared = self._prepared_as(model, prepared_as, Path(tmp))
             tensors, samples = self._collect(prepared, Path(tmp))
             return CalibrationRanges(
                 tensors,
@@ -247,6 +252,23 @@ class StaticQuantize(Int8Pass):
                 prepared_note=prepared.note,
                 scheme=self.scheme,
             )
+
+    def _prepared_as(
+        self, model: onnx.ModelProto, other: CalibrationRanges | None, folder: Path
+    ) -> Prepared:
+        """``other``'s pre-processed model when it was made from ``model`` the same way (the
+        same pre-processing and scheme; the same data and equalize setting are the
+        caller's word), else :meth:`prepare`'s."""
+        if self.scheme == "auto" or other is None or other.prepared is None:
+            return self.prepare(model, folder)
+        made_as = (other.model, other.preprocess, other.scheme)
+        if made_as != (fingerprint(model), self.preprocess, self.scheme):
+            return self.prepare(model, folder)
+        path = folder / "preprocessed.onnx"
+        path.write_bytes(other.prepared)
+        prepared = Prepared(path, onnx.load(str(path)), other.prepared_note)
+        self._resolve(prepared.model)
+        return prepared
 
     def prepare(self, model: onnx.ModelProto, folder: Path) -> Prepared:
         if self._ranges is not None and self._ranges.prepared is not None:
@@ -497,7 +519,8 @@ class StaticQuantize(Int8Pass):
         before = onnx.ModelProto()
         before.CopyFrom(quantized)
         try:
-            return correct_biases(quantized, prepared.model, batches)
+            shared = None if self._ranges is None else self._ranges.float_targets
+            return correct_biases(quantized, prepared.model, batches, shared)
         except OnnxshipError:
             raise
         except Exception as e:  # onnxruntime raises InvalidArgument, Fail...

@@ -195,7 +195,7 @@ def test_a_default_bias_correction_that_cannot_run_is_skipped_whole(data, monkey
 
     model, _, path = data
 
-    def fails(qdq, float_model, batches):
+    def fails(qdq, float_model, batches, float_targets=None):
         for t in qdq.graph.initializer:  # half-way through: one bias already moved
             if t.name.endswith("_quantized") and t.data_type == TensorProto.INT32:
                 t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) + 7, t.name))

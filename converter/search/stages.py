@@ -347,11 +347,15 @@ def _ranking(builder: Builder, config: dict[str, Any], executor: Executor) -> li
     if cached is not None:
         logger.info("auto: sensitivity ranking read from the cache (%s)", path.name)
         return cached
+    calib = builder.calib
+    reads_samples = "smooth" in config or config.get("weight_rounding") == "gptq"
+    if mode == "static" and not reads_samples and hasattr(builder, "static_ranges"):
+        calib = builder.static_ranges(config)  # the ranges its candidates were made with
     report = sensitivity(
         builder.model,
         builder.score,
         mode=mode,
-        calib=builder.calib,
+        calib=calib,
         per_channel=per_channel,
         quant_settings=settings,
         progress=False,
