@@ -84,6 +84,27 @@ def test_percentile_collector_makes_ort_s_histograms() -> None:
         assert [float(v) for v in got[name][:2]] == [float(v) for v in want[name][:2]]
 
 
+def test_entropy_collector_makes_ort_s_histograms() -> None:
+    """The value histograms (entropy, distribution), thresholds growing batch by batch:
+    the same histograms, edges, extremes and thresholds as ORT's collector, and the same
+    entropy ranges."""
+    rng = np.random.default_rng(4)
+    settings = dict(
+        method="entropy", symmetric=False, num_bins=128, num_quantized_bins=128,
+        percentile=99.999, scenario="same",
+    )  # fmt: skip
+    ours, ort = MaskSafeHistogramCollector(**settings), HistogramCollector(**settings)
+    for scale in (1.0, 3.0, 0.5, 7.0):
+        batch = {"a": (scale * rng.standard_normal((4, 3, 5, 5)) + 0.3).astype(np.float32)}
+        ours.collect({k: [v] for k, v in batch.items()})
+        ort.collect({k: [v] for k, v in batch.items()})
+    for a, b in zip(ours.histogram_dict["a"], ort.histogram_dict["a"]):
+        assert np.array_equal(a, b) and np.asarray(a).dtype == np.asarray(b).dtype
+    assert len(ours.histogram_dict["a"][0]) > 128  # the range grew: merged histograms
+    got, want = ours.compute_entropy()["a"], ort.compute_entropy()["a"]
+    assert [float(v) for v in got[:2]] == [float(v) for v in want[:2]]
+
+
 # ------------------------------------------------------------------- sessions released
 
 
@@ -236,3 +257,14 @@ def test_ranges_of_another_method_reuse_the_prepared_model(tmp_path, monkeypatch
     count = len(prepared)
     StaticQuantize(**kw, calib_method="minmax").calibrate(other, prepared_as=first)
     assert len(prepared) == count + 1  # another model: made for it
+
+
+def test_channel_means_are_the_float64_sums_of_the_channel_rows() -> None:
+    """The same float64 sums as widening the whole tensor first (the order of the values in
+    each row is the same, so numpy sums them the same way)."""
+    rng = np.random.default_rng(5)
+    for shape, axis in (((4, 8, 9, 7), 1), ((16, 300), -1), ((2, 3, 130, 130), 1)):
+        value = rng.standard_normal(shape).astype(np.float32)
+        wide = np.moveaxis(np.asarray(value, np.float64), axis, 0)
+        want = wide.reshape(wide.shape[0], -1).sum(axis=1)
+        assert np.array_equal(bias_correction._channel_means(value, axis), want)
