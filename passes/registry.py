@@ -9,6 +9,7 @@ from typing import Any
 from converter.core.errors import BadInputError
 from passes.base import Pass, make_pass
 from passes.dynamic import DynamicQuantize
+from passes.float_region import FloatRegion
 from passes.fp16 import Float16
 from passes.options import calibration_option, has_calibration
 from passes.pack import Pack, Unpack
@@ -26,6 +27,7 @@ PASS_TYPES: dict[str, type[Pass]] = {
     "smooth": SmoothQuant,
     "pack": Pack,
     "unpack": Unpack,
+    "float-region": FloatRegion,
 }
 _MODES = {"dynamic": "quantize-dynamic", "static": "quantize-static"}
 

@@ -14,12 +14,13 @@ import onnx
 import pytest
 from test_kernel_truth import _folded_depthwise_model
 
+from converter.cli import main
 from converter.core.executor import InProcess
 from converter.search import auto as auto_module
 from converter.search import fallback, stages
 from converter.search.candidates import Candidate
-from converter.search.float_region import FLOAT_REGION
 from converter.search.tasks import Deadline
+from passes.float_region import FLOAT_REGION
 
 # ---------------------------------------------------------------- the walk, on given scores
 
@@ -194,3 +195,26 @@ def test_a_rerun_reads_both_figures_from_the_cache(run):
             old.int8_macs,
         )
         assert new.fallback == old.fallback
+
+
+def test_a_recipe_rebuilds_the_widened_choice_byte_for_byte(run, capsys):
+    """The chosen step is quantize-static then float-region: both are recipe passes, so
+    `onnxship run` with the manifest's passes writes the same model as auto did."""
+    result, out = run
+    manifest = json.loads((out / "manifest.json").read_text())
+    chosen = next(c for c in manifest["candidates"] if c["name"] == manifest["chosen"])
+    assert [p["pass"] for p in chosen["passes"]] == ["quantize-static", "float-region"]
+    d = out.parent
+    entries = ", ".join(
+        "{ " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in p.items()) + " }"
+        for p in chosen["passes"]
+    )
+    recipe = d / "wide.toml"
+    recipe.write_text(
+        f'name = "wide"\n[model]\nonnx = "{d / "m.onnx"}"\n'
+        f'[data]\ncalibration = "{d / "c.npz"}"\nvalidation = "{d / "t.npz"}"\n'
+        f'[[variants]]\nname = "wide"\npasses = [{entries}]\n'
+        "[bench]\nthreads = [1]\nwarmup = 1\nruns = 3\n"
+    )
+    assert main(["-q", "run", str(recipe), "-o", str(d / "r")]) == 0, capsys.readouterr().err
+    assert (d / "r" / "wide.onnx").read_bytes() == (out / "model.onnx").read_bytes()

@@ -1,4 +1,4 @@
-"""Int8 share of multiply-adds (converter/check/int8_share.py), counted on small models whose
+"""Int8 share of multiply-adds (passes/int8_share.py), counted on small models whose
 MACs are computed by hand: what runs in int8 after onnxruntime's QDQ fusion, and what a
 "quantized" model still runs in fp32."""
 
@@ -11,8 +11,8 @@ from conftest import cli
 from onnx import TensorProto, helper, numpy_helper
 from test_kernel_truth import _folded_depthwise_model
 
-from converter.check.int8_share import int8_share, requantized_nodes
 from passes.dynamic import DynamicQuantize
+from passes.int8_share import int8_share, requantized_nodes
 from passes.quantize import StaticQuantize
 
 # _folded_depthwise_model, per sample (outputs 16×16): conv1 8·256·(4·9) = 73728,

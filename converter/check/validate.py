@@ -24,7 +24,6 @@ import os
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from converter.check.int8_share import Int8Share, int8_share
 from converter.check.kernel_truth import is_qdq
 from converter.check.validate_kernels import ReferenceCache, kernel_figures
 from converter.check.validate_plan import (
@@ -53,6 +52,7 @@ from converter.core.executor import Executor, InProcess
 from converter.core.gates import Gate, ScoreLimits
 from converter.core.machine import warn_if_other_target
 from converter.core.onnxio import load_model
+from passes.int8_share import Int8Share, int8_share
 from passes.quant_report import has_dynamic_quantization, is_quantized
 
 __all__ = [
@@ -120,7 +120,7 @@ def validate(
     kernels that ship, what the gates read) — on its first ``kernel_samples`` samples (0:
     not), the reference's outputs on them kept in ``references`` when given
     (converter.check.validate_kernels); a quantized candidate's int8 share of multiply-adds
-    is counted (converter.check.int8_share). ``warn_target`` False: no warning that the
+    is counted (passes.int8_share). ``warn_target`` False: no warning that the
     candidate was made for another CPU kind (a caller that warned once already: auto).
     """
     thresholds = Thresholds(ScoreLimits(min_score, max_drop, min_worst), baseline_tolerance)

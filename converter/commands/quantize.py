@@ -143,8 +143,8 @@ def run(args: argparse.Namespace) -> int:
 def _int8_share(path: str) -> str:
     """The share of the written model's multiply-adds that run in int8 (issue #20: a
     "quantized" model can run almost all of them in fp32)."""
-    from converter.check.int8_share import int8_share
     from converter.core.onnxio import load_model
+    from passes.int8_share import int8_share
 
     return int8_share(load_model(path)).line()
 

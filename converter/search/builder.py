@@ -15,7 +15,6 @@ import onnx
 
 import passes as passes_package
 from converter.check.bench import bench
-from converter.check.int8_share import int8_share
 from converter.check.validate import SCORING_RULE, validate
 from converter.check.validate_kernels import ReferenceCache
 from converter.core.errors import InternalError, OnnxshipError
@@ -23,9 +22,9 @@ from converter.core.machine import sha256_data, sha256_file, versions
 from converter.core.onnxio import atomic_write_text, save_model
 from converter.search.budget import Budget
 from converter.search.candidates import Candidate, failure_reason
-from converter.search.float_region import FLOAT_REGION, widen_float_region
 from passes import PassRunner, fingerprint
 from passes.base import quiet_passes
+from passes.int8_share import int8_share
 from passes.quantize import StaticQuantize, default_calib_method
 from passes.registry import make_recipe_pass
 
@@ -152,10 +151,6 @@ class Builder:
                 later = ("bias_correction", "stem_rounding")
                 if reads or any(settings.get(k) is not False for k in later):
                     settings["calibration"] = self.calib
-            if entry["pass"] == FLOAT_REGION:  # on the quantized model (converter.search.fallback)
-                model = widen_float_region(PassRunner(built).run(model)[0])[0]
-                built = []
-                continue
             if entry["pass"] in ("prune", "smooth"):  # later passes see the rewritten model
                 rewrite = make_recipe_pass(entry["pass"], settings, self.calib)
                 model, _ = PassRunner([rewrite]).run(model)

@@ -9,7 +9,7 @@ each step (the nodes kept so far, plus the next in the sensitivity ranking) is s
 its kernel score is below the last kept step's (the full-int8 configuration's, at first):
 
 - when the step left a node that onnxruntime re-quantizes, it is retried with the float
-  region widened (converter.search.float_region: the Q/DQ pairs around such nodes dropped,
+  region widened (passes.float_region: the Q/DQ pairs around such nodes dropped,
   so they run in fp32 — and from then on every later step is widened too);
 - if that is lower too (or there was nothing to widen), the node is not kept: the next step
   adds the next node to the nodes kept so far.
@@ -27,8 +27,8 @@ from typing import Any
 
 from converter.core.executor import Executor
 from converter.search.candidates import Candidate, failure_reason, log_scored, passes_of
-from converter.search.float_region import FLOAT_REGION
 from converter.search.tasks import Deadline
+from passes.float_region import FLOAT_REGION
 
 __all__ = ["exclusions", "step_passes"]
 

@@ -24,7 +24,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from converter.check.int8_share import node_macs
 from converter.check.sensitivity import sensitivity
 from converter.core.executor import Executor
 from converter.core.onnxio import atomic_write_text
@@ -33,6 +32,7 @@ from converter.search.builder import Builder
 from converter.search.candidates import Candidate, log_scored, passes_of
 from converter.search.tasks import Deadline
 from passes.dynamic import CONV_DOMINATED
+from passes.int8_share import node_macs
 from passes.quant_report import macs
 from passes.quantize import looks_like_transformer
 

@@ -11,6 +11,10 @@ keeps a ReLU or ReLU6 the quantizer folded into it), so the model's float semant
 only by the rounding the pair did. The neighbours that shared those pairs lose their int8
 input or output too (they run in float: the region widens); pairs no one reads any more are
 removed.
+
+As a pass (``FloatRegion``, recipe name ``float-region``), it runs after the quantize pass
+whose model it repairs: ``auto``'s fallback steps marked ``_wide`` are that pair, and a
+recipe with the same two passes rebuilds them byte for byte.
 """
 
 from __future__ import annotations
@@ -21,13 +25,14 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from converter.check.int8_share import requantized_nodes
+from passes.base import Pass, PassResult
+from passes.int8_share import requantized_nodes
 
-__all__ = ["widen_float_region", "FLOAT_REGION"]
+__all__ = ["widen_float_region", "FLOAT_REGION", "FloatRegion"]
 
 logger = logging.getLogger(__name__)
 
-# The entry auto adds after a quantize pass to run this on its model (converter.search.builder)
+# The recipe name of the pass: auto adds it after a quantize pass (converter.search.fallback)
 FLOAT_REGION = "float-region"
 _ACTIVATIONS = ("Relu", "Clip")
 
@@ -49,6 +54,21 @@ def widen_float_region(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[st
     if named:
         logger.debug("float region widened around %d nodes: %s", len(named), ", ".join(named))
     return out, named
+
+
+class FloatRegion(Pass):
+    """Run in float the Conv/Gemm nodes a QDQ model keeps in fp32 but onnxruntime would
+    quantize at load (module docstring); a model with none is returned unchanged."""
+
+    name = FLOAT_REGION
+
+    def call(self, model: onnx.ModelProto) -> PassResult:
+        out, named = widen_float_region(model)
+        if named:
+            logger.info(
+                "float region: %d node(s) run in float, Q/DQ around them dropped", len(named)
+            )
+        return PassResult(out if named else model, bool(named), {"widened": named})
 
 
 def _unquantize_around(graph: onnx.GraphProto, node: onnx.NodeProto) -> None:
