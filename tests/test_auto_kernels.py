@@ -106,6 +106,35 @@ def test_a_widened_retry_that_still_lowers_the_score_is_not_kept():
     ]
 
 
+def test_the_walk_stops_after_stall_nodes_in_a_row_not_kept():
+    """a is kept (0.93); b, c and d each lower it: after STALL (3) rejections in a row the
+    walk stops, e and f are not tried. One kept in between resets the count."""
+    assert fallback.STALL == 3
+    table = {(("a",), False): (0.93, ())}
+    table |= {(("a", n), False): (0.92, ()) for n in "bcdef"}
+    notes: list[str] = []
+    builder, best = _Scores(table), Candidate("s", [], score=0.90)
+    config = {"pass": "quantize-static", "scheme": "default"}
+    found = list(
+        fallback.exclusions(
+            builder, best, config, 6, InProcess(), Deadline(None),
+            rank=lambda *_: list("abcdef"), note=notes.append,
+        )
+    )  # fmt: skip
+    assert builder.built == [(("a",), False)] + [(("a", n), False) for n in "bcd"]
+    assert notes == [
+        "the fp32 fallback of s stopped after 3 nodes in a row that did not raise its kernel "
+        "score (2 more of the ranking not tried)"
+    ]
+    assert [c.fallback.split(":")[0] for c in found] == ["kept (kernel score ≥ 0.9000)"] + [
+        "not kept"
+    ] * 3
+    table[(("a", "d"), False)] = (0.94, ())  # d raises it: the count starts again
+    table |= {(("a", "d", n), False): (0.93, ()) for n in "ef"}
+    found, built = _walk(table, list("abcdef"))
+    assert len(built) == 6 and built[-1] == (("a", "d", "f"), False)  # all tried
+
+
 # ---------------------------------------------------------------- auto end to end
 
 

@@ -150,7 +150,8 @@ def search(
             f"{_MODE[mode]} fp32 fallback from {best.name}", max_excluded,
             " after ranking the nodes by sensitivity",
         )  # fmt: skip
-        yield from log.counted(_exclusions(builder, best, config, max_excluded, executor, deadline))
+        steps = _exclusions(builder, best, config, max_excluded, executor, deadline, log)
+        yield from log.counted(steps)
     if sparsity_grid:
         log.stage("pruning", 2 * len(sparsity_grid))
         yield from log.counted(_pruned(builder, base, sparsity_grid, executor, deadline))
@@ -323,11 +324,12 @@ def _exclusions(
     max_excluded: int,
     executor: Executor,
     deadline: Deadline,
+    log: SearchLog,
 ) -> Iterator[Candidate]:
     """Keep the most sensitive nodes of ``best``'s mode in fp32, one more at a time, each
     step verified in kernels (converter.search.fallback)."""
     yield from fallback.exclusions(
-        builder, best, config, max_excluded, executor, deadline, rank=_ranking
+        builder, best, config, max_excluded, executor, deadline, rank=_ranking, note=log.note
     )
 
 
