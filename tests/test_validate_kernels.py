@@ -174,3 +174,18 @@ def test_only_qdq_models_are_read_both_ways(built):
     fp32 = _validate(built, "fp32")
     assert fp32.kernel_truth is None and fp32.int8_macs is None
     assert "kernel_truth" in json.loads(fp32.to_json()) and "kernel truth" not in fp32.summary()
+
+
+def test_the_figures_alone_are_validates_without_scoring_the_whole_set(built, monkeypatch):
+    """semantics_figures (auto's finalists and rejected steps) gives validate's kernel_truth
+    for the same inputs, and scores nothing else: the whole-set scoring is not run."""
+    from converter.check import validate as validate_module
+
+    full = _validate(built, "excluded").kernel_truth
+    monkeypatch.setattr(validate_module, "score", lambda *a, **k: pytest.fail("scored"))
+    alone = validate_module.semantics_figures(
+        built / "excluded.onnx", built / "test.npz", reference=built / "fp32.onnx"
+    )
+    assert alone.compact() == full.compact() and alone.diverged
+    fp32, test, ref = built / "fp32.onnx", built / "test.npz", built / "fp32.onnx"
+    assert validate_module.semantics_figures(fp32, test, reference=ref) is None  # not QDQ

@@ -22,10 +22,10 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from converter.check.kernel_truth import is_qdq
-from converter.check.validate_kernels import ReferenceCache, kernel_figures
+from converter.check.validate_kernels import KernelFigures, ReferenceCache, kernel_figures
 from converter.check.validate_plan import (
     Plan,
     Thresholds,
@@ -55,8 +55,12 @@ from converter.core.onnxio import load_model
 from passes.int8_share import Int8Share, int8_share
 from passes.quant_report import has_dynamic_quantization, is_quantized
 
+if TYPE_CHECKING:
+    import numpy as np
+
 __all__ = [
     "validate",
+    "semantics_figures",
     "ValidationReport",
     "Gate",
     "MetricValue",
@@ -124,16 +128,14 @@ def validate(
     candidate was made for another CPU kind (a caller that warned once already: auto).
     """
     thresholds = Thresholds(ScoreLimits(min_score, max_drop, min_worst), baseline_tolerance)
-    check_counts(DEFAULT_BATCH_SIZE if batch_size is None else batch_size, threads)
-    loaded = _load_interfaces(candidate, reference, warn_target)
-    cand_specs, outputs, ref_specs, dynamic, kind = loaded
-    dataset = open_data(data, cand_specs)
-    batch = _scoring_batch(batch_size, dynamic, dataset, cand_specs)
-    if ref_specs is not None:
-        _check_reference_data(dataset, ref_specs, reference)
-    plan = Plan.make(metrics, dataset.has_labels, reference is not None, thresholds.limits)
-    gated = gated_output(outputs, output)
-    labels = read_labels(dataset) if plan.wants_labels else None
+    opened = _open(
+        candidate, data, reference, metrics, thresholds.limits, batch_size, output, threads,
+        warn_target,
+    )  # fmt: skip
+    cand_specs, outputs, ref_specs, dynamic, kind = opened.loaded
+    dataset, batch, plan, gated, labels = (
+        opened.dataset, opened.batch, opened.plan, opened.gated, opened.labels
+    )  # fmt: skip
     base = None
     if baseline:
         base = read_baseline(baseline, gated, dataset.num_samples, plan, batch if dynamic else None)
@@ -176,7 +178,72 @@ def validate(
     return report
 
 
+def semantics_figures(
+    candidate: str | os.PathLike,
+    data: str | os.PathLike,
+    reference: str | os.PathLike | None = None,
+    metrics: Sequence[str] | None = None,
+    batch_size: int | None = None,
+    output: str | None = None,
+    threads: int = 1,
+    kernel_samples: int = VALIDATE_KERNEL_SAMPLES,
+    references: ReferenceCache | None = None,
+    warn_target: bool = True,
+) -> KernelFigures | None:
+    """What ``validate`` reports as ``kernel_truth`` — a QDQ candidate scored both ways on
+    its first ``kernel_samples`` samples — without scoring the whole data set (a caller
+    that has the score already: auto). None for a model that is not QDQ. The same inputs
+    are checked as by ``validate``."""
+    opened = _open(
+        candidate, data, reference, metrics, ScoreLimits(None, None, None), batch_size, output,
+        threads, warn_target,
+    )  # fmt: skip
+    _, _, ref_specs, _, kind = opened.loaded
+    if not (kind.qdq and kernel_samples > 0):
+        return None
+    return kernel_figures(
+        candidate, opened.dataset, opened.loaded[0], reference, ref_specs, opened.labels,
+        opened.plan.chosen, opened.gated, opened.batch.size, threads, kernel_samples,
+        cache=references,
+    )  # fmt: skip
+
+
 # ---------------------------------------------------------------- inputs
+
+
+class _Opened(NamedTuple):
+    loaded: tuple  # _load_interfaces'
+    dataset: Dataset
+    batch: _Batch
+    plan: Plan
+    gated: str
+    labels: np.ndarray | None
+
+
+def _open(
+    candidate,
+    data,
+    reference,
+    metrics,
+    limits: ScoreLimits,
+    batch_size,
+    output,
+    threads: int,
+    warn_target: bool,
+) -> _Opened:
+    """The checked inputs of a scoring: interfaces, data, batch, metric plan, gated output,
+    labels (bad input raises before any model runs)."""
+    check_counts(DEFAULT_BATCH_SIZE if batch_size is None else batch_size, threads)
+    loaded = _load_interfaces(candidate, reference, warn_target)
+    cand_specs, outputs, ref_specs, dynamic, _ = loaded
+    dataset = open_data(data, cand_specs)
+    batch = _scoring_batch(batch_size, dynamic, dataset, cand_specs)
+    if ref_specs is not None:
+        _check_reference_data(dataset, ref_specs, reference)
+    plan = Plan.make(metrics, dataset.has_labels, reference is not None, limits)
+    gated = gated_output(outputs, output)
+    labels = read_labels(dataset) if plan.wants_labels else None
+    return _Opened(loaded, dataset, batch, plan, gated, labels)
 
 
 class _Kind(NamedTuple):

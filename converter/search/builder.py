@@ -15,7 +15,7 @@ import onnx
 
 import passes as passes_package
 from converter.check.bench import bench
-from converter.check.validate import SCORING_RULE, validate
+from converter.check.validate import SCORING_RULE, semantics_figures, validate
 from converter.check.validate_kernels import ReferenceCache
 from converter.core.errors import InternalError, OnnxshipError
 from converter.core.machine import sha256_data, sha256_file, versions
@@ -198,17 +198,16 @@ class Builder:
         times the kernel scoring, and no decision reads it. The cache entry is updated."""
         if c.path is None or c.error or c.semantics is not None:
             return
-        report = validate(
+        figures = semantics_figures(  # (the kernel score over the whole set is known)
             c.path,
             self.score,
             reference=self.reference,
             metrics=list(dict.fromkeys([self.budget.metric, "cosine"])),
-            progress=False,
             references=self.references,
             warn_target=False,  # auto warned once
         )
         # {}: measured, and not a QDQ model (nothing runs differently with optimizations off)
-        c.semantics = {} if report.kernel_truth is None else report.kernel_truth.compact()
+        c.semantics = {} if figures is None else figures.compact()
         record = Path(c.path).with_suffix(".json")
         try:
             entry = json.loads(record.read_text())
