@@ -21,10 +21,12 @@ Search on a validation split (--data) and keep the test split for `validate` aft
 auto picks the candidate that scores best on --data, so its score there is optimistic.
 
 Tries dynamic int8 (per-channel, per-tensor), static QDQ int8 (U8/S8 activations,
-per-channel/per-tensor weights, minmax/percentile/entropy calibration), then keeps the
-most sensitive nodes in fp32 one at a time when no full-int8 configuration meets the
-budget, and pruning levels with --sparsity-grid. Every candidate is validated on the scoring
-data and benched interleaved with fp32; the fastest one meeting the budget is written to
+per-channel/per-tensor weights, minmax/mse/percentile/entropy calibration), then, when no
+full-int8 configuration meets the budget, keeps sensitive nodes in fp32 one at a time (most
+fidelity per fp32 multiply-add first, from the fastest well-scored configuration; each step
+kept only if the shipped kernels score it no lower), and pruning levels with
+--sparsity-grid. Every candidate is scored on the scoring data; those meeting the budget
+are benched interleaved with fp32, and the fastest one is written to
 OUTDIR/model.onnx with report.md/.html (Pareto plot, every candidate) and manifest.json.
 Without --calib, every 4th sample of --data (at most 256) calibrates and the rest is scored.
 Candidates are cached in OUTDIR/cache by content hash: a re-run is fast.
@@ -94,8 +96,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         "the candidates are built and scored",
         "With --executor ray each candidate is built, scored and cached in a Ray task (the "
         "sensitivity\nranking too); the candidates and the chosen model are the same as "
-        "in-process. The bench\nstays local: latency is measured on this machine, every "
-        "candidate interleaved with fp32 in\none process, because a speedup describes the "
+        "in-process. The bench\nstays local: latency is measured on this machine, the "
+        "finalists interleaved with fp32 in\none process, because a speedup describes the "
         "machine it was measured on (the report says\nso). On a cluster, OUTDIR and the data "
         "must be on a file system every node sees.",
     )

@@ -79,6 +79,6 @@ def notes(executor: Executor) -> list[str]:
         return []
     return [
         f"candidates were built and scored as {executor.name} tasks ({executor.width} CPUs); "
-        f"the latencies were measured here ({platform.node()}), every candidate interleaved "
+        f"the latencies were measured here ({platform.node()}), the finalists interleaved "
         "with fp32 in one process, so they describe this machine"
     ]
