@@ -83,17 +83,18 @@ def static_report(outlier):
     )
 
 
-def _loss(model: onnx.ModelProto, reference: onnx.ModelProto, data: Path, samples: int):
+def _loss(
+    model: onnx.ModelProto, reference: onnx.ModelProto, data: Path, samples: int, batch: int = 1
+):
     """1 − mean cosine and the worst cosine, run directly through onnxruntime in batches of
-    DEFAULT_BATCH_SIZE (dynamic quantization measures activation ranges per batch)."""
+    ``batch`` (dynamic quantization measures activation ranges per batch: sensitivity scores
+    it at the deployment batch, 1, by default)."""
     x = np.load(data)["x"][:samples]
 
     def run(m: onnx.ModelProto) -> np.ndarray:
         session = make_session(m.SerializeToString())
-        batches = range(0, len(x), DEFAULT_BATCH_SIZE)
-        return np.concatenate(
-            [session.run(None, {"x": x[i : i + DEFAULT_BATCH_SIZE]})[0] for i in batches]
-        )
+        batches = range(0, len(x), batch)
+        return np.concatenate([session.run(None, {"x": x[i : i + batch]})[0] for i in batches])
 
     cos = metrics.per_sample_cosine(run(model), run(reference))
     return 1.0 - cos.mean(), cos.min()
@@ -150,7 +151,7 @@ def test_loss_is_the_error_of_quantizing_only_that_nodes_inputs(outlier, static_
     model, data, samples = outlier["proto"], outlier["data"], static_report.samples
     assert samples == min(DEFAULT_SAMPLES, 128)
     full = StaticQuantize(ranges=static_report.ranges)(model).model
-    assert _loss(full, model, data, samples)[0] == pytest.approx(
+    assert _loss(full, model, data, samples, DEFAULT_BATCH_SIZE)[0] == pytest.approx(
         static_report.all_quantized.loss, rel=1e-9, abs=1e-15
     )
     x = np.load(data)["x"][:samples]
@@ -166,7 +167,8 @@ def test_gain_equals_a_direct_run_of_the_pass_with_the_node_excluded(outlier, st
     model, data, ranges = outlier["proto"], outlier["data"], static_report.ranges
     for entry in static_report.nodes:
         kept = StaticQuantize(ranges=ranges, nodes_to_exclude=[entry.name])(model).model
-        gain = static_report.all_quantized.loss - _loss(kept, model, data, static_report.samples)[0]
+        kept_loss = _loss(kept, model, data, static_report.samples, DEFAULT_BATCH_SIZE)[0]
+        gain = static_report.all_quantized.loss - kept_loss
         assert entry.gain == pytest.approx(gain, rel=1e-9, abs=1e-15), entry.name
 
 
@@ -207,6 +209,7 @@ def test_dynamic_numbers_equal_a_direct_run_of_the_pass(outlier):
     other node is excluded."""
     report = sensitivity(outlier["path"], outlier["data"], mode="dynamic", progress=False)
     assert report.calibration is None and report.ranges is None
+    assert report.batch_size == 1  # the deployment batch: each run's own activation ranges
     names = report.ranked_nodes()
     assert sorted(names) == ["mm1", "mm2", "mm3"]
     for entry in report.nodes:
@@ -300,7 +303,7 @@ def test_json_is_deterministic_across_processes(digits_mlp, tmp_path, capsys):
     assert losses == sorted(losses, reverse=True) and losses[0] > 0
     assert [n["rank"] for n in doc["nodes"]] == list(range(1, len(losses) + 1))
     # The table: a header, two rows (--top 2), then how many more.
-    assert f"scored on {digits_mlp.test} ({DEFAULT_SAMPLES} samples)" in out
+    assert f"scored on {digits_mlp.test} ({DEFAULT_SAMPLES} samples, batch 32)" in out
     assert f"  1  {doc['nodes'][0]['name']}" in out
     assert f"... {len(losses) - 2} more" in out
 

@@ -66,6 +66,7 @@ from converter.core.data import model_input_specs, open_data
 # 0.986, 4 of 5).
 from converter.core.defaults import DEFAULT_SENSITIVITY_BATCH as DEFAULT_BATCH_SIZE
 from converter.core.defaults import DEFAULT_SENSITIVITY_SAMPLES as DEFAULT_SAMPLES
+from converter.core.defaults import DEPLOYMENT_BATCH
 from converter.core.defaults import SENSITIVITY_MODES as MODES
 from converter.core.errors import BadInputError
 from converter.core.executor import Executor, InProcess
@@ -104,7 +105,7 @@ def sensitivity(
     output: str | None = None,
     gain: bool = False,
     quant_settings: Mapping[str, Any] | None = None,
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_size: int | None = None,
     threads: int = 1,
     progress: bool = True,
     executor: Executor | None = None,
@@ -123,15 +124,19 @@ def sensitivity(
     numbers independent of the machine's core count. ``executor`` runs the scoring of the
     nodes (default: in this process; a RayExecutor runs one Ray task per node); the report
     is the same either way. ``tensor_errors``: samples of ``data`` the per-tensor error of
-    the fully quantized model is measured on (0: not measured).
+    the fully quantized model is measured on (0: not measured). ``batch_size``: samples
+    per run; by default DEPLOYMENT_BATCH (1) in dynamic mode — its activation ranges are
+    each run's, so a ranking at another batch ranks another model (validate scores dynamic
+    int8 at 1 too) — and DEFAULT_BATCH_SIZE in static mode. The report records it.
     """
+    if batch_size is None:
+        batch_size = DEPLOYMENT_BATCH if mode == "dynamic" else DEFAULT_BATCH_SIZE
     _check_options(mode, metric, samples, batch_size, threads, tensor_errors)
     proto = _load(model)
     specs = model_input_specs(proto)
     dataset = open_data(data, specs)
-    batches = dataset.batches(
-        specs, dataset.batch_size_for(specs, batch_size), limit=samples, check_finite=True
-    )
+    batch = dataset.batch_size_for(specs, batch_size)
+    batches = dataset.batches(specs, batch, limit=samples, check_finite=True)
     scorer = _Scorer(proto, list(batches), _output_name(proto, output), threads)
     settings = {**_own_settings_absent(quant_settings), "per_channel": bool(per_channel)}
     calib = data if calib is None else calib
@@ -163,16 +168,18 @@ def sensitivity(
         nodes=entries,
         not_scored=not_scored,
         ranges=variants.ranges,
+        batch_size=batch,
     )
     if mode == "static":
         _profile_full(report, variants.full.model, scorer, threads)
     if tensor_errors:
         _tensor_errors(report, variants, data, tensor_errors, threads)
     logger.info(
-        "sensitivity (%s): %d nodes scored on %d samples in %.1f s; most sensitive %s",
+        "sensitivity (%s): %d nodes scored on %d samples (batch %d) in %.1f s; most sensitive %s",
         mode,
         len(entries),
         scorer.samples,
+        batch,
         time.perf_counter() - start,
         f"{entries[0].name} (loss {entries[0].loss:.3g})" if entries else "none",
     )

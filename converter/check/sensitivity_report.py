@@ -96,6 +96,7 @@ class SensitivityReport:
     # Every tensor the fully quantized model quantizes, worst SQNR first (None: not measured).
     tensor_errors: list[TensorError] | None = None
     tensor_error_samples: int = 0
+    batch_size: int = 0  # samples per run the nodes were scored at
 
     def ranked_nodes(self, by: str = "loss") -> list[str]:
         """Node names, most sensitive first: by ``loss`` (alone quantized) or by ``gain``."""
@@ -120,6 +121,7 @@ class SensitivityReport:
             "metric": "cosine",
             "output": self.output,
             "samples": self.samples,
+            "batch_size": self.batch_size,
             "all_quantized": self.all_quantized.to_dict(),
             "nodes": [{"rank": i + 1, **n.to_dict()} for i, n in enumerate(self.nodes)],
             "not_scored": self.not_scored,
@@ -150,7 +152,7 @@ def _summary(r: SensitivityReport, top: int | None) -> str:
         source = c["data"] or "precomputed ranges"
         lines.append(f"  calibrated on {source} ({c['samples']} samples, {c['method']})")
     lines.append(
-        f"  scored on {r.data} ({r.samples} samples), output {r.output}: "
+        f"  scored on {r.data} ({r.samples} samples, batch {r.batch_size}), output {r.output}: "
         "loss = 1 − mean cosine to fp32"
     )
     a = r.all_quantized
