@@ -203,11 +203,7 @@ class MaskSafeHistogramCollector(_collector_base()):
         its copy of each flat array :meth:`collect` passes: the same histograms."""
         for tensor, data in name_to_arr.items():
             data = np.asarray(data).ravel()
-            if data.size > 0:
-                min_value, max_value = np.nanmin(data), np.nanmax(data)
-            else:
-                min_value = np.array(0, dtype=data.dtype)
-                max_value = np.array(0, dtype=data.dtype)
+            min_value, max_value = _extremes(data)
             threshold = np.array(max(abs(min_value), abs(max_value)), dtype=data.dtype)
             if tensor in self.histogram_dict:
                 old = self.histogram_dict[tensor]
@@ -222,11 +218,7 @@ class MaskSafeHistogramCollector(_collector_base()):
         (what :meth:`collect` passes), the same results."""
         for tensor, data in name_to_arr.items():
             data = np.asarray(data).ravel()
-            if data.size > 0:
-                min_value, max_value = np.nanmin(data), np.nanmax(data)
-            else:
-                min_value = np.array(0, dtype=data.dtype)
-                max_value = np.array(0, dtype=data.dtype)
+            min_value, max_value = _extremes(data)
             data = np.absolute(data)
             if data.dtype == np.float64:
                 raise ValueError("only float32 or float16 activations are calibrated")
@@ -348,3 +340,12 @@ def negative_activation_ranges(model: onnx.ModelProto, tensors) -> bool:
             if float(np.min(tensors[node.output[0]].range_value[0])) < 0:
                 return True
     return False
+
+
+def _extremes(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """NaN-ignoring min and max of a flat array, 0 and 0 when it is empty (as ORT's
+    HistogramCollector takes them)."""
+    if data.size == 0:
+        zero = np.array(0, dtype=data.dtype)
+        return zero, zero
+    return np.nanmin(data), np.nanmax(data)

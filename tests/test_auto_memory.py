@@ -18,8 +18,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization.calibrate import HistogramCollector
+from test_cnn_ranges import _cnn
+from test_validate_reference_cache import _linear
 
 from converter.check import validate_score
 from converter.check.validate import validate
@@ -108,14 +109,6 @@ def test_entropy_collector_makes_ort_s_histograms() -> None:
 # ------------------------------------------------------------------- sessions released
 
 
-def _linear(w: np.ndarray) -> onnx.ModelProto:
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", w.shape[0]])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", w.shape[1]])
-    node = helper.make_node("MatMul", ["x", "w"], ["y"])
-    graph = helper.make_graph([node], "g", [x], [y], [numpy_helper.from_array(w, "w")])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-
-
 def test_validate_keeps_no_session_of_a_scored_candidate(tmp_path, monkeypatch) -> None:
     rng = np.random.default_rng(3)
     w = rng.standard_normal((8, 4)).astype(np.float32)
@@ -156,35 +149,6 @@ def test_release_drops_every_thread_count_of_a_model() -> None:
 
 
 # --------------------------------------------------------------- bias correction targets
-
-
-def _cnn(rng: np.random.Generator) -> onnx.ModelProto:
-    w1 = rng.normal(0, 0.5, (8, 3, 3, 3)).astype(np.float32)
-    w2 = rng.normal(0, 0.3, (8, 1, 3, 3)).astype(np.float32)
-    w2[:, :, 0, 0] += 4.0  # one large tap per filter: the others round coarsely
-    w3 = rng.normal(0, 0.4, (4, 8, 1, 1)).astype(np.float32)
-    inits = [
-        numpy_helper.from_array(w1, "w1"),
-        numpy_helper.from_array(rng.normal(0, 0.2, 8).astype(np.float32), "b1"),
-        numpy_helper.from_array(w2, "w2"),
-        numpy_helper.from_array(rng.normal(0, 0.2, 8).astype(np.float32), "b2"),
-        numpy_helper.from_array(w3, "w3"),
-        numpy_helper.from_array(rng.normal(0, 0.1, 4).astype(np.float32), "b3"),
-    ]
-    nodes = [
-        helper.make_node("Conv", ["x", "w1", "b1"], ["h1"], name="conv1", pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["h1"], ["a1"], name="relu1"),
-        helper.make_node("Conv", ["a1", "w2", "b2"], ["h2"], name="dw", group=8, pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["h2"], ["a2"], name="relu2"),
-        helper.make_node("Conv", ["a2", "w3", "b3"], ["y"], name="conv3"),
-    ]
-    graph = helper.make_graph(
-        nodes, "cnn",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 10, 10])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 10, 10])],
-        inits,
-    )  # fmt: skip
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
 def test_shared_float_targets_give_the_same_biases(tmp_path, monkeypatch) -> None:

@@ -127,10 +127,7 @@ def validate(
         candidate, data, reference, metrics, thresholds.limits, batch_size, output, threads,
         warn_target,
     )  # fmt: skip
-    cand_specs, outputs, ref_specs, dynamic, kind = opened.loaded
-    dataset, batch, plan, gated, labels = (
-        opened.dataset, opened.batch, opened.plan, opened.gated, opened.labels
-    )  # fmt: skip
+    cand_specs, outputs, ref_specs, dynamic, kind, dataset, batch, plan, gated, labels = opened
     base = None
     if baseline:
         base = read_baseline(baseline, gated, dataset.num_samples, plan, batch if dynamic else None)
@@ -193,11 +190,10 @@ def semantics_figures(
         candidate, data, reference, metrics, ScoreLimits(None, None, None), batch_size, output,
         threads, warn_target,
     )  # fmt: skip
-    _, _, ref_specs, _, kind = opened.loaded
-    if not (kind.qdq and kernel_samples > 0):
+    if not (opened.kind.qdq and kernel_samples > 0):
         return None
     return kernel_figures(
-        candidate, opened.dataset, opened.loaded[0], reference, ref_specs, opened.labels,
+        candidate, opened.dataset, opened.specs, reference, opened.ref_specs, opened.labels,
         opened.plan.chosen, opened.gated, opened.batch.size, threads, kernel_samples,
         cache=references,
     )  # fmt: skip
@@ -207,7 +203,11 @@ def semantics_figures(
 
 
 class _Opened(NamedTuple):
-    loaded: tuple  # _load_interfaces'
+    specs: list[InputSpec]  # the candidate's, then what _load_interfaces says besides
+    outputs: list[str]
+    ref_specs: list | None
+    dynamic: str
+    kind: _Kind
     dataset: Dataset
     batch: _Batch
     plan: Plan
@@ -238,7 +238,7 @@ def _open(
     plan = Plan.make(metrics, dataset.has_labels, reference is not None, limits)
     gated = gated_output(outputs, output)
     labels = read_labels(dataset) if plan.wants_labels else None
-    return _Opened(loaded, dataset, batch, plan, gated, labels)
+    return _Opened(*loaded, dataset, batch, plan, gated, labels)
 
 
 class _Kind(NamedTuple):

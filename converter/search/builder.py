@@ -141,9 +141,7 @@ class Builder:
                 settings = {
                     **settings,
                     "progress": False,
-                    "ranges": self._ranges(
-                        model, _calib_of(settings), settings["scheme"], settings.get("equalize")
-                    ),
+                    "ranges": self._ranges_of(model, settings),
                 }
                 # GPTQ, bias correction and stem rounding read the samples again (the last
                 # two are on by default with data: unless both are off, they get it)
@@ -163,16 +161,13 @@ class Builder:
         with: measured once per method and scheme, shared by its candidates and by the
         sensitivity ranking of its fallback (which would otherwise calibrate again: 30+ s
         with mse ranges on MobileNetV2)."""
-        settings = {k: v for k, v in config.items() if k != "pass"}
-        return self._ranges(
-            self.model, _calib_of(settings), settings["scheme"], settings.get("equalize")
-        )
+        return self._ranges_of(self.model, {k: v for k, v in config.items() if k != "pass"})
 
-    def _ranges(
-        self, model: onnx.ModelProto, method: str, scheme: str, equalize: bool | None
-    ) -> Any:
-        """The ranges (which carry the model they were measured on: equalized or not, as
-        the config says; None: the pass's default)."""
+    def _ranges_of(self, model: onnx.ModelProto, settings: dict[str, Any]) -> Any:
+        """The ranges static ``settings`` quantize ``model`` with (which carry the model
+        they were measured on: equalized or not, as the settings say; None: the pass's
+        default)."""
+        method, scheme, equalize = _calib_of(settings), settings["scheme"], settings.get("equalize")
         key = (fingerprint(model), method, scheme, equalize)
         if key not in self.ranges:
             given = {} if equalize is None else {"equalize": equalize}
@@ -202,7 +197,7 @@ class Builder:
             c.path,
             self.score,
             reference=self.reference,
-            metrics=list(dict.fromkeys([self.budget.metric, "cosine"])),
+            metrics=self._metrics(),
             references=self.references,
             warn_target=False,  # auto warned once
         )
@@ -215,15 +210,18 @@ class Builder:
             return
         atomic_write_text(record, json.dumps({**entry, "semantics": c.semantics}))
 
+    def _metrics(self) -> list[str]:
+        """What a candidate is scored on: the budget's metric, and cosine (mean and worst)."""
+        return list(dict.fromkeys([self.budget.metric, "cosine"]))
+
     def _score(self, c: Candidate) -> None:
         """The kernel score (what ships, what the search decides on) and the int8 share;
         the semantics figure is left to measure_semantics."""
-        metrics = list(dict.fromkeys([self.budget.metric, "cosine"]))
         report = validate(
             c.path,
             self.score,
             reference=self.reference,
-            metrics=metrics,
+            metrics=self._metrics(),
             progress=False,
             kernel_samples=0,
             warn_target=False,  # auto warned once

@@ -101,30 +101,20 @@ def _walk(
                 "not tried)"
             )
         trial = kept + [node]
-        c = _evaluate(builder, best, config, trial, widen, k, executor, deadline)
-        if c is None:
-            continue
-        if _accepted(c, previous):
-            kept, previous, stalled = trial, c.score, 0
-            yield log_scored(c)
-            if c.meets:
-                return ""
-            continue
-        yield log_scored(_explain(builder, c))
-        if widen or not (c.int8_macs or {}).get("requantized"):
-            stalled += 1
-            continue
-        w = _evaluate(builder, best, config, trial, True, k, executor, deadline)
-        if w is None:
-            continue
-        if _accepted(w, previous):
-            kept, previous, widen, stalled = trial, w.score, True, 0
-            yield log_scored(w)
-            if w.meets:
-                return ""
-            continue
-        yield log_scored(_explain(builder, w))
-        stalled += 1
+        for wide in (widen, True):  # a step the kernels score lower: retried widened, once
+            c = _evaluate(builder, best, config, trial, wide, k, executor, deadline)
+            if c is None:
+                break
+            if _accepted(c, previous):
+                kept, previous, widen, stalled = trial, c.score, wide, 0
+                yield log_scored(c)
+                if c.meets:
+                    return ""
+                break
+            yield log_scored(_explain(builder, c))
+            if wide or not (c.int8_macs or {}).get("requantized"):  # nothing to widen
+                stalled += 1
+                break
     return ""
 
 
