@@ -379,8 +379,9 @@ def cost_order(losses: dict[str, float], macs: dict[str, int | None]) -> list[st
     loss it alone quantized costs, divided by its share of the multiply-adds plus KEEP_COST
     (unknown: the mean share). A node that costs the most fidelity is not the one to keep
     when it is also the most expensive to run in fp32: on MobileNetV2 (u8, mse + bias
-    correction, 100 held-out crops) the first 8 nodes by loss alone reach 0.9939 mean
-    cosine at 0.83x bare onnxruntime's speed, the first 8 by loss per cost 0.9928 at 0.96x."""
+    correction, 100 held-out crops, batch 1, AMD EPYC Zen 4) the first 8 nodes by loss
+    alone reach 0.9939 mean cosine at 0.82x bare onnxruntime's speed, the first 8 by loss
+    per cost 0.9928 at 0.90x."""
     known = [m for m in macs.values() if m]
     total = sum(known)
     if not total:
