@@ -232,6 +232,10 @@ class Dataset:
             return fixed.pop()
         return wanted
 
+    def sample_shapes(self) -> dict[str, tuple[int, ...]]:
+        """One sample's shape per input array (the first dim, the samples, left off)."""
+        return {n: shape[1:] for n, (shape, _) in self._headers[0].items() if n in self.names}
+
     def labels(self) -> np.ndarray | None:
         if not self.has_labels:
             return None

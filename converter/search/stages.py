@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from converter.check.sensitivity import sensitivity
+from converter.core.data import Dataset
 from converter.core.executor import Executor
 from converter.core.onnxio import atomic_write_text
 from converter.search import fallback
@@ -364,7 +365,8 @@ def _ranking(builder: Builder, config: dict[str, Any], executor: Executor) -> li
         executor=executor,
         tensor_errors=0,
     )
-    ranked = cost_order({n.name: n.loss for n in report.nodes}, node_macs(builder.model))
+    macs = node_macs(builder.model, Dataset(builder.score).sample_shapes())  # at the data's size
+    ranked = cost_order({n.name: n.loss for n in report.nodes}, macs)
     atomic_write_text(path, json.dumps(ranked))
     return ranked
 
