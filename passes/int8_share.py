@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import onnx
 from onnx import shape_inference
 
-__all__ = ["Int8Share", "int8_share", "node_macs", "requantized_nodes", "MAC_OPS"]
+__all__ = ["Int8Share", "int8_share", "macs_by_op", "node_macs", "requantized_nodes", "MAC_OPS"]
 
 # op type -> (index of the activation input, index of the weight input)
 MAC_OPS: dict[str, tuple[int, int]] = {
@@ -159,6 +159,17 @@ def node_macs(
     return {n.name: _macs(n, shapes) for n in model.graph.node if n.op_type in MAC_OPS}
 
 
+def macs_by_op(model: onnx.ModelProto, input_shapes: InputShapes | None = None) -> dict[str, int]:
+    """Multiply-adds per sample summed by op type (nodes of unknown shape left out; nodes
+    need no names); ``input_shapes`` as for :func:`int8_share`."""
+    shapes, _ = _shapes(model, input_shapes)
+    out: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type in MAC_OPS:
+            out[node.op_type] = out.get(node.op_type, 0) + (_macs(node, shapes) or 0)
+    return out
+
+
 def requantized_nodes(model: onnx.ModelProto) -> list[str]:
     """The float Conv/ConvTranspose/Gemm nodes onnxruntime quantizes itself at session load
     (float weight initializer, input from a DequantizeLinear, output to a QuantizeLinear)."""
@@ -235,7 +246,7 @@ def _shapes(
         if sample is not None and len(sample) != len(dims) - 1:
             sample = None  # not this input's rank: left to the rule below
         for i, dim in enumerate(dims):
-            if dim.HasField("dim_value"):
+            if dim.HasField("dim_value") and dim.dim_value > 0:  # paddle2onnx writes -1
                 continue
             if i > 0 and sample is not None:
                 dim.dim_value = int(sample[i - 1])
@@ -249,7 +260,7 @@ def _shapes(
     for value in [*g.input, *g.value_info, *g.output]:
         t = value.type.tensor_type
         if t.HasField("shape"):
-            dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+            dims = [d.dim_value if d.dim_value > 0 else None for d in t.shape.dim]
             out.setdefault(value.name, dims)
     return out, assumed
 

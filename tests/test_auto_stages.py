@@ -43,6 +43,7 @@ class _Scores:
         self.model, self.scores, self.step, self.shares = model, scores, step, shares or {}
         self.threshold, self.built, self.cache = 0.99, [], cache
         self.speed, self.probed = speeds or {}, []
+        self.sample_shapes: dict = {}  # the model's own input shapes
 
     def speeds(self, candidates: list[Candidate]) -> dict[str, float]:
         self.probed.append([c.name for c in candidates])
@@ -147,7 +148,13 @@ def test_the_fallback_starts_from_a_fast_parent_not_the_best_scored_slow_one(mon
 def test_both_fallbacks_run_when_nothing_meets(monkeypatch) -> None:
     found, notes, ranked = _search(_Scores(CNN, {"dynamic_pc": 0.9}), monkeypatch)
     assert ranked == ["quantize-dynamic", "quantize-static"]
-    assert notes == []
+    # CNN quantizes two nodes: keeping both in fp32 would be the fp32 model, not a step
+    assert [n.split(" keeps")[0] for n in notes] == [
+        "the fp32 fallback of dynamic_pc",
+        "the fp32 fallback of static_transformer",
+    ]
+    assert all("keeps at most 1 of its 2 quantized nodes in fp32" in n for n in notes)
+    assert not [c.name for c in found if "fp32x2" in c.name]
 
 
 def test_every_op_variants_skipped_on_an_encoder_far_from_the_budget(monkeypatch) -> None:

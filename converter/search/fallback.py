@@ -68,10 +68,17 @@ def exclusions(
         logger.debug("%s", failed.name, exc_info=e)
         yield failed
         return
-    walk = _walk(builder, best, config, ranked[:max_excluded], executor, deadline)
+    tell = note or (lambda text: logger.info("auto: %s", text))
+    if len(ranked) <= max_excluded:  # the last step would be the fp32 model itself
+        tell(
+            f"the fp32 fallback of {best.name} keeps at most {len(ranked) - 1} of its "
+            f"{len(ranked)} quantized nodes in fp32: all of them is the fp32 model"
+        )
+    steps = ranked[: min(max_excluded, len(ranked) - 1)]
+    walk = _walk(builder, best, config, steps, executor, deadline)
     why = yield from walk
     if why:
-        (note or (lambda text: logger.info("auto: %s", text)))(why)
+        tell(why)
 
 
 def step_passes(config: dict[str, Any], kept: list[str], widen: bool) -> list[dict[str, Any]]:
@@ -156,10 +163,14 @@ def _explain(builder: Any, c: Candidate) -> Candidate:
 
 
 def _accepted(c: Candidate, previous: float | None) -> bool:
-    """Whether step ``c`` is kept (its verdict set): scored, and its kernel score not
-    below ``previous`` (the last kept step's)."""
+    """Whether step ``c`` is kept (its verdict set): scored, something still in int8 (a
+    widened float region can take a step's neighbours too), and its kernel score not below
+    ``previous`` (the last kept step's)."""
     if c.score is None:
         c.fallback = "not kept: not scored"
+        return False
+    if (c.int8_macs or {}).get("int8_nodes") == 0:
+        c.fallback = "not kept: no node left in int8 (the fp32 model)"
         return False
     if previous is None or c.score >= previous:
         c.fallback = "kept" + (f" (kernel score ≥ {previous:.4f})" if previous is not None else "")
