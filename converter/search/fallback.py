@@ -68,17 +68,10 @@ def exclusions(
         logger.debug("%s", failed.name, exc_info=e)
         yield failed
         return
-    tell = note or (lambda text: logger.info("auto: %s", text))
-    if len(ranked) <= max_excluded:  # the last step would be the fp32 model itself
-        tell(
-            f"the fp32 fallback of {best.name} keeps at most {len(ranked) - 1} of its "
-            f"{len(ranked)} quantized nodes in fp32: all of them is the fp32 model"
-        )
-    steps = ranked[: min(max_excluded, len(ranked) - 1)]
-    walk = _walk(builder, best, config, steps, executor, deadline)
+    walk = _walk(builder, best, config, ranked[:max_excluded], executor, deadline)
     why = yield from walk
     if why:
-        tell(why)
+        (note or (lambda text: logger.info("auto: %s", text)))(why)
 
 
 def step_passes(config: dict[str, Any], kept: list[str], widen: bool) -> list[dict[str, Any]]:
