@@ -238,6 +238,11 @@ def _shapes(
     ``input_shapes`` (one sample's shape, without the batch) when it has the input."""
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
+    # shapes inferred anew from the inputs' (a quantizer's pre-processing leaves symbolic
+    # ones, e.g. unk__3, that shape inference would not replace)
+    del copy.graph.value_info[:]
+    for value in copy.graph.output:
+        value.type.tensor_type.ClearField("shape")
     given = input_shapes or {}
     assumed = []
     for value in copy.graph.input:
