@@ -31,7 +31,14 @@ import onnx
 from converter.core.errors import InternalError, OnnxshipError, first_line
 from converter.core.onnxio import check_output_path, load_model, save_model
 from converter.core.packed import dense_model
-from passes.normalize import OpsetNeed, describe, opset_of, upgrade_opset, weights_as_initializers
+from passes.normalize import (
+    OpsetNeed,
+    describe,
+    named_nodes,
+    opset_of,
+    upgrade_opset,
+    weights_as_initializers,
+)
 from passes.options import NoSettings, check_keys, has_calibration, needs_calibration, options_of
 
 __all__ = [
@@ -114,10 +121,12 @@ class Pass:
 
     def accept(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, Any] | None]:
         """(``model`` as ``call`` takes it, what was done to it or None). Float ``Constant``
-        weights moved to initializers, the opset upgraded to :meth:`min_opset`, then
-        ``requires`` checked — each on a copy, only when needed. Idempotent: accepting the
-        result again changes nothing (calibration ranges fingerprint it)."""
+        weights moved to initializers, unnamed nodes named, the opset upgraded to
+        :meth:`min_opset`, then ``requires`` checked — each on a copy, only when needed.
+        Idempotent: accepting the result again changes nothing (calibration ranges
+        fingerprint it)."""
         moved, count = weights_as_initializers(model)
+        moved, named = named_nodes(moved)
         need = self.min_opset(moved)
         try:
             ready, had = upgrade_opset(moved, need.opset, need.why, need.alternative)
@@ -129,6 +138,7 @@ class Pass:
             return model, None
         normalized = {
             "constants_moved": count,
+            "nodes_named": named,
             "opset_from": had,
             "opset_to": opset_of(ready),
             "opset_reason": need.why if opset_of(ready) != had else "",
