@@ -88,6 +88,9 @@ class Pass:
 
     name = "pass"
     Settings: ClassVar[type] = NoSettings
+    # whether ``accept`` names unnamed or duplicate-named nodes first (passes that tell nodes
+    # apart by name: quantization's exclusions, bias correction's float twins)
+    names_nodes: ClassVar[bool] = False
     # Reads weights as initializers: the runner unpacks packed weights (core/packed.py) first.
     dense_weights = True
 
@@ -121,12 +124,12 @@ class Pass:
 
     def accept(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, Any] | None]:
         """(``model`` as ``call`` takes it, what was done to it or None). Float ``Constant``
-        weights moved to initializers, unnamed nodes named, the opset upgraded to
+        weights moved to initializers, unnamed nodes named (``names_nodes``), the opset upgraded to
         :meth:`min_opset`, then ``requires`` checked — each on a copy, only when needed.
         Idempotent: accepting the result again changes nothing (calibration ranges
         fingerprint it)."""
         moved, count = weights_as_initializers(model)
-        moved, named = named_nodes(moved)
+        moved, named = named_nodes(moved) if self.names_nodes else (moved, 0)
         need = self.min_opset(moved)
         try:
             ready, had = upgrade_opset(moved, need.opset, need.why, need.alternative)
@@ -143,7 +146,9 @@ class Pass:
             "opset_to": opset_of(ready),
             "opset_reason": need.why if opset_of(ready) != had else "",
         }
-        logger.info("%s: %s", self.name, "; ".join(describe(normalized)))
+        # moving weights and upgrading change what the user wrote; names are bookkeeping
+        level = logging.INFO if count or had != opset_of(ready) else logging.DEBUG
+        logger.log(level, "%s: %s", self.name, "; ".join(describe(normalized)))
         return ready, normalized
 
     def call(self, model: onnx.ModelProto) -> PassResult:
