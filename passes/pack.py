@@ -28,10 +28,10 @@ that no flat bit vector and no cast are needed::
     chunk = Reshape(GatherElements(values, index, axis=0), shape)
 
 Three full-size intermediates fewer than the flat decoder (the uint8 bits, their flat view,
-the cast), one more int32 one (the table): a 50 %-pruned MiniLM folds with 15 % fewer page
+the cast), one more int32 one (the table): a 50 %-pruned MiniLM folds with 14 % fewer page
 faults. The columns are padded with zeros to the longest one, so a chunk falls back to the
-flat layout when that padding would exceed ``COLUMN_SLACK`` of its packed bytes (MiniLM:
-+0.6 % file size; random ResNet weights: < 0.5 %).
+flat layout when that padding would exceed ``COLUMN_SLACK`` of its packed bytes (files grow
+0.4-0.6 % on MiniLM and on the ResNet of tests/benchmarks/bench_pack.py).
 
 Why the flat layout — measured on this AMD EPYC (AVX2, no VNNI, 2 busy cores), onnxruntime
 1.32, session creation time added to a model whose only weight is 10 M fp32 values, 50 %

@@ -130,9 +130,10 @@ def decode(chunks: list[Chunk], weight: str = "weight") -> np.ndarray:
         check_chunk(c, weight, bits)
         piece = out[start : start + c.size]
         if c.values.ndim == 2:  # columns: bit o of every byte takes column o, in order
-            grid, counts = piece.reshape(-1, 8), bits.reshape(-1, 8).sum(axis=0)
-            for o in range(8):
-                grid[bits[o::8], o] = c.values[1 : counts[o] + 1, o]
+            grid = bits.reshape(-1, 8)
+            counts = grid.sum(axis=0)
+            stored = [c.values[1 : counts[o] + 1, o] for o in range(8)]
+            piece.reshape(-1, 8).T[grid.T] = np.concatenate(stored)  # column by column
         else:
             piece[bits] = c.values[1:]
         start += c.size
