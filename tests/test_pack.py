@@ -349,3 +349,55 @@ def test_decode_refuses_chunks_of_mixed_types():
     chunks[1].values = chunks[1].values.astype(np.float16)
     with pytest.raises(BadInputError, match="corrupt"):
         decode(chunks)
+
+
+def _layouts(model: onnx.ModelProto) -> list[int]:
+    """The rank of every packed chunk's values: 1 flat, 2 columns."""
+    inits = {t.name: t for t in model.graph.initializer}
+    return [len(inits[c[1]].dims) for r in packed_format.records(model) for c in r.chunks]
+
+
+def test_columns_and_flat_chunks_decode_exactly_in_onnxruntime(monkeypatch):
+    """One weight whose chunks take both layouts (columns where the chunk splits into whole
+    bytes, flat for its odd last chunk), with -0.0 and NaN: the weight onnxruntime folds and
+    the one unpack restores are byte for byte the original; a model packed flat only (the
+    previous decoder's form) still unpacks."""
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((21, 401)).astype(np.float32)  # 8 rows per chunk, then 5 rows
+    a[rng.random(a.shape) < 0.5] = 0
+    a[0, 3], a[9, 7], a[20, 400] = -0.0, np.nan, np.float32(-np.nan)
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["w"], ["y"])],
+        "g",
+        [],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [21, 401])],
+        [numpy_helper.from_array(a, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    monkeypatch.setattr(pack_module, "COLUMN_SLACK", 1.0)
+    packed = Pack(chunk=3208, min_saved_bytes=1)(model).model
+    assert _layouts(packed) == [2, 2, 1] and len(packed.graph.node) > 5
+    folded = make_session(packed.SerializeToString()).run(None, {})[0]
+    assert folded.tobytes() == a.tobytes()
+    assert numpy_helper.to_array(Unpack()(packed).model.graph.initializer[0]).tobytes() == (
+        a.tobytes()
+    )
+    monkeypatch.setattr(pack_module, "COLUMN_SLACK", -1.0)  # every chunk flat, as before
+    old = Pack(chunk=3208, min_saved_bytes=1)(model).model
+    assert _layouts(old) == [1, 1, 1]
+    assert make_session(old.SerializeToString()).run(None, {})[0].tobytes() == a.tobytes()
+    assert packed_weights(old)["w"].tobytes() == a.tobytes()
+
+
+def test_columns_layout_is_checked(monkeypatch):
+    monkeypatch.setattr(pack_module, "COLUMN_SLACK", 100.0)  # mostly padding: columns anyway
+    a = np.zeros((8, 8), np.float32)
+    a[::3, 1] = 1.5
+    (chunk,) = encode(a, chunk=64)
+    assert chunk.values.shape == (4, 8) and decode([chunk]).tobytes() == a.tobytes()
+    chunk.values[3, 5] = 7.0  # a value where column 5 stores none
+    with pytest.raises(BadInputError, match="not zero where no value is stored"):
+        decode([chunk])
+    chunk.values = chunk.values[:3]  # one row too few for column 1
+    with pytest.raises(BadInputError, match="per column"):
+        decode([chunk])

@@ -41,11 +41,16 @@ MARK = "onnxship pack v1 "  # doc_string of a decoder's last node, followed by J
 
 @dataclass
 class Chunk:
-    """Rows ``[start, start + rows)`` of axis 0 of a weight, packed."""
+    """Rows ``[start, start + rows)`` of axis 0 of a weight, packed.
+
+    ``values`` has one of two layouts. Flat (1-D): a zero, then the nonzero values in flat
+    order. Columns (2-D, ``[S, 8]``, only when ``n % 8 == 0``): column ``o`` holds a zero, then
+    the nonzero values of the elements whose flat index is ``o`` mod 8 (bit ``o`` of each mask
+    byte), in order, then zeros up to ``S`` rows; ``S`` is one more than the largest column."""
 
     shape: tuple[int, ...]
     mask: np.ndarray  # uint8, ceil(n / 8) bytes
-    values: np.ndarray  # a zero, then the nonzero values in flat order
+    values: np.ndarray  # flat [K + 1] or columns [S, 8] (see above)
 
     @property
     def size(self) -> int:
@@ -66,9 +71,11 @@ def check_chunk(c: Chunk, weight: str, bits: np.ndarray | None = None) -> None:
         problem = f"mask of {c.mask.size} bytes for {n} elements (needs {-(-n // 8)})"
     elif n % 8 and int(c.mask[-1]) & ((1 << (8 - n % 8)) - 1):
         problem = "mask has bits set past the tensor's end"
+    elif c.values.ndim == 2:
+        problem = _column_problem(c, _bits(c) if bits is None else bits)
     else:
         marked = int(np.count_nonzero(_bits(c) if bits is None else bits))
-        if marked != c.values.size - 1:
+        if c.values.ndim != 1 or marked != c.values.size - 1:
             problem = f"mask marks {marked} values, {c.values.size - 1} stored"
         elif c.values.size and bit_view(c.values[:1])[0] != 0:
             problem = "the values do not start with a zero"
@@ -77,6 +84,21 @@ def check_chunk(c: Chunk, weight: str, bits: np.ndarray | None = None) -> None:
             f"packed weight {weight!r} is corrupt: {problem}",
             "re-create the model with `onnxship pack` from the unpacked model",
         )
+
+
+def _column_problem(c: Chunk, bits: np.ndarray) -> str:
+    """What is wrong with a chunk in the columns layout ('' when nothing)."""
+    if c.size % 8 or c.values.shape[1:] != (8,):
+        return f"values of shape {list(c.values.shape)} for {c.size} elements (needs [S, 8])"
+    counts = bits.reshape(-1, 8).sum(axis=0)
+    rows = int(counts.max(initial=0)) + 1
+    if c.values.shape[0] != rows:
+        return f"mask marks up to {rows - 1} values per column, {c.values.shape[0] - 1} stored"
+    raw = bit_view(c.values.reshape(-1)).reshape(c.values.shape)
+    unused = np.arange(rows)[:, None] > counts[None, :]
+    if raw[0].any() or raw[unused].any():
+        return "the value columns are not zero where no value is stored"
+    return ""
 
 
 def _bits(c: Chunk) -> np.ndarray:
@@ -106,7 +128,14 @@ def decode(chunks: list[Chunk], weight: str = "weight") -> np.ndarray:
             )
         bits = _bits(c)
         check_chunk(c, weight, bits)
-        out[start : start + c.size][bits] = c.values[1:]
+        piece = out[start : start + c.size]
+        if c.values.ndim == 2:  # columns: bit o of every byte takes column o, in order
+            grid = bits.reshape(-1, 8)
+            counts = grid.sum(axis=0)
+            stored = [c.values[1 : counts[o] + 1, o] for o in range(8)]
+            piece.reshape(-1, 8).T[grid.T] = np.concatenate(stored)  # column by column
+        else:
+            piece[bits] = c.values[1:]
         start += c.size
     if len(chunks) == 1:
         return out.reshape(chunks[0].shape)
