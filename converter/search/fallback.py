@@ -140,10 +140,11 @@ def _evaluate(
         name += f"_step{step}"
     if widen:
         name += "_wide"
-    (c,) = deadline.evaluate(
-        builder, [Candidate(name, step_passes(config, trial, widen))], executor
-    )
-    return c
+    # its score is read at once (kept or not): scored on the whole set, not the subset first
+    candidate = Candidate(name, step_passes(config, trial, widen), whole=True)
+    (c,) = deadline.evaluate(builder, [candidate], executor)
+    finish = getattr(builder, "complete", None)  # (a cache entry made on the subset)
+    return finish(c) if c is not None and finish is not None else c
 
 
 def _explain(builder: Any, c: Candidate) -> Candidate:
