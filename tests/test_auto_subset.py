@@ -196,7 +196,7 @@ def test_the_choice_is_the_one_a_whole_set_scoring_makes(mlp, tmp_path, monkeypa
     assert decided["subset"]["miss"].startswith("worst cosine")
     assert not whole["static_transformer"]["meets"]  # (it misses on the whole set too)
     assert whole["static_transformer"]["worst"] <= decided["subset"]["worst"]
-    assert any("1 of 2 candidates were decided on 32" in n for n in on.notes)
+    assert any("1 of 2 candidates was decided on 32" in n for n in on.notes)
     report = (tmp_path / "on" / "report.md").read_text()
     assert "no: misses on 32 of 96 samples: worst cosine" in report
     assert "32 samples" not in report.split("Scores:")[1].split("\n")[0]

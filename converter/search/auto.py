@@ -302,10 +302,11 @@ def _subset_note(candidates: list[Candidate], parts: subset.ScoreParts | None) -
             f"every candidate was scored on all {parts.total} scoring samples (none was "
             f"decided on the {parts.samples} scored first)"
         ]
+    verb = "was" if len(decided) == 1 else "were"
     return [
-        f"{len(decided)} of {len(candidates)} candidates were decided on {parts.samples} evenly "
-        f"spaced of the {parts.total} scoring samples: each misses the budget whatever the "
-        f"other {rest} would score, and no decision read its score ({', '.join(decided)}; "
+        f"{len(decided)} of {len(candidates)} candidates {verb} decided on {parts.samples} "
+        f"evenly spaced of the {parts.total} scoring samples: each misses the budget whatever "
+        f"the other {rest} would score, and no decision read its score ({', '.join(decided)}; "
         "their rows say why); the others were scored on all of them"
     ]
 
