@@ -226,8 +226,12 @@ def test_a_miss_completes_the_fallback_parent_and_the_closest(mlp, tmp_path, mon
     monkeypatch.setattr(stages.fallback, "exclusions", spy)
     monkeypatch.setattr(Builder, "complete", counted)
     on = _auto(mlp, tmp_path / "on", 0.99999, 0.9999, max_excluded=1)
-    # each full-int8 candidate was decided on the subset, then completed when read
-    assert sorted(completed) == ["static_transformer", "static_u8_pc_minmax", "static_u8_pt_mse"]
+    # each candidate was decided on the subset, then completed when read (the fallback's
+    # parents before the walk, its step before its verdict)
+    assert sorted(completed) == [
+        "static_transformer", "static_u8_pc_minmax", "static_u8_pc_minmax_fp32x1",
+        "static_u8_pt_mse",
+    ]  # fmt: skip
     monkeypatch.setattr(subset, "SAMPLES", OFF)
     off = _auto(mlp, tmp_path / "off", 0.99999, 0.9999, max_excluded=1)
     assert on.best is None and off.best is None

@@ -71,14 +71,9 @@ class Candidate:
     # "samples", "of" (the whole set's), "miss": why it misses whatever the rest scores};
     # score, cosine and worst stay None until Builder.complete scores the rest.
     subset: dict[str, Any] | None = None
-    whole: bool = False  # scored on the whole set at once: its score is read at once
 
     def row(self) -> dict[str, Any]:
-        return {
-            k: (str(v) if isinstance(v, Path) else v)
-            for k, v in self.__dict__.items()
-            if k != "whole"
-        }
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
 
     def scored(self) -> bool:
         """Scored, on the whole set or (``subset``) on the subset only."""

@@ -140,10 +140,11 @@ def _evaluate(
         name += f"_step{step}"
     if widen:
         name += "_wide"
-    # its score is read at once (kept or not): scored on the whole set, not the subset first
-    candidate = Candidate(name, step_passes(config, trial, widen), whole=True)
-    (c,) = deadline.evaluate(builder, [candidate], executor)
-    finish = getattr(builder, "complete", None)  # (a cache entry made on the subset)
+    (c,) = deadline.evaluate(
+        builder, [Candidate(name, step_passes(config, trial, widen))], executor
+    )
+    # its score is read at once, kept or not: the whole set's (Builder.complete)
+    finish = getattr(builder, "complete", None)
     return finish(c) if c is not None and finish is not None else c
 
 
