@@ -4,8 +4,11 @@ A model can be "quantized" and still run almost every multiply-add in fp32 — `
 ``static_transformer`` on a CNN quantizes only the final Gemm (issue #20: on
 EfficientNet-Lite0, 49 of 49 Convs fp32). :func:`int8_share` counts the multiply-adds
 (MACs) of every Conv, ConvTranspose, MatMul and Gemm from their shapes (onnx shape inference,
-symbolic dims read as 1, so the share is per sample) and how many of them onnxruntime's
-optimized session runs in int8:
+per sample: the batch dim read as 1) and how many of them onnxruntime's optimized session
+runs in int8. Other symbolic input dims (a detector's height and width) take the size of
+the data when the caller has it (``input_shapes``: validate's, quantize's calibration);
+without, they are read as 1 and the result says so (``assumed``) — a YOLOv8n read at 1×1
+counted 2.86 M multiply-adds per sample, at its 320×320 data 1.1 G:
 
 - already-integer forms: QLinearConv, QLinearMatMul, ConvInteger, MatMulInteger, and the
   com.microsoft QGemm, DynamicQuantizeMatMul and MatMulIntegerToFloat;
@@ -25,13 +28,13 @@ the model.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import onnx
 from onnx import shape_inference
 
-__all__ = ["Int8Share", "int8_share", "node_macs", "requantized_nodes", "MAC_OPS"]
+__all__ = ["Int8Share", "int8_share", "macs_by_op", "node_macs", "requantized_nodes", "MAC_OPS"]
 
 # op type -> (index of the activation input, index of the weight input)
 MAC_OPS: dict[str, tuple[int, int]] = {
@@ -65,7 +68,9 @@ class Int8Share:
     """``int8_macs`` of ``total_macs`` multiply-adds per sample run in int8; ``int8_nodes`` of
     ``mac_nodes`` nodes. ``requantized``: float Conv/Gemm nodes between a DequantizeLinear
     and a QuantizeLinear that onnxruntime quantizes itself at load (counted as int8).
-    ``unknown``: nodes whose MACs shape inference could not give (left out of both sums)."""
+    ``unknown``: nodes whose MACs shape inference could not give (left out of both sums).
+    ``assumed``: graph inputs whose symbolic dims besides the batch were read as 1 (no data
+    shape given): the counts are not at the model's real size."""
 
     int8_macs: int
     total_macs: int
@@ -73,6 +78,7 @@ class Int8Share:
     mac_nodes: int
     requantized: tuple[str, ...] = ()
     unknown: tuple[str, ...] = ()
+    assumed: tuple[str, ...] = ()
 
     @property
     def share(self) -> float | None:
@@ -88,27 +94,39 @@ class Int8Share:
             "mac_nodes": self.mac_nodes,
             "requantized": list(self.requantized),
             "unknown": list(self.unknown),
+            "assumed_inputs": list(self.assumed),
         }
 
     def line(self) -> str:
         """``int8 multiply-adds: 97.3% (12.1 of 12.4 M per sample; 40 of 42 nodes)``."""
         if self.share is None:
             return "int8 multiply-adds: none (no Conv/MatMul/Gemm with known shapes)"
+        unit, prefix = (1e9, "G") if self.total_macs >= 1e9 else (1e6, "M")
         text = (
-            f"int8 multiply-adds: {100 * self.share:.1f}% ({self.int8_macs / 1e6:.3g} of "
-            f"{self.total_macs / 1e6:.3g} M per sample; {self.int8_nodes} of {self.mac_nodes} "
-            "nodes)"
+            f"int8 multiply-adds: {100 * self.share:.1f}% ({self.int8_macs / unit:.3g} of "
+            f"{self.total_macs / unit:.3g} {prefix} per sample; {self.int8_nodes} of "
+            f"{self.mac_nodes} nodes)"
         )
         if self.requantized:
             text += f"; {len(self.requantized)} kept fp32 but re-quantized by onnxruntime"
         if self.unknown:
-            text += f"; {len(self.unknown)} nodes of unknown shape left out"
+            count = len(self.unknown)
+            text += f"; {count} node{'s' if count > 1 else ''} of unknown shape left out"
+        if self.assumed:
+            text += (
+                f"; symbolic dims of input {', '.join(self.assumed)} read as 1 (counts at "
+                "that size: give data for the real ones)"
+            )
         return text
 
 
-def int8_share(model: onnx.ModelProto) -> Int8Share:
-    """The int8 share of ``model``'s multiply-adds (see the module docstring)."""
-    shapes = _shapes(model)
+InputShapes = Mapping[str, Sequence[int]]  # graph input -> the shape of one sample (no batch)
+
+
+def int8_share(model: onnx.ModelProto, input_shapes: InputShapes | None = None) -> Int8Share:
+    """The int8 share of ``model``'s multiply-adds (see the module docstring);
+    ``input_shapes``: one sample's shape per graph input, for its symbolic dims."""
+    shapes, assumed = _shapes(model, input_shapes)
     graph = _Graph(model)
     int8 = total = int8_nodes = nodes = 0
     requantized, unknown = [], []
@@ -127,14 +145,29 @@ def int8_share(model: onnx.ModelProto) -> Int8Share:
             int8 += macs
         if kind == "requantized":
             requantized.append(node.name)
-    return Int8Share(int8, total, int8_nodes, nodes, tuple(requantized), tuple(unknown))
+    return Int8Share(
+        int8, total, int8_nodes, nodes, tuple(requantized), tuple(unknown), tuple(assumed)
+    )
 
 
-def node_macs(model: onnx.ModelProto) -> dict[str, int | None]:
+def node_macs(
+    model: onnx.ModelProto, input_shapes: InputShapes | None = None
+) -> dict[str, int | None]:
     """Multiply-adds per sample of each Conv/Gemm/MatMul-like node, by name (None: a shape
-    is unknown)."""
-    shapes = _shapes(model)
+    is unknown); ``input_shapes`` as for :func:`int8_share`."""
+    shapes, _ = _shapes(model, input_shapes)
     return {n.name: _macs(n, shapes) for n in model.graph.node if n.op_type in MAC_OPS}
+
+
+def macs_by_op(model: onnx.ModelProto, input_shapes: InputShapes | None = None) -> dict[str, int]:
+    """Multiply-adds per sample summed by op type (nodes of unknown shape left out; nodes
+    need no names); ``input_shapes`` as for :func:`int8_share`."""
+    shapes, _ = _shapes(model, input_shapes)
+    out: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type in MAC_OPS:
+            out[node.op_type] = out.get(node.op_type, 0) + (_macs(node, shapes) or 0)
+    return out
 
 
 def requantized_nodes(model: onnx.ModelProto) -> list[str]:
@@ -197,24 +230,39 @@ class _Graph:
         return "requantized" if weight_float else "float"
 
 
-def _shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
-    """Every tensor's shape (None for an unknown dim; symbolic dims of the graph inputs are
-    read as 1: MACs per sample)."""
+def _shapes(
+    model: onnx.ModelProto, input_shapes: InputShapes | None
+) -> tuple[dict[str, list[int | None]], list[str]]:
+    """Every tensor's shape (None for an unknown dim) and the graph inputs whose symbolic
+    dims were read as 1. A symbolic batch dim is 1 (MACs per sample); the others take
+    ``input_shapes`` (one sample's shape, without the batch) when it has the input."""
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
+    given = input_shapes or {}
+    assumed = []
     for value in copy.graph.input:
-        for dim in value.type.tensor_type.shape.dim:
-            if not dim.HasField("dim_value"):
-                dim.dim_value = 1
+        dims = value.type.tensor_type.shape.dim
+        sample = given.get(value.name)
+        if sample is not None and len(sample) != len(dims) - 1:
+            sample = None  # not this input's rank: left to the rule below
+        for i, dim in enumerate(dims):
+            if dim.HasField("dim_value") and dim.dim_value > 0:  # paddle2onnx writes -1
+                continue
+            if i > 0 and sample is not None:
+                dim.dim_value = int(sample[i - 1])
+                continue
+            if i > 0 and value.name not in assumed:
+                assumed.append(value.name)
+            dim.dim_value = 1
     inferred = shape_inference.infer_shapes(copy)
     g = inferred.graph
     out: dict[str, list[int | None]] = {t.name: list(t.dims) for t in g.initializer}
     for value in [*g.input, *g.value_info, *g.output]:
         t = value.type.tensor_type
         if t.HasField("shape"):
-            dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+            dims = [d.dim_value if d.dim_value > 0 else None for d in t.shape.dim]
             out.setdefault(value.name, dims)
-    return out
+    return out, assumed
 
 
 def _macs(node: onnx.NodeProto, shapes: Mapping[str, list[int | None]]) -> int | None:

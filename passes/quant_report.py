@@ -186,7 +186,7 @@ def macs(model: onnx.ModelProto) -> dict[str, int]:
     except Exception:  # too large or invalid for shape inference: use what the model has
         inferred = model
     shapes = {
-        vi.name: [d.dim_value or 1 for d in vi.type.tensor_type.shape.dim]
+        vi.name: [d.dim_value if d.dim_value > 0 else 1 for d in vi.type.tensor_type.shape.dim]
         for vi in (*inferred.graph.value_info, *inferred.graph.output)
     }
     weights = {t.name: int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer}

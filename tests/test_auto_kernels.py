@@ -78,6 +78,26 @@ def test_a_step_that_lowers_the_kernel_score_is_not_kept():
     assert kept == sorted(kept) and min(kept) >= 0.90
 
 
+def test_a_step_that_leaves_nothing_in_int8_is_not_kept(monkeypatch):
+    """Keeping a and b in fp32 leaves no node in int8 (the fp32 model, or a float region
+    that took the rest): scoring higher does not make it a fallback step."""
+    evaluate = _Scores.evaluate
+
+    def counted(self, c: Candidate) -> Candidate:
+        c = evaluate(self, c)
+        c.int8_macs["int8_nodes"] = 2 - len(c.passes[0].get("nodes_to_exclude", ()))
+        return c
+
+    monkeypatch.setattr(_Scores, "evaluate", counted)
+    found, _ = _walk(
+        {(("a",), False): (0.93, ()), (("a", "b"), False): (1.0, ())}, ["a", "b"]
+    )  # fmt: skip
+    assert [c.fallback for c in found] == [
+        "kept (kernel score ≥ 0.9000)",
+        "not kept: no node left in int8 (the fp32 model)",
+    ]
+
+
 def test_a_requantized_step_is_retried_with_the_float_region_widened():
     """a lowers the score and onnxruntime re-quantizes it: retried widened (0.95, kept), and
     every later step is widened too; the walk ends at the first that meets (0.995)."""
@@ -167,30 +187,34 @@ def run(tmp_path_factory):
     return _auto(d), d / "o"
 
 
-def test_auto_rejects_the_requantized_exclusion_and_keeps_it_widened(run):
+def test_auto_rejects_the_requantized_exclusion_and_the_fp32_model_it_widens_to(run):
     """Keeping conv2 in fp32 is 0.9996 in the model's semantics and 0.946 in the kernels
     (onnxruntime re-quantizes it per tensor): not kept. Widened (conv2 really fp32) it is
-    0.9997 in both, kept; no kept step is below the one before."""
+    0.9997 in both, but in this tiny model the widened region takes conv1 and conv3 too:
+    nothing is left in int8, so it is not a fallback step either. The walk goes on with
+    conv3 (0.9997, 92 % of the MACs int8) and conv1; no kept step is below the one before."""
     result, _ = run
     found = {c.name: c for c in result.candidates}
     assert list(found) == [
         "static_u8_pc_minmax", "static_u8_pc_minmax_fp32x1", "static_u8_pc_minmax_fp32x1_wide",
-        "static_u8_pc_minmax_fp32x2_wide", "static_u8_pc_minmax_fp32x3_wide",
+        "static_u8_pc_minmax_fp32x1_step2", "static_u8_pc_minmax_fp32x2_step3",
     ]  # fmt: skip
-    full, step, wide = (found[n] for n in list(found)[:3])
+    full, step, wide, conv3, last = found.values()
     assert full.score == pytest.approx(0.9995, abs=3e-4)
     assert full.semantics is None  # measured only for finalists and steps not kept
     assert step.score == pytest.approx(0.9464, abs=0.005)
     assert step.semantics["semantics_score"] == pytest.approx(0.9996, abs=3e-4)
     assert step.semantics["diverged"] and step.semantics["parts"] == ["conv2, relu2"]
     assert step.int8_macs["requantized"] == ["conv2"] and step.fallback.startswith("not kept")
-    assert wide.score == pytest.approx(0.9997, abs=3e-4) and wide.fallback.startswith("kept")
-    chosen = found["static_u8_pc_minmax_fp32x3_wide"]  # the finalist: measured, no Q/DQ left
-    assert chosen.semantics == {} and wide.semantics is None
-    assert wide.int8_macs["share"] == 0.0  # all three Convs run fp32 in this tiny model
+    assert wide.score == pytest.approx(0.9997, abs=3e-4)
+    assert wide.int8_macs["share"] == 0.0 and wide.int8_macs["int8_nodes"] == 0
+    assert wide.fallback == "not kept: no node left in int8 (the fp32 model)"
+    assert wide.semantics["diverged"] is False  # measured: a step not kept
+    assert conv3.fallback.startswith("kept") and conv3.int8_macs["share"] > 0.9
     kept = [full.score] + [c.score for c in found.values() if c.fallback.startswith("kept")]
     assert kept == sorted(kept)
-    assert result.best is found["static_u8_pc_minmax_fp32x3_wide"]
+    assert result.best is None and result.written is last  # 0.99987 < 0.9999: the closest
+    assert last.semantics["diverged"] is False  # a finalist: measured
 
 
 def test_the_report_and_manifest_show_both_figures_and_the_int8_share(run):
@@ -226,17 +250,18 @@ def test_a_rerun_reads_both_figures_from_the_cache(run):
         assert new.fallback == old.fallback
 
 
-def test_a_recipe_rebuilds_the_widened_choice_byte_for_byte(run, capsys):
-    """The chosen step is quantize-static then float-region: both are recipe passes, so
+def test_a_recipe_rebuilds_the_widened_step_byte_for_byte(run, capsys):
+    """A widened step is quantize-static then float-region: both are recipe passes, so
     `onnxship run` with the manifest's passes writes the same model as auto did."""
     result, out = run
     manifest = json.loads((out / "manifest.json").read_text())
-    chosen = next(c for c in manifest["candidates"] if c["name"] == manifest["chosen"])
-    assert [p["pass"] for p in chosen["passes"]] == ["quantize-static", "float-region"]
+    name = "static_u8_pc_minmax_fp32x1_wide"
+    wide = next(c for c in manifest["candidates"] if c["name"] == name)
+    assert [p["pass"] for p in wide["passes"]] == ["quantize-static", "float-region"]
     d = out.parent
     entries = ", ".join(
         "{ " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in p.items()) + " }"
-        for p in chosen["passes"]
+        for p in wide["passes"]
     )
     recipe = d / "wide.toml"
     recipe.write_text(
@@ -246,4 +271,5 @@ def test_a_recipe_rebuilds_the_widened_choice_byte_for_byte(run, capsys):
         "[bench]\nthreads = [1]\nwarmup = 1\nruns = 3\n"
     )
     assert main(["-q", "run", str(recipe), "-o", str(d / "r")]) == 0, capsys.readouterr().err
-    assert (d / "r" / "wide.onnx").read_bytes() == (out / "model.onnx").read_bytes()
+    built = next(c for c in result.candidates if c.name == name)
+    assert (d / "r" / "wide.onnx").read_bytes() == built.path.read_bytes()

@@ -43,6 +43,7 @@ class _Scores:
         self.model, self.scores, self.step, self.shares = model, scores, step, shares or {}
         self.threshold, self.built, self.cache = 0.99, [], cache
         self.speed, self.probed = speeds or {}, []
+        self.sample_shapes: dict = {}  # the model's own input shapes
 
     def speeds(self, candidates: list[Candidate]) -> dict[str, float]:
         self.probed.append([c.name for c in candidates])

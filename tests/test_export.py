@@ -365,6 +365,26 @@ def test_unimportable_spec_file(capsys, tmp_path: Path) -> None:
     assert "importing" in msg and "boom at import" in msg
 
 
+@pytest.mark.parametrize("where", ["import", "call"])
+def test_a_module_the_user_code_lacks_says_install_it(capsys, tmp_path: Path, where) -> None:
+    """A package the model's code imports and this Python lacks (resemblyzer needs webrtcvad,
+    facenet-pytorch torchvision) is to be installed, not a file to fix."""
+    missing = "import onnxship_no_such_module"
+    top, inside = (missing, "") if where == "import" else ("", missing)
+    lines = [
+        "import torch",
+        top,
+        "",
+        "def build():",
+        f"    {inside}",
+        "    return torch.nn.Linear(4, 2)",
+    ]
+    (tmp_path / "needs.py").write_text("\n".join(lines) + "\n")
+    msg = _bad(capsys, tmp_path, [f"{tmp_path}/needs.py:build", "--input", "x:2,4"])
+    assert "No module named 'onnxship_no_such_module'" in msg
+    assert "install the package that provides 'onnxship_no_such_module'" in msg
+
+
 def test_missing_callable_names_the_ones_there(capsys, tmp_path: Path, user_code: Path) -> None:
     msg = _bad(capsys, tmp_path, [f"{user_code}:buld", "--input", "x:2,4"])
     assert "no callable 'buld'" in msg and "build" in msg

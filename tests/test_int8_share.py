@@ -157,3 +157,41 @@ def test_a_matmul_after_a_dynamic_reshape_counts_its_constant_weight():
     s = int8_share(model)
     assert s.total_macs == 8 * 5 and s.mac_nodes == 1
     assert s.unknown == ("attention",)
+
+
+def _symbolic_size(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with its input's and output's height and width symbolic (a detector's)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for value in (out.graph.input[0], out.graph.output[0]):
+        dims = value.type.tensor_type.shape.dim
+        dims[2].dim_param, dims[3].dim_param = "h", "w"
+    return out
+
+
+def test_symbolic_height_and_width_take_the_data_size(calib, tmp_path, capsys):
+    """A model whose spatial dims are symbolic is counted at the size of the data it is given
+    (read as 1 without data, and then the line says so): YOLOv8n at 1×1 counted 2.86 M
+    multiply-adds per sample, at its 320×320 data 1.01 G."""
+    model = _symbolic_size(_folded_depthwise_model())
+    guessed = int8_share(model)
+    assert guessed.total_macs == TOTAL // 256 and guessed.assumed == ("x",)
+    assert "symbolic dims of input x read as 1" in guessed.line()
+    sized = int8_share(model, {"x": (4, 16, 16)})
+    assert (sized.total_macs, sized.assumed) == (TOTAL, ())
+    assert int8_share(model, {"x": (4, 16)}).assumed == ("x",)  # not its rank: not used
+
+    from converter.check.validate import validate
+
+    q = tmp_path / "q.onnx"
+    onnx.save(_static(model, calib), q)
+    src = tmp_path / "fp32.onnx"
+    onnx.save(model, src)
+    report = validate(q, calib, reference=src, metrics=["cosine"], progress=False)
+    assert (report.int8_macs.total_macs, report.int8_macs.int8_macs) == (TOTAL, TOTAL)
+    assert report.int8_macs.assumed == ()
+    code, out, err = cli(
+        capsys, "quantize", src, "-o", tmp_path / "q2.onnx", "--mode", "static", "--calib", calib
+    )
+    assert code == 0, err
+    assert "100.0% (0.1 of 0.1 M per sample" in out and "read as 1" not in out

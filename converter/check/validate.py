@@ -230,15 +230,20 @@ def _open(
     labels (bad input raises before any model runs)."""
     check_counts(DEFAULT_BATCH_SIZE if batch_size is None else batch_size, threads)
     loaded = _load_interfaces(candidate, reference, warn_target)
-    cand_specs, outputs, ref_specs, dynamic, _ = loaded
+    cand_specs, outputs, ref_specs, dynamic, kind = loaded
     dataset = open_data(data, cand_specs)
+    if kind.share is not None and kind.share.assumed:  # counted again at the data's size
+        share = int8_share(load_model(candidate, what="candidate model"), dataset.sample_shapes())
+        kind = kind._replace(share=share)
     batch = _scoring_batch(batch_size, dynamic, dataset, cand_specs)
     if ref_specs is not None:
         _check_reference_data(dataset, ref_specs, reference)
     plan = Plan.make(metrics, dataset.has_labels, reference is not None, limits)
     gated = gated_output(outputs, output)
     labels = read_labels(dataset) if plan.wants_labels else None
-    return _Opened(*loaded, dataset, batch, plan, gated, labels)
+    return _Opened(
+        cand_specs, outputs, ref_specs, dynamic, kind, dataset, batch, plan, gated, labels
+    )
 
 
 class _Kind(NamedTuple):

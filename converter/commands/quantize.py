@@ -134,19 +134,22 @@ def run(args: argparse.Namespace) -> int:
     results = apply_to_file([quantize], args.model, args.output, args.calibration)
     if not args.quiet:
         print(summary(results[0].stats, quantize.settings(), args.model, args.output))
-        print(f"  {_int8_share(args.output)}")
+        print(f"  {_int8_share(args.output, args.calibration)}")
         for line in _kernel_truth(args):
             print(f"  {line}")
     return 0
 
 
-def _int8_share(path: str) -> str:
+def _int8_share(path: str, calibration: str | None) -> str:
     """The share of the written model's multiply-adds that run in int8 (issue #20: a
-    "quantized" model can run almost all of them in fp32)."""
+    "quantized" model can run almost all of them in fp32), counted at the calibration
+    samples' size where the model's input dims are symbolic."""
+    from converter.core.data import Dataset
     from converter.core.onnxio import load_model
     from passes.int8_share import int8_share
 
-    return int8_share(load_model(path)).line()
+    shapes = Dataset(calibration).sample_shapes() if calibration else None
+    return int8_share(load_model(path), shapes).line()
 
 
 def _kernel_truth(args: argparse.Namespace) -> list[str]:

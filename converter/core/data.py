@@ -52,7 +52,8 @@ class InputSpec:
 
 
 def model_input_specs(model: onnx.ModelProto) -> list[InputSpec]:
-    """The graph inputs that are not initializers, as InputSpecs."""
+    """The graph inputs that are not initializers, as InputSpecs. A dim value that is not
+    positive is symbolic (paddle2onnx writes -1 for a dynamic batch)."""
     inits = {t.name for t in model.graph.initializer}
     specs = []
     for value in model.graph.input:
@@ -60,7 +61,7 @@ def model_input_specs(model: onnx.ModelProto) -> list[InputSpec]:
             continue
         tensor = value.type.tensor_type
         dims = tuple(
-            d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+            d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or None)
             for d in tensor.shape.dim
         )
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type))
@@ -231,6 +232,10 @@ class Dataset:
         if fixed:
             return fixed.pop()
         return wanted
+
+    def sample_shapes(self) -> dict[str, tuple[int, ...]]:
+        """One sample's shape per input array (the first dim, the samples, left off)."""
+        return {n: shape[1:] for n, (shape, _) in self._headers[0].items() if n in self.names}
 
     def labels(self) -> np.ndarray | None:
         if not self.has_labels:

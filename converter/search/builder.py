@@ -17,6 +17,7 @@ import passes as passes_package
 from converter.check.bench import bench
 from converter.check.validate import SCORING_RULE, semantics_figures, validate
 from converter.check.validate_kernels import ReferenceCache
+from converter.core.data import Dataset
 from converter.core.errors import InternalError, OnnxshipError
 from converter.core.machine import sha256_data, sha256_file, versions
 from converter.core.onnxio import atomic_write_text, save_model
@@ -26,6 +27,7 @@ from converter.search.subset import ScoreParts, combine, proven_miss
 from passes import PassRunner, fingerprint
 from passes.base import quiet_passes
 from passes.int8_share import int8_share
+from passes.normalize import opset_of
 from passes.quantize import StaticQuantize, default_calib_method
 from passes.registry import make_recipe_pass
 
@@ -63,10 +65,12 @@ class Builder:
         self.budget = budget
         self.cache = cache
         self.target = target
-        self.ranges: dict[tuple[str, str, str], Any] = {}
+        self.ranges: dict[tuple[Any, ...], Any] = {}
         self.reference_score = 0.0
         self.threshold = 0.0
         self.references = ReferenceCache()  # fp32 outputs for the semantics figure, once
+        # one scoring sample's shape per input: MACs are counted at the data's size
+        self.sample_shapes = Dataset(score).sample_shapes()
         # Everything that feeds a cached number, besides each candidate's own passes.
         self.context = {
             "model": fingerprint(model),
@@ -221,22 +225,27 @@ class Builder:
         they were measured on: equalized or not, as the settings say; None: the pass's
         default)."""
         method, scheme, equalize = _calib_of(settings), settings["scheme"], settings.get("equalize")
-        key = (fingerprint(model), method, scheme, equalize)
+        given = {} if equalize is None else {"equalize": equalize}
+        calibrator = StaticQuantize(
+            calibration=self.calib,
+            calib_method=method,
+            progress=False,
+            target=self.target,
+            scheme=scheme,
+            per_channel=settings.get("per_channel", True),
+            **given,
+        )
+        # the opset the pass quantizes at: per-channel Q/DQ upgrades an opset-11 model to 13,
+        # per-tensor does not, and ranges are measured on the model as the pass takes it
+        opset = max(opset_of(model), calibrator.min_opset(model).opset)
+        key = (fingerprint(model), method, scheme, equalize, opset)
         if key not in self.ranges:
-            given = {} if equalize is None else {"equalize": equalize}
             # another method's ranges on the same model: its pre-processed (and equalized)
             # model is the same; made once (equalizing alone: 5+ s on MobileNetV2)
             sibling = next(
                 (r for k, r in self.ranges.items() if k[0] == key[0] and k[2:] == key[2:]), None
             )
-            self.ranges[key] = StaticQuantize(
-                calibration=self.calib,
-                calib_method=method,
-                progress=False,
-                target=self.target,
-                scheme=scheme,
-                **given,
-            ).calibrate(model, prepared_as=sibling)
+            self.ranges[key] = calibrator.calibrate(model, prepared_as=sibling)
         return self.ranges[key]
 
     def measure_semantics(self, c: Candidate) -> None:

@@ -158,10 +158,14 @@ def _explain(builder: Any, c: Candidate) -> Candidate:
 
 
 def _accepted(c: Candidate, previous: float | None) -> bool:
-    """Whether step ``c`` is kept (its verdict set): scored, and its kernel score not
-    below ``previous`` (the last kept step's)."""
+    """Whether step ``c`` is kept (its verdict set): scored, something still in int8 (a
+    widened float region can take a step's neighbours too), and its kernel score not below
+    ``previous`` (the last kept step's)."""
     if c.score is None:
         c.fallback = "not kept: not scored"
+        return False
+    if (c.int8_macs or {}).get("int8_nodes") == 0:
+        c.fallback = "not kept: no node left in int8 (the fp32 model)"
         return False
     if previous is None or c.score >= previous:
         c.fallback = "kept" + (f" (kernel score ≥ {previous:.4f})" if previous is not None else "")

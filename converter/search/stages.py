@@ -32,8 +32,7 @@ from converter.search.builder import Builder
 from converter.search.candidates import Candidate, log_scored, passes_of
 from converter.search.tasks import Deadline
 from passes.dynamic import CONV_DOMINATED
-from passes.int8_share import node_macs
-from passes.quant_report import macs
+from passes.int8_share import macs_by_op, node_macs
 from passes.quantize import looks_like_transformer
 
 __all__ = ["search", "SearchLog", "EVERY_OP_REACH", "complete"]
@@ -130,7 +129,7 @@ def search(
             more = _evaluate(builder, "every-op static variants", variants, executor, deadline, log)
             yield from (c for c, _ in more)
             base += more
-    slow_dynamic = _conv_dominated(builder.model)
+    slow_dynamic = _conv_dominated(builder.model, builder.sample_shapes)
     for mode in ("quantize-dynamic", "quantize-static"):
         if (
             mode == "quantize-dynamic"
@@ -166,7 +165,9 @@ def _fallback_parent(
     A fallback step is never faster than its parent (it keeps nodes in fp32), so a parent is
     worth repairing only if it runs more of the model in int8 than every candidate that
     already meets the budget in a mode at least as fast (static QDQ ≥ dynamic): its int8
-    share of multiply-adds (unknown: read as all) above theirs by more than INT8_MARGIN.
+    share of multiply-adds (unknown: read as all) above theirs by more than INT8_MARGIN —
+    and above INT8_MARGIN at all: a parent that runs almost nothing in int8 (the
+    ``static_transformer`` of a CNN) has nothing a fallback could keep fast.
     On a CNN, ``static_transformer`` meets a budget with 0.4 % of the MACs in int8: the
     every-op static fallback still runs. Of the parents left, the best scored one among
     those a quick speed probe finds within PARENT_SPEED of the fastest (_fast_parents): on
@@ -177,7 +178,7 @@ def _fallback_parent(
     bar = max((_share(c) for c in meeting), default=None)
     repairable = [
         (c, cfg) for c, cfg in scored
-        if not c.meets and (bar is None or _share(c) > bar + INT8_MARGIN)
+        if not c.meets and _share(c) > (bar or 0.0) + INT8_MARGIN
     ]  # fmt: skip
     if not repairable:
         if scored and meeting and not any(c.meets for c, _ in scored):
@@ -247,13 +248,16 @@ def complete(builder: Any, c: Candidate | None) -> Candidate | None:
     return finish(c) if c is not None and finish is not None else c
 
 
-def _conv_dominated(model: Any) -> bool:
-    """More than half the multiply-adds in Conv (passes.dynamic's conv-dominated warning)."""
+def _conv_dominated(model: Any, sample_shapes: dict[str, Any]) -> bool:
+    """More than half the multiply-adds in Conv (passes.dynamic's conv-dominated warning),
+    counted at the size of the scoring samples (weights held in Constant nodes, as
+    paddle2onnx writes them, included)."""
     if not any(n.op_type == "Conv" for n in model.graph.node):
         return False
-    counts = macs(model)
-    total = counts["conv"] + counts["matmul"]
-    return bool(total) and counts["conv"] / total > CONV_DOMINATED
+    counts = macs_by_op(model, sample_shapes)
+    conv = counts.get("Conv", 0) + counts.get("ConvTranspose", 0)
+    total = sum(counts.values())
+    return bool(total) and conv / total > CONV_DOMINATED
 
 
 def _share(c: Candidate) -> float:
@@ -379,7 +383,8 @@ def _ranking(builder: Builder, config: dict[str, Any], executor: Executor) -> li
         executor=executor,
         tensor_errors=0,
     )
-    ranked = cost_order({n.name: n.loss for n in report.nodes}, node_macs(builder.model))
+    macs = node_macs(builder.model, builder.sample_shapes)  # at the data's size
+    ranked = cost_order({n.name: n.loss for n in report.nodes}, macs)
     atomic_write_text(path, json.dumps(ranked))
     return ranked
 

@@ -44,11 +44,23 @@ def _import_file(path: Path) -> Any:
         del sys.modules[module_spec.name]
         raise BadInputError(
             f"importing {path} failed: {type(e).__name__}: {e}",
-            f"fix the file; `python {path}` shows the same error",
+            _fix_for(e, f"fix the file; `python {path}` shows the same error"),
         ) from e
     finally:
         sys.path.remove(folder)
     return module
+
+
+def _fix_for(e: Exception, otherwise: str) -> str:
+    """The fix for an error raised by the user's code: a module it imports that this Python
+    does not have is installed, not fixed in the file."""
+    if isinstance(e, ModuleNotFoundError) and e.name:
+        top = e.name.split(".")[0]
+        return (
+            f"install the package that provides {top!r} into the Python that runs onnxship "
+            f"({sys.executable} -m pip install ...), or build the model without it"
+        )
+    return otherwise
 
 
 def load_module(spec: str) -> torch.nn.Module:
@@ -67,7 +79,7 @@ def load_module(spec: str) -> torch.nn.Module:
     except Exception as e:  # the user's factory may raise anything
         raise BadInputError(
             f"calling {name}() from {path} failed: {type(e).__name__}: {e}",
-            "make it callable with no arguments and returning an nn.Module",
+            _fix_for(e, "make it callable with no arguments and returning an nn.Module"),
         ) from e
     if not isinstance(model, torch.nn.Module):
         raise BadInputError(
