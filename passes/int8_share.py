@@ -238,6 +238,14 @@ def _shapes(
     ``input_shapes`` (one sample's shape, without the batch) when it has the input."""
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
+    # symbolic shapes the model carries (a quantizer's pre-processing leaves unk__3 and the
+    # like) are inferred anew from the inputs: shape inference would not replace them
+    concrete = [v for v in copy.graph.value_info if _concrete(v)]
+    del copy.graph.value_info[:]
+    copy.graph.value_info.extend(concrete)
+    for value in copy.graph.output:
+        if not _concrete(value):
+            value.type.tensor_type.ClearField("shape")
     given = input_shapes or {}
     assumed = []
     for value in copy.graph.input:
@@ -263,6 +271,12 @@ def _shapes(
             dims = [d.dim_value if d.dim_value > 0 else None for d in t.shape.dim]
             out.setdefault(value.name, dims)
     return out, assumed
+
+
+def _concrete(value: onnx.ValueInfoProto) -> bool:
+    """A shape whose every dim is a known positive number."""
+    t = value.type.tensor_type
+    return t.HasField("shape") and all(d.dim_value > 0 for d in t.shape.dim)
 
 
 def _macs(node: onnx.NodeProto, shapes: Mapping[str, list[int | None]]) -> int | None:

@@ -1,7 +1,7 @@
 """Models from other exporters, made fit for the passes — on a copy, the input is never
 modified.
 
-Two things differ from what ``torch.onnx`` writes, and each pass would trip on them:
+Three things differ from what ``torch.onnx`` writes, and each pass would trip on them:
 
 * **Weights held in ``Constant`` nodes** (paddle2onnx, some TensorFlow converters) instead of
   initializers: the passes read weights as initializers, so a Conv whose weight comes from a
@@ -15,7 +15,10 @@ Two things differ from what ``torch.onnx`` writes, and each pass would trip on t
   (:meth:`passes.base.Pass.min_opset`), and when the converter cannot, raises a BadInputError
   naming the opset needed and how to upgrade by hand.
 
-The runner (``Pass.__call__``) applies both and records what it did in the pass's stats
+* **Nodes without names** (hand-built graphs, some converters), or with duplicate ones:
+  :func:`named_nodes` names them ``<OpType>_<position>``.
+
+The runner (``Pass.__call__``) applies all three and records what it did in the pass's stats
 (``stats["normalized"]``); :func:`describe` renders that as the lines the CLI prints.
 """
 
@@ -35,6 +38,7 @@ __all__ = [
     "OpsetNeed",
     "opset_of",
     "weights_as_initializers",
+    "named_nodes",
     "upgrade_opset",
     "upgrade_command",
     "describe",
@@ -109,6 +113,37 @@ def weights_as_initializers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, in
     return out, len(moved)
 
 
+def named_nodes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """(``model`` with a unique name on every node of its main graph, how many were named).
+    A node without a name, or with one an earlier node has, is named ``<OpType>_<position>``
+    (``_2``, ``_3``… appended if that is taken): the passes and reports tell nodes apart by
+    name (bias correction pairs a quantized Conv with its float twin, the fp32 fallback keeps
+    nodes by name), and hand-built or converted graphs often leave names empty. ``model``
+    itself when every name is unique (no copy)."""
+    names = [n.name for n in model.graph.node]
+    seen: set[str] = set()
+    todo = []
+    for i, name in enumerate(names):
+        if not name or name in seen:
+            todo.append(i)
+        else:
+            seen.add(name)
+    if not todo:
+        return model, 0
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for i in todo:
+        node = out.graph.node[i]
+        base = f"{node.op_type}_{i}"
+        name, k = base, 1
+        while name in seen:
+            k += 1
+            name = f"{base}_{k}"
+        node.name = name
+        seen.add(name)
+    return out, len(todo)
+
+
 def upgrade_command(opset: int) -> str:
     """The one-liner that upgrades a model file to ``opset`` with onnx's version converter."""
     return (
@@ -153,6 +188,11 @@ def describe(normalized: Mapping[str, Any] | None) -> list[str]:
     lines = []
     if normalized.get("constants_moved"):
         lines.append(f"moved {normalized['constants_moved']} Constant weights to initializers")
+    if normalized.get("nodes_named"):
+        lines.append(
+            f"named {normalized['nodes_named']} nodes that had no name or another's "
+            "(<OpType>_<position>)"
+        )
     if normalized.get("opset_from") != normalized.get("opset_to"):
         lines.append(
             f"upgraded opset {normalized['opset_from']} → {normalized['opset_to']}, "

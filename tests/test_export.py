@@ -419,6 +419,39 @@ def test_weights_not_a_state_dict(capsys, tmp_path: Path, user_code: Path) -> No
     assert "not a state_dict" in msg
 
 
+@pytest.mark.parametrize("layout", ["training", "dataparallel"])
+def test_weights_of_a_training_or_dataparallel_checkpoint(user_code, tmp_path, layout) -> None:
+    """The state_dict inside a training checkpoint (resemblyzer ships {"model_state": ...,
+    "optimizer_state": ..., "step": ...}) and keys that torch.nn.DataParallel prefixed with
+    "module." (easyocr's CRAFT) load as the model's own."""
+    sys.path.insert(0, str(user_code.parent))
+    net = __import__("net").build()
+    with torch.no_grad():
+        net.fc.weight.mul_(3.0)
+    state = net.state_dict()
+    if layout == "training":
+        saved = {"model_state": state, "optimizer_state": {"lr": 0.1, "state": {}}, "step": 7}
+    else:
+        saved = {f"module.{k}": v for k, v in state.items()}
+    torch.save(saved, tmp_path / "w.pt")
+    path, _ = export(
+        f"{user_code}:build", tmp_path / "n.onnx", ["x:batch,4"], weights=tmp_path / "w.pt"
+    )
+    x = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    assert torch_vs_onnx(net.eval(), path, {"x": x}) < 1e-5
+
+
+def test_weights_with_two_state_dicts_name_them(capsys, tmp_path: Path, user_code: Path) -> None:
+    state = {"fc.weight": torch.zeros(3, 4), "fc.bias": torch.zeros(3)}
+    torch.save({"model": state, "ema": dict(state)}, tmp_path / "w.pt")
+    msg = _bad(
+        capsys,
+        tmp_path,
+        [f"{user_code}:build", "--input", "x:2,4", "--weights", str(tmp_path / "w.pt")],
+    )
+    assert "holds 2 state_dicts (ema, model)" in msg and "checkpoint[KEY]" in msg
+
+
 def test_weights_not_a_checkpoint(capsys, tmp_path: Path, user_code: Path) -> None:
     (tmp_path / "w.pt").write_text("hello")
     msg = _bad(

@@ -346,3 +346,32 @@ def test_fp16_validate_and_bench_on_constant_weights(files, tmp_path, capsys):
     code, stdout, _ = cli(capsys, "bench", src, half, "--data", test, "--runs", "5")
     assert code == 0 and "half.onnx" in stdout
     assert src.read_bytes() == original
+
+
+def test_unnamed_and_duplicate_nodes_are_named_and_bias_correction_pairs_them(tmp_path):
+    """Bias correction pairs each quantized Conv with its float twin by node name: with
+    every name empty (a hand-built ResNet-18) it paired the Gemm with a Conv and failed
+    ("shapes (1000,) (64,)"). Nodes are named <OpType>_<position> first; a duplicate name
+    keeps its first holder."""
+    from passes.normalize import named_nodes
+    from tests.test_kernel_truth import _folded_depthwise_model
+
+    model = _folded_depthwise_model()
+    for node in model.graph.node:
+        node.name = ""
+    model.graph.node[3].name = "Conv_0"  # relu2 holds it first: conv1 becomes Conv_0_2
+    model.graph.node[4].name = "Conv_0"  # a duplicate: conv3 is renamed
+    named, count = named_nodes(model)
+    assert count == 4
+    assert [n.name for n in named.graph.node] == [
+        "Conv_0_2", "Relu_1", "Conv_2", "Conv_0", "Conv_4"
+    ]  # fmt: skip
+    assert named_nodes(named) == (named, 0) and model.graph.node[0].name == ""  # input untouched
+    calib = tmp_path / "c.npz"
+    np.savez(calib, x=np.random.default_rng(1).standard_normal((32, 4, 16, 16)).astype(np.float32))
+    result = StaticQuantize(calibration=calib, progress=False, target="avx2")(model)
+    corrected = result.stats["bias_correction"]
+    assert (corrected["layers"], corrected["skipped"]) == (2, 1)  # conv3 has no bias
+    assert not result.stats["warnings"]
+    assert result.stats["normalized"]["nodes_named"] == 4
+    assert "named 4 nodes that had no name or another's" in describe(result.stats["normalized"])[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import logging
 import pickle
 import sys
 from collections.abc import Mapping
@@ -13,6 +14,8 @@ from typing import Any
 import torch
 
 from converter.core.errors import BadInputError
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["load_module", "load_weights"]
 
@@ -121,12 +124,30 @@ def _read_checkpoint(path: Path) -> Any:
         ) from e
 
 
+def _tensors(obj: Any) -> bool:
+    """A non-empty mapping of names to tensors: a state_dict."""
+    return (
+        isinstance(obj, Mapping)
+        and bool(obj)
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    )
+
+
 def _as_state_dict(obj: Any, path: Path) -> Mapping[str, torch.Tensor]:
-    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
-    ):
+    """The state_dict in a checkpoint: the checkpoint itself, or the one state_dict it holds
+    beside other things (a training checkpoint: ``{"model_state": ..., "optimizer_state":
+    ..., "step": ...}`` as resemblyzer ships, ``{"state_dict": ...}``, ``{"model": ...}``)."""
+    if isinstance(obj, Mapping) and not _tensors(obj):
+        nested = sorted(k for k, v in obj.items() if isinstance(k, str) and _tensors(v))
+        if len(nested) > 1:
+            raise BadInputError(
+                f"weights file {path} holds {len(nested)} state_dicts ({', '.join(nested)})",
+                "save the one to load on its own: torch.save(checkpoint[KEY], path)",
+            )
+        if nested:
+            logger.info("weights: the state_dict under %r in %s", nested[0], path)
+            obj = obj[nested[0]]
+    if not _tensors(obj):
         raise BadInputError(
             f"weights file {path} holds a {type(obj).__name__}, not a state_dict of tensors",
             "save it with torch.save(model.state_dict(), path)",
@@ -134,11 +155,24 @@ def _as_state_dict(obj: Any, path: Path) -> Mapping[str, torch.Tensor]:
     return obj
 
 
+def _unwrapped(state: Mapping[str, torch.Tensor], own: Mapping[str, Any]) -> Mapping:
+    """``state`` without the ``module.`` prefix ``torch.nn.DataParallel`` puts on every key
+    (easyocr's CRAFT weights), when that makes its keys the model's."""
+    prefix = "module."
+    if set(state) == set(own) or not all(k.startswith(prefix) for k in state):
+        return state
+    stripped = {k[len(prefix) :]: v for k, v in state.items()}
+    if set(stripped) != set(own):
+        return state
+    logger.info("weights: the %r prefix of every key (DataParallel) removed", prefix)
+    return stripped
+
+
 def load_weights(model: torch.nn.Module, path: str | Path) -> None:
     """Load a state_dict into ``model`` strictly, naming missing/unexpected/mis-shaped keys."""
     path = Path(path)
-    state = _as_state_dict(_read_checkpoint(path), path)
     own = model.state_dict()
+    state = _unwrapped(_as_state_dict(_read_checkpoint(path), path), own)
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     shapes = [
