@@ -25,7 +25,9 @@ per-channel/per-tensor weights, minmax/mse/percentile/entropy calibration), then
 full-int8 configuration meets the budget, keeps sensitive nodes in fp32 one at a time (most
 fidelity per fp32 multiply-add first, from the fastest well-scored configuration; each step
 kept only if the shipped kernels score it no lower), and pruning levels with
---sparsity-grid. Every candidate is scored on the scoring data; those meeting the budget
+--sparsity-grid. Every candidate is scored on the scoring data (with 64 samples or more,
+on 32 evenly spaced ones first: one they prove misses the budget is scored further only
+if a decision reads its score; the report marks such rows); those meeting the budget
 are benched interleaved with fp32, and the fastest one is written to
 OUTDIR/model.onnx with report.md/.html (Pareto plot, every candidate) and manifest.json.
 Without --calib, every 4th sample of --data (at most 256) calibrates and the rest is scored.

@@ -66,7 +66,8 @@ def _semantics(c: Any) -> str:
     s = c.semantics
     if s is None:
         static = any(p["pass"] == "quantize-static" for p in c.passes)
-        return "not measured" if static and c.score is not None else "—"
+        scored = c.score is not None or getattr(c, "subset", None)
+        return "not measured" if static and scored else "—"
     if not s:  # measured: not a QDQ model
         return "—"
     if s["semantics_score"] is None:
@@ -87,20 +88,31 @@ def _int8_macs(c: Any) -> str:
     return "—" if share is None else f"{100 * share:.1f}%"
 
 
+def _on_subset(c: Any, key: str, spec: str) -> str:
+    """A number of a candidate decided on the subset, saying so (never a whole-set score)."""
+    s = c.subset
+    return f"{s[key]:{spec}} on {s['samples']} of {s['of']}"
+
+
 def _cells(c: Any) -> list[str]:
     passes = _describe_passes(c.passes) if not c.error else f"failed: {c.error}"
     if c.fallback:
         passes += f" [{c.fallback}]"
+    subset = getattr(c, "subset", None)
     return [
         c.name + (" ◀ chosen" if getattr(c, "chosen", False) else ""),
         passes,
-        cell(c.score, ".4f"),
+        _on_subset(c, "score", ".4f") if subset else cell(c.score, ".4f"),
         _semantics(c),
         _int8_macs(c),
-        cell(c.cosine, ".5f"),
-        cell(c.worst, ".5f"),
+        _on_subset(c, "cosine", ".5f") if subset else cell(c.cosine, ".5f"),
+        _on_subset(c, "worst", ".5f") if subset else cell(c.worst, ".5f"),
         str(c.scored_at["batch_size"]) if c.scored_at else "—",
-        "yes" if c.meets else "no",
+        (
+            f"no: misses on {subset['samples']} of {subset['of']} samples: {subset['miss']}"
+            if subset
+            else ("yes" if c.meets else "no")
+        ),
         "—" if c.calib_samples is None else f"{c.calib_samples} samples",
         "not benched" if _unbenched(c) else cell(c.p50_ms, ".3f"),
         cell(c.p90_ms, ".3f"),
@@ -178,7 +190,7 @@ def _scoring_line(result: Any) -> str:
     """How the scores were measured: batch, threads and samples per kind of candidate."""
     seen: dict[str, list[str]] = {}
     for c in result.candidates:
-        if c.scored_at:
+        if c.scored_at and not getattr(c, "subset", None):  # (the subset's: a note says)
             kind = "dynamic int8" if c.scored_at.get("dynamic_quantization") else "the others"
             text = scoring_text(c.scored_at)
             if text not in seen.setdefault(kind, []):

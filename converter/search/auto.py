@@ -48,6 +48,7 @@ from converter.core.executor import Executor, InProcess
 from converter.core.machine import Target, host_target, resolve_target
 from converter.core.onnxio import copy_model, load_model
 from converter.recipes.auto_report import write_auto_outputs
+from converter.search import subset
 from converter.search.budget import Budget, check_options
 from converter.search.builder import Builder
 from converter.search.candidates import (
@@ -136,8 +137,10 @@ def auto(
         calib_path, score_path, split = _calib_and_score(
             dataset, specs, data, calib, out, max_score_samples
         )
+        # the subset each candidate is scored on first (converter.search.subset)
+        parts = subset.split_scoring(open_data(score_path, specs), specs, out / "data" / "first")
         builder = Builder(
-            fp32, calib_path, score_path, reference, budget, out / "cache", resolved.name
+            fp32, calib_path, score_path, reference, budget, out / "cache", resolved.name, parts
         )
         builder.cache.mkdir(exist_ok=True)
         builder.reference_score = _reference_score(reference, score_path, metric)
@@ -153,12 +156,15 @@ def auto(
         grid = sorted(sparsity_grid or [])
         log = SearchLog()
         candidates = list(search(builder, tried, grid, max_excluded, executor, deadline, log))
+        if not any(c.meets for c in candidates):  # the closest is chosen on whole-set scores
+            candidates = [builder.complete(c) for c in candidates]
         result = AutoResult(
             out, budget, builder.reference_score, builder.threshold, candidates, None, split,
             target=resolved, time_budget=time_summary(deadline, len(candidates)),
         )  # fmt: skip
         result.notes += log.notes + notes(executor) + time_note(result.time_budget)
         result.stages = log.stages
+        result.notes += _subset_note(candidates, parts)
         result.notes += _calibration_notes(candidates, open_data(calib_path, specs).num_samples)
         if calib is not None and allow_overlap:
             result.split += " (--allow-overlap: calibration samples may also be scored)"
@@ -283,6 +289,26 @@ def _calibration_notes(candidates: list[Candidate], samples: int) -> list[str]:
             logger.warning("warning: %s", text)
             found.append(text)
     return found
+
+
+def _subset_note(candidates: list[Candidate], parts: subset.ScoreParts | None) -> list[str]:
+    """How many candidates were decided on the subset (converter.search.subset)."""
+    decided = [c.name for c in candidates if c.subset]
+    if parts is None:
+        return []
+    rest = parts.total - parts.samples
+    if not decided:
+        return [
+            f"every candidate was scored on all {parts.total} scoring samples (none was "
+            f"decided on the {parts.samples} scored first)"
+        ]
+    verb = "was" if len(decided) == 1 else "were"
+    return [
+        f"{len(decided)} of {len(candidates)} candidates {verb} decided on {parts.samples} "
+        f"evenly spaced of the {parts.total} scoring samples: each misses the budget whatever "
+        f"the other {rest} would score, and no decision read its score ({', '.join(decided)}; "
+        "their rows say why); the others were scored on all of them"
+    ]
 
 
 def _write_model(result: AutoResult) -> None:

@@ -67,9 +67,17 @@ class Candidate:
     int8_macs: dict[str, Any] | None = None
     fallback: str = ""
     calib_samples: int | None = None  # the calibration samples its passes read (None: none)
+    # Decided on the subset (converter.search.subset): {"score", "cosine", "worst" there,
+    # "samples", "of" (the whole set's), "miss": why it misses whatever the rest scores};
+    # score, cosine and worst stay None until Builder.complete scores the rest.
+    subset: dict[str, Any] | None = None
 
     def row(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
+
+    def scored(self) -> bool:
+        """Scored, on the whole set or (``subset``) on the subset only."""
+        return self.score is not None or self.subset is not None
 
 
 def uses(candidate: Candidate, method: str) -> bool:
@@ -81,7 +89,14 @@ def uses(candidate: Candidate, method: str) -> bool:
 
 def log_scored(c: Candidate) -> Candidate:
     """The progress line of a scored candidate (a fallback step's verdict after a dash)."""
-    if c.score is not None:
+    if c.subset:
+        s = c.subset
+        logger.info(
+            "  %-34s misses on %d of %d samples: %s (there: score %.4f, worst cosine %.4f)%s",
+            c.name, s["samples"], s["of"], s["miss"], s["score"], s["worst"],
+            " (cached)" if c.cached else "",
+        )  # fmt: skip
+    elif c.score is not None:
         logger.info(
             "  %-34s score %.4f  worst cosine %.4f  %s%s%s",
             c.name,

@@ -143,7 +143,9 @@ def _evaluate(
     (c,) = deadline.evaluate(
         builder, [Candidate(name, step_passes(config, trial, widen))], executor
     )
-    return c
+    # its score is read at once, kept or not: the whole set's (Builder.complete)
+    finish = getattr(builder, "complete", None)
+    return finish(c) if c is not None and finish is not None else c
 
 
 def _explain(builder: Any, c: Candidate) -> Candidate:

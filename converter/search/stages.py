@@ -35,7 +35,7 @@ from passes.dynamic import CONV_DOMINATED
 from passes.int8_share import macs_by_op, node_macs
 from passes.quantize import looks_like_transformer
 
-__all__ = ["search", "SearchLog", "EVERY_OP_REACH"]
+__all__ = ["search", "SearchLog", "EVERY_OP_REACH", "complete"]
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def search(
     base = _evaluate(builder, "full int8", first, executor, deadline, log)
     yield from (c for c, _ in base)
     if variants:
-        tried = next((c for c, _ in base if c.name == probe), None)
+        tried = complete(builder, next((c for c, _ in base if c.name == probe), None))
         short = None if tried is None or tried.score is None else builder.threshold - tried.score
         if short is not None and short > EVERY_OP_REACH:
             log.note(
@@ -134,7 +134,7 @@ def search(
         if (
             mode == "quantize-dynamic"
             and slow_dynamic
-            and any(cfg["pass"] == mode and c.score is not None and not c.meets for c, cfg in base)
+            and any(cfg["pass"] == mode and c.scored() and not c.meets for c, cfg in base)
         ):
             log.note(
                 "the dynamic fp32 fallback was skipped: the model is conv-dominated, and dynamic "
@@ -173,7 +173,7 @@ def _fallback_parent(
     those a quick speed probe finds within PARENT_SPEED of the fastest (_fast_parents): on
     x86, int8 activations run MobileNetV2 at 1.27x fp32 where uint8 runs 2.2x, for the same
     score, and no fallback step of the slow one can be fast."""
-    scored = [(c, cfg) for c, cfg in base if cfg["pass"] == mode and c.score is not None]
+    scored = [(c, cfg) for c, cfg in base if cfg["pass"] == mode and c.scored()]
     meeting = [c for c, cfg in base if c.meets and _SPEED_RANK[cfg["pass"]] >= _SPEED_RANK[mode]]
     bar = max((_share(c) for c in meeting), default=None)
     repairable = [
@@ -182,15 +182,21 @@ def _fallback_parent(
     ]  # fmt: skip
     if not repairable:
         if scored and meeting and not any(c.meets for c, _ in scored):
-            best = max(scored, key=lambda t: t[0].score)[0]
+            # (the best of them named when all were scored on the whole set: a candidate
+            # decided on the subset is not scored further for a note)
+            whole = [c for c, _ in scored if c.score is not None]
+            best = max(whole, key=lambda c: c.score).name if len(whole) == len(scored) else None
+            best = best or "the best of " + ", ".join(c.name for c, _ in scored)
             winner = max(meeting, key=_share)
             log.note(
-                f"the {_MODE[mode]} fp32 fallback (from {best.name}) was skipped: "
+                f"the {_MODE[mode]} fp32 fallback (from {best}) was skipped: "
                 f"{winner.name} meets the budget with {_percent(winner)} of the multiply-adds "
                 f"in int8 and runs at least as fast as {_MODE[mode]} int8; keeping nodes in "
-                f"fp32 would only make a model slower than {best.name} itself"
+                f"fp32 would only make a model slower than {best} itself"
             )
         return None
+    for c, _ in repairable:  # their scores decide: the whole set's
+        complete(builder, c)
     best = max(_fast_parents(builder, repairable, log), key=lambda t: t[0].score)
     if meeting:
         winner = max(meeting, key=_share)
@@ -233,6 +239,13 @@ def _fast_parents(
             f"{speeds[best.name]:.2f}x): a fallback step is never faster than its parent"
         )
     return fast
+
+
+def complete(builder: Any, c: Candidate | None) -> Candidate | None:
+    """``c`` scored on the whole set if it was decided on the subset (Builder.complete): what
+    a decision reading the score of a candidate that misses the budget calls first."""
+    finish = getattr(builder, "complete", None)
+    return finish(c) if c is not None and finish is not None else c
 
 
 def _conv_dominated(model: Any, sample_shapes: dict[str, Any]) -> bool:
@@ -306,8 +319,10 @@ def _pruned(
 ) -> Iterator[Candidate]:
     """Each pruning level alone, and followed by the best full-int8 configuration (the best
     of those meeting the budget, else the best scored)."""
-    scored = [(c, cfg) for c, cfg in base if c.score is not None]
-    pool = [(c, cfg) for c, cfg in scored if c.meets] or scored
+    scored = [(c, cfg) for c, cfg in base if c.scored()]
+    pool = [(c, cfg) for c, cfg in scored if c.meets] or [
+        (complete(builder, c), cfg) for c, cfg in scored
+    ]  # (none meets: the best score decides, the whole set's)
     best, config = max(pool, key=lambda t: t[0].score) if pool else (None, {})
     pruned = []
     for sparsity in sparsity_grid:
