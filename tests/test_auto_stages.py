@@ -330,3 +330,12 @@ def test_no_dynamic_fallback_on_a_conv_dominated_model(monkeypatch) -> None:
     found, notes, ranked = _search(builder, monkeypatch)
     assert ranked == ["quantize-static"]
     assert any("dynamic fp32 fallback was skipped: the model is conv-dominated" in n for n in notes)
+
+
+def test_the_budget_line_shows_a_limit_with_all_its_digits() -> None:
+    from converter.search.budget import Budget
+
+    assert Budget(0.99999, None, 0.98, metric="cosine").describe(1.0) == (
+        "cosine ≥ 0.99999, worst cosine ≥ 0.98"
+    )  # was "≥ 1.0000"
+    assert Budget(0.995, None, None, metric="cosine").describe(1.0) == "cosine ≥ 0.9950"

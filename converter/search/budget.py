@@ -11,7 +11,7 @@ from converter.core import defaults
 from converter.core.errors import BadInputError
 from converter.core.gates import Gate, ScoreLimits, fmt
 
-__all__ = ["Budget", "check_options"]
+__all__ = ["Budget", "check_options", "shown"]
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class Budget(ScoreLimits):
         return max(limits)
 
     def describe(self, reference_score: float) -> str:
-        text = f"{self.metric} ≥ {self.threshold(reference_score):.4f}"
+        text = f"{self.metric} ≥ {shown(self.threshold(reference_score))}"
         return text + (f", worst cosine ≥ {self.min_worst:g}" if self.min_worst is not None else "")
 
     def candidate_gates(
@@ -45,6 +45,13 @@ class Budget(ScoreLimits):
             drop=(self.metric, drop, detail),
             worst=(worst, ""),
         )
+
+
+def shown(limit: float) -> str:
+    """A limit for people: 4 decimals, or as many as it has (``--min-score 0.99999`` is not
+    "≥ 1.0000")."""
+    four = f"{limit:.4f}"
+    return four if abs(float(four) - limit) < 1e-12 else f"{limit:.10g}"
 
 
 def check_options(

@@ -27,6 +27,7 @@ import numpy as np
 
 from converter.core.data import Dataset, InputSpec
 from converter.core.onnxio import atomic_path
+from converter.search.budget import shown
 
 __all__ = ["SAMPLES", "ScoreParts", "split_scoring", "stratified", "proven_miss", "combine"]
 
@@ -117,7 +118,7 @@ def proven_miss(
         return ""
     bound = (parts.samples * score + (parts.total - parts.samples) * top) / parts.total
     if bound < threshold - _MARGIN:
-        return f"{metric} at most {bound:.4f} < {threshold:.4f}"
+        return f"{metric} at most {bound:.4f} < {shown(threshold)}"
     return ""
 
 
