@@ -385,3 +385,25 @@ def test_auto_measures_the_closest_candidate_on_a_miss(two_inputs, tmp_path):
     assert measured[0]["node_errors"]["tensors"]
     report = (tmp_path / "miss" / "report.md").read_text()
     assert f"## Per-tensor error: {measured[0]['name']}" in report
+
+
+def test_corrected_biases_rank_after_every_other_tensor(tmp_path):
+    """Bias correction moves the int32 biases on purpose: their 'error' against the fp32
+    bias is the correction (YOLOv8n's worst ten were all biases, 18.6–24 dB), so they are
+    kind "bias" and rank last, whatever their SQNR."""
+    from tests.test_kernel_truth import _folded_depthwise_model
+
+    model = _folded_depthwise_model()
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "c.npz", x=rng.standard_normal((32, 4, 16, 16)).astype(np.float32))
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((8, 4, 16, 16)).astype(np.float32))
+    result = StaticQuantize(calibration=tmp_path / "c.npz", progress=False, target="avx2")(model)
+    assert result.stats["bias_correction"]["layers"] == 2
+    errors = node_errors(
+        prepare_reference(model), result.model, sample_feeds(tmp_path / "d.npz", model, 4)
+    )
+    kinds = [e.kind for e in errors]
+    assert kinds.count("bias") == 2 and kinds[-2:] == ["bias", "bias"]
+    assert {e.tensor for e in errors if e.kind == "bias"} == {"b1", "b2"}
+    others = [e.sqnr_db for e in errors if e.kind != "bias"]
+    assert min(e.sqnr_db for e in errors if e.kind == "bias") < max(others)  # not SQNR order

@@ -86,7 +86,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("activation", "output", "weight")  # tie order in the ranking
+KINDS = ("activation", "output", "weight", "bias")  # tie order in the ranking
+# int32 biases rank after every other tensor: bias correction moves them on purpose (their
+# "error" against the fp32 bias is the correction), and rounding alone leaves them exact
+LAST = ("bias",)
 
 
 def node_errors(
@@ -105,7 +108,10 @@ def node_errors(
     records = [p.record(sums[p.tensor]) for p in probes if p.tensor in sums]
     records += _weight_errors(graphs)
     order = {k: i for i, k in enumerate(KINDS)}
-    return sorted(records, key=lambda r: (_worst_first(r.sqnr_db), order[r.kind], r.tensor))
+    return sorted(
+        records,
+        key=lambda r: (r.kind in LAST, _worst_first(r.sqnr_db), order[r.kind], r.tensor),
+    )
 
 
 def _worst_first(sqnr: float) -> float:
@@ -175,18 +181,19 @@ def _weight_errors(graphs: Graphs) -> list[TensorError]:
     """fp32 vs dequantized, per int8 initializer whose fp32 tensor the fp32 model has."""
     readers = readers_of(graphs.fp32)
     out = []
-    for name, weight, dequantized in _dequantized_weights(graphs):
+    for name, weight, dequantized, bits in _dequantized_weights(graphs):
         if weight.shape != dequantized.shape:
             continue
         sums = Sums()
         sums.add(weight, dequantized)
         nodes = tuple(n.name for n in readers.get(name, ()))
-        out.append(TensorError(name, "weight", nodes, sums.sqnr_db(), sums.cosine()))
+        kind = "bias" if bits == onnx.TensorProto.INT32 else "weight"
+        out.append(TensorError(name, kind, nodes, sums.sqnr_db(), sums.cosine()))
     return out
 
 
-def _dequantized_weights(graphs: Graphs) -> Iterable[tuple[str, np.ndarray, np.ndarray]]:
-    """(fp32 name, fp32 value, dequantized value) of every int initializer named
+def _dequantized_weights(graphs: Graphs) -> Iterable[tuple[str, np.ndarray, np.ndarray, int]]:
+    """(fp32 name, fp32 value, dequantized value, integer type) of every int initializer named
     ``<name>_quantized`` (onnxruntime's naming), in name order. Its scale and zero point
     come from the DequantizeLinear reading it (QDQ) or from ``<name>_scale`` and
     ``<name>_zero_point`` (dynamic; a MatMul weight ``<name>_Transposed`` is the fp32
@@ -203,7 +210,7 @@ def _dequantized_weights(graphs: Graphs) -> Iterable[tuple[str, np.ndarray, np.n
         if params is None or found is None:
             continue
         name, weight = found
-        yield name, weight, _dequant(numpy_helper.to_array(tensor), *params)
+        yield name, weight, _dequant(numpy_helper.to_array(tensor), *params), tensor.data_type
 
 
 def _quant_params(

@@ -25,7 +25,7 @@ class TensorError:
     and node outputs, propagated through the int8 model (see :mod:`converter.check.node_error`)."""
 
     tensor: str
-    kind: str  # activation | output | weight
+    kind: str  # activation | output | weight | bias (int32: bias correction moves it)
     nodes: tuple[str, ...]  # the nodes reading it as int8 (activation, weight) or making it
     sqnr_db: float
     cosine: float

@@ -180,7 +180,8 @@ def _error_table(result: Any) -> tuple[str, str, list[list[str]]] | None:
         f"SQNR (dB) and cosine of each tensor {c.name} quantizes, against the fp32 model its "
         f"quantize pass was given, on {c.node_errors['samples']} scoring samples: SQNR is the "
         "tensor's int8 round trip alone, propagated its value in the int8 model (upstream "
-        f"errors included). {which}, worst first; manifest.json has every number."
+        f"errors included). {which}, worst first (int32 biases last: bias correction "
+        "moves them on purpose); manifest.json has every number."
     )
     rows = error_rows(errors, defaults.NODE_ERROR_ROWS)
     return f"Per-tensor error: {c.name}", text, [ERROR_HEADER, *rows]
