@@ -129,13 +129,15 @@ class Pass:
         Idempotent: accepting the result again changes nothing (calibration ranges
         fingerprint it)."""
         moved, count = weights_as_initializers(model)
-        moved, named = named_nodes(moved) if self.names_nodes else (moved, 0)
         need = self.min_opset(moved)
         try:
             ready, had = upgrade_opset(moved, need.opset, need.why, need.alternative)
         except OnnxshipError:
             self.requires(moved)  # a more basic refusal (already quantized...) comes first
             raise
+        # named last: the opset converter adds nodes of its own, often without names (named
+        # before it, a second accept named those and the ranges' fingerprint no longer fit)
+        ready, named = named_nodes(ready) if self.names_nodes else (ready, 0)
         self.requires(ready)
         if ready is model:
             return model, None
