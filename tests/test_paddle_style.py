@@ -109,3 +109,8 @@ def test_auto_tries_every_candidate_and_skips_the_dynamic_fallback(files: Path, 
     assert not [n for n in rows if n.startswith("dynamic_") and "fp32x" in n]
     assert any("conv-dominated" in note for note in manifest["notes"])
     assert (out / "model.onnx").exists()
+    # the per-tensor error compares with the model as the pass took it (weights moved out
+    # of Constant nodes, opset 13, nodes named): every int8 weight has its fp32 twin
+    (measured,) = [c for c in manifest["candidates"] if c.get("node_errors")]
+    kinds = {t["kind"] for t in measured["node_errors"]["tensors"]}
+    assert {"activation", "weight"} <= kinds

@@ -68,6 +68,7 @@ from converter.search.tasks import Deadline, notes
 from passes.base import quiet_passes
 from passes.pack import dense_model, packed_size
 from passes.quantize import is_quantized
+from passes.registry import make_recipe_pass
 
 __all__ = [
     "auto",
@@ -445,7 +446,12 @@ def _note_node_errors(result: AutoResult, builder: Builder, threads: int) -> Non
     try:
         with quiet_passes():
             before = builder.build(c.passes[:at]) if at else builder.model
-            fp32 = prepare_reference(before, c.passes[at].get("preprocess", True))
+            # normalized as the pass takes it (Constant weights moved, opset upgraded, nodes
+            # named): a paddle2onnx model's names and opset are otherwise not the int8 one's
+            entry = c.passes[at]
+            settings = {k: v for k, v in entry.items() if k != "pass"}
+            before, _ = make_recipe_pass(entry["pass"], settings, builder.calib).accept(before)
+            fp32 = prepare_reference(before, entry.get("preprocess", True))
         feeds = sample_feeds(builder.score, fp32)
         errors = node_errors(fp32, load_model(c.path), feeds, threads)
     except (OSError, MemoryError):
