@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import onnx
 from onnx import shape_inference
 
-__all__ = ["Int8Share", "int8_share", "macs_by_op", "node_macs", "requantized_nodes", "MAC_OPS"]
+__all__ = ["Int8Share", "int8_share", "conv_share", "node_macs", "requantized_nodes", "MAC_OPS"]
 
 # op type -> (index of the activation input, index of the weight input)
 MAC_OPS: dict[str, tuple[int, int]] = {
@@ -159,15 +159,18 @@ def node_macs(
     return {n.name: _macs(n, shapes) for n in model.graph.node if n.op_type in MAC_OPS}
 
 
-def macs_by_op(model: onnx.ModelProto, input_shapes: InputShapes | None = None) -> dict[str, int]:
-    """Multiply-adds per sample summed by op type (nodes of unknown shape left out; nodes
-    need no names); ``input_shapes`` as for :func:`int8_share`."""
+def conv_share(model: onnx.ModelProto, input_shapes: InputShapes | None = None) -> float | None:
+    """The share of ``model``'s multiply-adds per sample in Conv/ConvTranspose (None: no
+    Conv/MatMul/Gemm of known shape; nodes need no names); ``input_shapes`` as for
+    :func:`int8_share`. Weights held in Constant nodes count: shapes come from inference."""
     shapes, _ = _shapes(model, input_shapes)
-    out: dict[str, int] = {}
+    conv = total = 0
     for node in model.graph.node:
         if node.op_type in MAC_OPS:
-            out[node.op_type] = out.get(node.op_type, 0) + (_macs(node, shapes) or 0)
-    return out
+            macs = _macs(node, shapes) or 0
+            total += macs
+            conv += macs if node.op_type in ("Conv", "ConvTranspose") else 0
+    return conv / total if total else None
 
 
 def requantized_nodes(model: onnx.ModelProto) -> list[str]:

@@ -42,7 +42,7 @@ from passes.equalize import equalizable_pairs, equalize
 from passes.gather_int8 import int8_tables, quantize_tables
 from passes.gptq import round_stem, round_weights
 from passes.int8 import MIN_INT8_OPSET, Int8Pass
-from passes.int8_share import macs_by_op
+from passes.int8_share import conv_share
 from passes.mse_range import mse_ranges
 from passes.normalize import OpsetNeed, opset_of
 from passes.ort import Prepared, method_enum, ort_quiet, quant_type, run_ort
@@ -103,14 +103,12 @@ def _conv_hint(model: onnx.ModelProto, sample_shapes: Mapping[str, Any]) -> list
     """A warning when the transformer scheme (which quantizes MatMul/Gemm inputs only)
     leaves most of the multiply-adds in Conv, in fp32: a conv backbone with a transformer
     neck (PP-OCRv4's recognizer: 95 % Conv) then runs at fp32's speed."""
-    counts = macs_by_op(model, sample_shapes)
-    total = sum(counts.values())
-    conv = counts.get("Conv", 0) + counts.get("ConvTranspose", 0)
-    if not total or conv / total <= CONV_DOMINATED:
+    share = conv_share(model, sample_shapes)
+    if share is None or share <= CONV_DOMINATED:
         return []
     message = (
         "the transformer scheme quantizes MatMul/Gemm inputs only, and "
-        f"{100 * conv / total:.0f} % of this model's multiply-adds are in Conv, which it "
+        f"{100 * share:.0f} % of this model's multiply-adds are in Conv, which it "
         "keeps fp32 (little or no speedup): --scheme default quantizes the Convs too — "
         "compare both with validate"
     )

@@ -14,6 +14,7 @@ from converter.core.errors import InternalError, OnnxshipError, first_line
 
 __all__ = [
     "Candidate",
+    "complete",
     "CALIBRATED",
     "MIN_CALIBRATION",
     "uses",
@@ -78,6 +79,14 @@ class Candidate:
     def scored(self) -> bool:
         """Scored, on the whole set or (``subset``) on the subset only."""
         return self.score is not None or self.subset is not None
+
+
+def complete(builder: Any, c: Candidate | None) -> Candidate | None:
+    """``c`` scored on the whole set if it was decided on the subset (Builder.complete): what
+    a decision reading the score of a candidate that misses the budget calls first (a
+    builder without subset-first scoring returns ``c`` as it is)."""
+    finish = getattr(builder, "complete", None)
+    return finish(c) if c is not None and finish is not None else c
 
 
 def uses(candidate: Candidate, method: str) -> bool:

@@ -27,7 +27,13 @@ from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 from converter.core.executor import Executor
-from converter.search.candidates import Candidate, failure_reason, log_scored, passes_of
+from converter.search.candidates import (
+    Candidate,
+    complete,
+    failure_reason,
+    log_scored,
+    passes_of,
+)
 from converter.search.tasks import Deadline
 from passes.float_region import FLOAT_REGION
 
@@ -143,9 +149,7 @@ def _evaluate(
     (c,) = deadline.evaluate(
         builder, [Candidate(name, step_passes(config, trial, widen))], executor
     )
-    # its score is read at once, kept or not: the whole set's (Builder.complete)
-    finish = getattr(builder, "complete", None)
-    return finish(c) if c is not None and finish is not None else c
+    return complete(builder, c)  # its score is read at once, kept or not: the whole set's
 
 
 def _explain(builder: Any, c: Candidate) -> Candidate:

@@ -29,13 +29,13 @@ from converter.core.executor import Executor
 from converter.core.onnxio import atomic_write_text
 from converter.search import fallback
 from converter.search.builder import Builder
-from converter.search.candidates import Candidate, log_scored, passes_of
+from converter.search.candidates import Candidate, complete, log_scored, passes_of
 from converter.search.tasks import Deadline
 from passes.dynamic import CONV_DOMINATED
-from passes.int8_share import macs_by_op, node_macs
+from passes.int8_share import conv_share, node_macs
 from passes.quantize import looks_like_transformer
 
-__all__ = ["search", "SearchLog", "EVERY_OP_REACH", "complete"]
+__all__ = ["search", "SearchLog", "EVERY_OP_REACH"]
 
 logger = logging.getLogger(__name__)
 
@@ -241,23 +241,14 @@ def _fast_parents(
     return fast
 
 
-def complete(builder: Any, c: Candidate | None) -> Candidate | None:
-    """``c`` scored on the whole set if it was decided on the subset (Builder.complete): what
-    a decision reading the score of a candidate that misses the budget calls first."""
-    finish = getattr(builder, "complete", None)
-    return finish(c) if c is not None and finish is not None else c
-
-
 def _conv_dominated(model: Any, sample_shapes: dict[str, Any]) -> bool:
     """More than half the multiply-adds in Conv (passes.dynamic's conv-dominated warning),
     counted at the size of the scoring samples (weights held in Constant nodes, as
     paddle2onnx writes them, included)."""
     if not any(n.op_type == "Conv" for n in model.graph.node):
         return False
-    counts = macs_by_op(model, sample_shapes)
-    conv = counts.get("Conv", 0) + counts.get("ConvTranspose", 0)
-    total = sum(counts.values())
-    return bool(total) and conv / total > CONV_DOMINATED
+    share = conv_share(model, sample_shapes)
+    return share is not None and share > CONV_DOMINATED
 
 
 def _share(c: Candidate) -> float:
