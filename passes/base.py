@@ -88,8 +88,8 @@ class Pass:
 
     name = "pass"
     Settings: ClassVar[type] = NoSettings
-    # whether ``accept`` names unnamed or duplicate-named nodes first (passes that tell nodes
-    # apart by name: quantization's exclusions, bias correction's float twins)
+    # whether ``accept`` names unnamed or duplicate-named nodes (passes that tell nodes apart
+    # by name: quantization's exclusions, bias correction's float twins)
     names_nodes: ClassVar[bool] = False
     # Reads weights as initializers: the runner unpacks packed weights (core/packed.py) first.
     dense_weights = True
@@ -124,8 +124,8 @@ class Pass:
 
     def accept(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, Any] | None]:
         """(``model`` as ``call`` takes it, what was done to it or None). Float ``Constant``
-        weights moved to initializers, unnamed nodes named (``names_nodes``), the opset upgraded to
-        :meth:`min_opset`, then ``requires`` checked — each on a copy, only when needed.
+        weights moved to initializers, the opset upgraded to :meth:`min_opset`, unnamed nodes
+        named (``names_nodes``), then ``requires`` checked — each on a copy, only when needed.
         Idempotent: accepting the result again changes nothing (calibration ranges
         fingerprint it)."""
         moved, count = weights_as_initializers(model)
