@@ -57,6 +57,15 @@ def test_histogram_on_edges_counts_as_numpy_does() -> None:
         histogram_on_edges(np.zeros(3, np.float32), np.array([1.0, 0.0]))
 
 
+def _collected(settings: dict, batches: list[dict[str, np.ndarray]]) -> tuple:
+    """(Ours, ORT's) histogram collectors with ``settings``, each given every batch."""
+    ours, ort = MaskSafeHistogramCollector(**settings), HistogramCollector(**settings)
+    for batch in batches:
+        ours.collect({k: [v] for k, v in batch.items()})
+        ort.collect({k: [v] for k, v in batch.items()})
+    return ours, ort
+
+
 def test_percentile_collector_makes_ort_s_histograms() -> None:
     """Batches whose maximum grows (the bins are extended), one with a value on an edge:
     every tensor's histogram, edges, min and max equal ORT's collector's, and so do the
@@ -66,14 +75,14 @@ def test_percentile_collector_makes_ort_s_histograms() -> None:
         method="percentile", symmetric=True, num_bins=64, num_quantized_bins=128,
         percentile=99.9, scenario="same",
     )  # fmt: skip
-    ours, ort = MaskSafeHistogramCollector(**settings), HistogramCollector(**settings)
-    for scale in (1.0, 3.0, 0.5, 7.0):
-        batch = {
+    batches = [
+        {
             "a": (scale * rng.standard_normal((4, 3, 5, 5))).astype(np.float32),
             "b": np.maximum(scale * rng.standard_normal((4, 50)), 0).astype(np.float32),
         }
-        ours.collect({k: [v] for k, v in batch.items()})
-        ort.collect({k: [v] for k, v in batch.items()})
+        for scale in (1.0, 3.0, 0.5, 7.0)
+    ]
+    ours, ort = _collected(settings, batches)
     assert ours.histogram_dict.keys() == ort.histogram_dict.keys()
     for name, mine in ours.histogram_dict.items():
         theirs = ort.histogram_dict[name]
@@ -94,11 +103,11 @@ def test_entropy_collector_makes_ort_s_histograms() -> None:
         method="entropy", symmetric=False, num_bins=128, num_quantized_bins=128,
         percentile=99.999, scenario="same",
     )  # fmt: skip
-    ours, ort = MaskSafeHistogramCollector(**settings), HistogramCollector(**settings)
-    for scale in (1.0, 3.0, 0.5, 7.0):
-        batch = {"a": (scale * rng.standard_normal((4, 3, 5, 5)) + 0.3).astype(np.float32)}
-        ours.collect({k: [v] for k, v in batch.items()})
-        ort.collect({k: [v] for k, v in batch.items()})
+    batches = [
+        {"a": (scale * rng.standard_normal((4, 3, 5, 5)) + 0.3).astype(np.float32)}
+        for scale in (1.0, 3.0, 0.5, 7.0)
+    ]
+    ours, ort = _collected(settings, batches)
     for a, b in zip(ours.histogram_dict["a"], ort.histogram_dict["a"]):
         assert np.array_equal(a, b) and np.asarray(a).dtype == np.asarray(b).dtype
     assert len(ours.histogram_dict["a"][0]) > 128  # the range grew: merged histograms
