@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import _real  # noqa: E402
 from bench_cnn_int8 import CALIB, TEST, VALIDATION, _bare, _cosine, _outputs  # noqa: E402
 
+from converter.check.bench import bench  # noqa: E402
 from converter.core.machine import machine, machine_line  # noqa: E402
-from converter.core.runtime import make_session  # noqa: E402
 from converter.search.budget import Budget  # noqa: E402
 from converter.search.builder import Builder  # noqa: E402
 from converter.search.fallback import step_passes  # noqa: E402
@@ -41,23 +40,13 @@ STEPS = 8  # Convs added after the start, in order of their gain alone
 ROUNDS = 300
 
 
-def _interleaved(
-    paths: list[Path], x: np.ndarray, rounds: int = ROUNDS
-) -> list[tuple[float, float]]:
-    """(p50, fastest) seconds of each model at batch 1, one thread, one run of each per
-    round (on a shared CPU the fastest run moves far less with the neighbours' load)."""
-    sessions = [make_session(p, threads=1) for p in paths]
-    feed = {"input": x[:1]}
-    for s in sessions:
-        for _ in range(10):
-            s.run(None, feed)
-    times: list[list[float]] = [[] for _ in sessions]
-    for _ in range(rounds):
-        for s, t in zip(sessions, times):
-            start = time.perf_counter()
-            s.run(None, feed)
-            t.append(time.perf_counter() - start)
-    return [(float(np.median(t)), min(t)) for t in times]
+def _interleaved(paths: list[Path], data: Path) -> list[tuple[float, float]]:
+    """(p50, fastest) seconds of each model at batch 1, one thread, interleaved (each round
+    runs every model once: converter.check.bench); on a shared CPU the fastest run moves far
+    less with the neighbours' load."""
+    report = bench(paths, threads=[1], warmup=10, runs=ROUNDS, data=data, warn_target=False)
+    latency = [report.get(i, 1).latency for i in range(len(paths))]
+    return [(t.p50_ms / 1e3, t.min_ms / 1e3) for t in latency]
 
 
 def main() -> None:
@@ -118,7 +107,8 @@ def main() -> None:
             kept = kept + [name]
             rows[f"+ {name.removeprefix('/features/')}"] = (len(kept), build(kept))
         bare = _bare(fp32, calib, folder / "bare.onnx")
-        times = _interleaved([fp32, bare, *(p for _, p in rows.values())], test)
+        np.savez(folder / "test.npz", input=test)
+        times = _interleaved([fp32, bare, *(p for _, p in rows.values())], folder / "test.npz")
         print(
             "| model | Convs fp32 | test mean / worst (kernels) | x fp32 | x bare (p50; fastest) |"
         )
